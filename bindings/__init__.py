@@ -1,0 +1,1 @@
+"""pccl.bindings: the only code that imports torch (tensor adapters, DiLoCo, FSDP helpers)."""

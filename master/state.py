@@ -1,0 +1,300 @@
+"""The master's authoritative state machine, free of sockets.
+
+Holds membership (registered -> accepted), the global topology epoch and its phase, one ring per
+peer group, and the per-(group, tag) collective votes. Every transition is a unanimous vote of
+the peers concerned, re-evaluated on every vote and every departure, so a departed voter can
+complete a vote but never block one. Output goes through the two callbacks given at
+construction (``send(peer_id, message)`` and ``kick(peer_id, code, reason)``); the daemon wires
+them to sockets, tests wire them to lists.
+
+Runs on the master's event-loop thread only; never touches tensor bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pccl import messages as m
+
+log = logging.getLogger("pccl.master")
+
+__all__ = ["MasterState", "PeerRecord", "Phase"]
+
+
+class Phase(enum.Enum):
+    """Global topology phase."""
+
+    IDLE = "idle"  #: rings stable; collectives may run; votes to update may accumulate
+    CONNECTING = "connecting"  #: a new epoch was announced; waiting for every peer's p2p links
+
+
+@dataclass
+class PeerRecord:
+    """What the master knows of one connected peer."""
+
+    peer_id: int
+    group: int
+    host: str
+    port: int
+    accepted: bool = False
+    voted_update: bool = False
+    in_epoch: bool = False  # part of the epoch being established / current
+    ready: bool = False
+    ops: set[int] = field(default_factory=set)  # tags with an initiate or run outstanding
+
+
+@dataclass
+class OpState:
+    """One collective of a group, from its first initiate vote to its verdict."""
+
+    tag: int
+    params: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # peer -> params
+    op_id: int = 0  # 0 until commenced
+    members: tuple[int, ...] = ()
+    completed: set[int] = field(default_factory=set)
+
+
+@dataclass
+class GroupState:
+    ring: list[int] = field(default_factory=list)
+    broken: str = ""  # why the current ring is unusable (a member left), "" if usable
+    ops: dict[int, OpState] = field(default_factory=dict)
+
+
+class MasterState:
+    """Membership, topology and collective votes. See the module docstring."""
+
+    def __init__(
+        self,
+        send: Callable[[int, m.Message], None],
+        kick: Callable[[int, str, str], None],
+    ) -> None:
+        self._send = send
+        self._kick = kick
+        self.peers: dict[int, PeerRecord] = {}
+        self.groups: dict[int, GroupState] = {}
+        self.phase = Phase.IDLE
+        self.epoch = 0
+        self._next_peer_id = 1
+        self._next_op_id = 1
+        self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
+
+    # ------------------------------------------------------------------ membership
+
+    def new_peer_id(self) -> int:
+        """Reserve the id of a peer about to register."""
+        pid = self._next_peer_id
+        self._next_peer_id += 1
+        return pid
+
+    def register(self, pid: int, group: int, host: str, port: int) -> PeerRecord:
+        """Record a new peer; admit it at once when nobody is accepted (first peer)."""
+        rec = PeerRecord(pid, group, host, port)
+        self.peers[pid] = rec
+        log.info("peer %d registered (group %d, p2p %s:%d)", pid, group, host, port)
+        self._reevaluate()
+        return rec
+
+    def remove(self, pid: int, reason: str) -> None:
+        """Forget a peer (disconnect, eviction, leave) and re-evaluate every vote."""
+        rec = self.peers.pop(pid, None)
+        if rec is None:
+            return
+        log.warning(
+            "peer %d removed (%s, group %d, %s)",
+            pid,
+            reason,
+            rec.group,
+            "accepted" if rec.accepted else "pending",
+        )
+        grp = self.groups.get(rec.group)
+        if grp is not None and pid in grp.ring:
+            grp.broken = f"peer {pid} left ({reason})"
+            for op in list(grp.ops.values()):
+                self._finish(rec.group, op, ok=False, reason=grp.broken)
+        if self.phase is Phase.CONNECTING and rec.in_epoch:
+            log.info("peer %d left during epoch %d set-up: re-announcing", pid, self.epoch)
+            self._start_epoch()
+            return
+        self._reevaluate()
+
+    @property
+    def accepted(self) -> list[PeerRecord]:
+        return [p for p in self.peers.values() if p.accepted]
+
+    @property
+    def pending(self) -> list[PeerRecord]:
+        return [p for p in self.peers.values() if not p.accepted]
+
+    # ------------------------------------------------------------------ topology votes
+
+    def on_update_topology(self, pid: int) -> None:
+        rec = self.peers[pid]
+        if not rec.accepted or self.phase is not Phase.IDLE:
+            self._kick(pid, "out_of_state", "update_topology vote while not idle and accepted")
+            return
+        if rec.ops:
+            self._kick(pid, "out_of_state", "update_topology vote with collectives outstanding")
+            return
+        rec.voted_update = True
+        self._reevaluate()
+
+    def on_topology_ready(self, pid: int, msg: m.TopologyReady) -> None:
+        rec = self.peers[pid]
+        if self.phase is not Phase.CONNECTING or msg.epoch != self.epoch:
+            return  # a report for an epoch already superseded
+        if not rec.in_epoch:
+            self._kick(pid, "out_of_state", "topology report from a peer outside the epoch")
+            return
+        if not msg.ok:
+            log.warning("peer %d could not wire epoch %d: %s", pid, self.epoch, msg.reason)
+            bad = [u for u in msg.unreachable if u in self.peers and u != pid]
+            for u in bad:  # the unreachable peer is evicted; retrying would fail the same way
+                self._kick(u, "unreachable", f"peer {pid} could not reach it: {msg.reason}")
+            if not bad:
+                self._kick(pid, "p2p_failed", msg.reason or "could not establish p2p links")
+            return  # each kick re-announces the epoch through remove()
+        rec.ready = True
+        self._reevaluate()
+
+    def _reevaluate(self) -> None:
+        if self.phase is Phase.CONNECTING:
+            members = [p for p in self.peers.values() if p.in_epoch]
+            if members and all(p.ready for p in members):
+                self._complete_epoch(members)
+            return
+        acc = self.accepted
+        if not acc:
+            if self.pending:
+                self._start_epoch()  # nobody to vote: admit whoever waits (first peer(s))
+            return
+        if all(p.voted_update for p in acc):
+            self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        """Admit every registered peer, order the rings and announce a new epoch."""
+        self.epoch += 1
+        self.phase = Phase.CONNECTING
+        for p in self.peers.values():
+            p.voted_update = False
+            p.ready = False
+            p.in_epoch = True
+        if not self.peers:
+            self.phase = Phase.IDLE
+            return
+        by_group: dict[int, list[int]] = {}
+        for p in sorted(self.peers.values(), key=lambda r: r.peer_id):
+            by_group.setdefault(p.group, []).append(p.peer_id)
+        for gid in list(self.groups):
+            if gid not in by_group and not self.groups[gid].ops:
+                del self.groups[gid]
+        for gid, pids in by_group.items():
+            grp = self.groups.setdefault(gid, GroupState())
+            keep = [q for q in grp.ring if q in self.peers]  # incumbents keep their order
+            grp.ring = keep + [q for q in pids if q not in keep]
+            grp.broken = ""
+        world = len(self.peers)
+        log.info(
+            "epoch %d: %d peers in %d groups: %s",
+            self.epoch,
+            world,
+            len(by_group),
+            {g: self.groups[g].ring for g in by_group},
+        )
+        for gid in by_group:
+            grp = self.groups[gid]
+            ring = [(q, self.peers[q].host, self.peers[q].port) for q in grp.ring]
+            msg = m.Topology(self.epoch, world, len(grp.ring), len(by_group), ring)
+            for q in grp.ring:
+                self._send(q, msg)
+
+    def _complete_epoch(self, members: list[PeerRecord]) -> None:
+        self.phase = Phase.IDLE
+        for p in members:
+            if not p.accepted:
+                log.info("peer %d accepted into the run (epoch %d)", p.peer_id, self.epoch)
+            p.accepted = True
+        done = m.TopologyDone(self.epoch, True)
+        for p in members:
+            self._send(p.peer_id, done)
+        self._reevaluate()  # votes that arrived meanwhile, or peers that left
+
+    # ------------------------------------------------------------------ collectives
+
+    def on_initiate(self, pid: int, msg: m.CollectiveInitiate) -> None:
+        rec = self.peers[pid]
+        if not rec.accepted:
+            self._kick(pid, "out_of_state", "collective from a peer not yet accepted")
+            return
+        if msg.tag in rec.ops:
+            self._kick(pid, "out_of_state", f"tag {msg.tag} initiated twice")
+            return
+        grp = self.groups[rec.group]
+        reason = grp.broken or (
+            "topology is changing" if self.phase is not Phase.IDLE else ""
+        )
+        if reason:
+            self._send(
+                pid,
+                m.CollectiveDone(
+                    msg.tag, 0, False, f"{reason}; call update_topology()", "stale_topology"
+                ),
+            )
+            return
+        op = grp.ops.get(msg.tag)
+        if op is None:
+            op = grp.ops[msg.tag] = OpState(msg.tag)
+        elif op.op_id:
+            self._kick(pid, "out_of_state", f"tag {msg.tag} is already running")
+            return
+        rec.ops.add(msg.tag)
+        op.params[pid] = (msg.count, msg.dtype, msg.op, msg.quant)
+        self._check_commence(rec.group, grp, op)
+
+    def _check_commence(self, gid: int, grp: GroupState, op: OpState) -> None:
+        if op.op_id or not all(q in op.params for q in grp.ring):
+            return
+        if len(set(op.params.values())) > 1:
+            detail = ", ".join(
+                f"peer {q}: count={c} dtype={d} op={o} quant={qq}"
+                for q, (c, d, o, qq) in sorted(op.params.items())
+            )
+            op.members = tuple(op.params)
+            self._finish(gid, op, False, f"peers disagree on the operation ({detail})", "mismatch")
+            return
+        op.op_id = self._next_op_id
+        self._next_op_id += 1
+        op.members = tuple(grp.ring)
+        go = m.CollectiveCommence(op.tag, op.op_id, self.epoch)
+        for q in op.members:
+            self._send(q, go)
+
+    def on_complete(self, pid: int, msg: m.CollectiveComplete) -> None:
+        rec = self.peers[pid]
+        grp = self.groups.get(rec.group)
+        op = grp.ops.get(msg.tag) if grp else None
+        if grp is None or op is None or op.op_id != msg.op_id or pid not in op.members:
+            return  # verdict already given (abort raced the report)
+        if not msg.ok:
+            self._finish(rec.group, op, False, f"peer {pid}: {msg.reason}")
+            return
+        op.completed.add(pid)
+        if all(q in op.completed for q in op.members):
+            self._finish(rec.group, op, True, "")
+
+    def _finish(self, gid: int, op: OpState, ok: bool, reason: str, kind: str = "aborted") -> None:
+        grp = self.groups[gid]
+        grp.ops.pop(op.tag, None)
+        if not ok:
+            log.warning("group %d tag %d op %d aborted: %s", gid, op.tag, op.op_id, reason)
+            self.aborts.insert(0, (gid, op.tag, reason))
+            del self.aborts[64:]
+        verdict = m.CollectiveDone(op.tag, op.op_id, ok, reason, kind if not ok else "")
+        for q in set(op.members) | set(op.params):
+            rec = self.peers.get(q)
+            if rec is not None:
+                rec.ops.discard(op.tag)
+                self._send(q, verdict)

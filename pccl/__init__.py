@@ -1,0 +1,65 @@
+"""pccl: fault-tolerant collective communication for training over the public internet.
+
+This module re-exports the public API (DESIGN.md §2). ``pccl.BACKEND`` names the live kernel
+backend (``"native"`` or ``"numpy"``); it is resolved on first access so importing pccl stays
+cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pccl.config import Config
+from pccl.errors import (
+    AuthenticationFailed,
+    CollectiveAborted,
+    ConnectionLost,
+    MasterUnreachable,
+    PCCLError,
+    PendingOperations,
+    ProtocolError,
+    SharedStateError,
+    TooFewPeers,
+    TopologyUpdateFailed,
+)
+from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND",
+    "AuthenticationFailed",
+    "CollectiveAborted",
+    "Communicator",
+    "Config",
+    "ConnectionLost",
+    "DType",
+    "MasterUnreachable",
+    "PCCLError",
+    "PendingOperations",
+    "ProtocolError",
+    "Quantization",
+    "ReduceInfo",
+    "ReduceOp",
+    "SharedStateError",
+    "SyncInfo",
+    "SyncStrategy",
+    "TooFewPeers",
+    "TopologyUpdateFailed",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BACKEND":
+        from pccl import kernels
+
+        return kernels.BACKEND
+    if name == "Communicator":
+        from pccl.peer.blocking import Communicator
+
+        return Communicator
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module("pccl.aio")
+    raise AttributeError(f"module 'pccl' has no attribute {name!r}")

@@ -1,0 +1,112 @@
+"""The ``pccl`` command line: ``pccl master``, ``pccl bench ...``, ``pccl demo``.
+
+Each subcommand parses its own options and calls into the library; exit codes: 0 success,
+1 failure of the work itself, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+__all__ = ["main", "master_main"]
+
+DEFAULT_PORT = 48148
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_master(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("master", help="run the master daemon")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_master)
+
+
+def _cmd_master(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from pccl.master import Master
+    from pccl.peer.blocking import new_event_loop
+
+    async def run() -> None:
+        master = Master(args.host, args.port)
+        await master.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(master.stop()))
+        print(f"pccl master listening on {args.host}:{master.port}", flush=True)
+        await master.serve_forever()
+        logging.getLogger("pccl.master").info("master stopped")
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run())
+    except OSError as e:
+        print(f"pccl master: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (JSON output)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    k = bsub.add_parser("kernels", help="native kernels against the numpy reference")
+    k.add_argument("--json", metavar="FILE", help="write results as JSON")
+    k.add_argument("--mib", type=int, default=64, help="input size in MiB (default 64)")
+    k.add_argument("--repeats", type=int, default=7, help="timed runs per kernel (median)")
+    k.set_defaults(func=_cmd_bench_kernels)
+    try:
+        from pccl import bench_allreduce
+    except ImportError:  # pragma: no cover
+        return
+    bench_allreduce.add_arguments(bsub)
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    if args.mib < 1 or args.repeats < 5:
+        print("--mib must be >= 1 and --repeats >= 5", file=sys.stderr)
+        return 2
+    from pccl import bench_kernels
+
+    bench_kernels.run(args.json, mib=args.mib, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pccl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_master(sub)
+    _add_bench(sub)
+    try:
+        from pccl import demo
+
+        demo.add_arguments(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def master_main(argv: list[str] | None = None) -> int:
+    """``pccl-master``: alias of ``pccl master``."""
+    return main(["master", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

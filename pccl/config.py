@@ -1,0 +1,87 @@
+"""Validated configuration shared by the master and the peers.
+
+Every timeout is named by its role. Values can be given as keyword arguments, or through
+``PCCL_<FIELD>`` environment variables (e.g. ``PCCL_HEARTBEAT_TIMEOUT_S=5``) for deployments that
+cannot change code. Pure data; safe on any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+__all__ = ["Config", "MAX_CONTROL_FRAME", "MAX_DATA_FRAME"]
+
+#: Largest control (msgpack) frame body either side accepts; larger closes the connection.
+MAX_CONTROL_FRAME = 1 << 20
+#: Largest data frame payload a peer accepts.
+MAX_DATA_FRAME = 64 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunables with safe defaults.
+
+    Attributes:
+        heartbeat_interval_s: how often each side sends a heartbeat on the master link.
+        heartbeat_timeout_s: silence after which the master evicts a peer (and a peer declares
+            the master lost). A SIGSTOPped peer is evicted after this long, so a collective it
+            blocks fails within about this bound.
+        handshake_timeout_s: a new connection must complete its hello within this.
+        connect_timeout_s: TCP connect deadline for p2p links.
+        collective_timeout_s: whole-operation budget of one all-reduce, all ring steps included.
+        progress_timeout_s: an in-flight all-reduce fails when no byte arrives for this long.
+        chunk_bytes: ring sub-chunk size; operations are pipelined and striped at this grain.
+        quant_block: elements per uint8 quantization block (one fp32 min and scale each).
+        socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF requested for p2p sockets (0 = kernel default).
+    """
+
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 3.0
+    handshake_timeout_s: float = 5.0
+    connect_timeout_s: float = 10.0
+    collective_timeout_s: float = 600.0
+    progress_timeout_s: float = 10.0
+    chunk_bytes: int = 2 << 20
+    quant_block: int = 4096
+    socket_buffer_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TypeError(f"Config.{f.name} must be a number, got {type(v).__name__}")
+            if f.name.endswith("_s") and not v > 0:
+                raise ValueError(f"Config.{f.name} must be > 0, got {v}")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        if not (4096 <= self.chunk_bytes <= (32 << 20)):
+            raise ValueError("chunk_bytes must be within [4 KiB, 32 MiB]")
+        if not (64 <= self.quant_block <= (1 << 20)):
+            raise ValueError("quant_block must be within [64, 1 Mi] elements")
+        if self.socket_buffer_bytes < 0:
+            raise ValueError("socket_buffer_bytes must be >= 0")
+
+    @classmethod
+    def from_env(cls, **overrides: float) -> Config:
+        """Build a config from ``PCCL_*`` environment variables, then ``overrides``.
+
+        Raises:
+            ValueError: a variable does not parse as a number or fails validation.
+        """
+        values: dict[str, float] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"PCCL_{f.name.upper()}")
+            if raw is None:
+                continue
+            try:
+                values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
+            except ValueError:
+                raise ValueError(f"PCCL_{f.name.upper()}={raw!r} is not a number") from None
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: float) -> Config:
+        """Return a copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

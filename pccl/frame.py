@@ -1,0 +1,202 @@
+"""Wire framing shared by every pccl connection.
+
+Every frame is ``HEADER`` (big-endian: magic u16, version u8, type u8, body length u32) followed by
+the body. Control bodies are msgpack (see :mod:`pccl.messages`); a ``P2P_DATA`` body is
+``DATA_HEADER`` (operation id, tag, ring step, chunk, element offset, element count) followed by raw
+tensor bytes, which never pass through msgpack.
+
+Invariants: a length is checked against the bound of its message type before anything is
+allocated for it; any violation raises :class:`pccl.ProtocolError` and nothing else. Pure
+functions and a small incremental decoder; used from the event-loop thread of each process.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME
+from pccl.errors import ProtocolError
+
+__all__ = [
+    "DATA_HEADER",
+    "HEADER",
+    "MAGIC",
+    "VERSION",
+    "DataHeader",
+    "FrameDecoder",
+    "MsgType",
+    "encode_data_header",
+    "encode_frame",
+    "parse_data_header",
+    "parse_header",
+]
+
+MAGIC = 0x5043  # "PC"
+VERSION = 1
+HEADER = struct.Struct("!HBBI")
+DATA_HEADER = struct.Struct("!QIIIQI")
+
+
+class MsgType(enum.IntEnum):
+    """Message types; the prefix says the direction (peer->master, master->peer, peer->peer)."""
+
+    P2M_HELLO = 1
+    P2M_HEARTBEAT = 2
+    P2M_UPDATE_TOPOLOGY = 3
+    P2M_TOPOLOGY_READY = 4
+    P2M_COLLECTIVE_INITIATE = 5
+    P2M_COLLECTIVE_COMPLETE = 6
+    P2M_LEAVE = 7
+    P2M_SYNC_SHARED_STATE = 8
+    P2M_SYNC_DONE = 9
+
+    M2P_WELCOME = 32
+    M2P_HEARTBEAT = 33
+    M2P_TOPOLOGY = 34
+    M2P_TOPOLOGY_DONE = 35
+    M2P_COLLECTIVE_COMMENCE = 36
+    M2P_COLLECTIVE_DONE = 37
+    M2P_KICK = 38
+    M2P_SYNC_PLAN = 39
+    M2P_SYNC_COMPLETE = 40
+
+    P2P_HELLO = 64
+    P2P_HELLO_ACK = 65
+    P2P_DATA = 66
+
+
+_KNOWN = frozenset(int(t) for t in MsgType)
+
+
+def max_body(msg_type: int) -> int:
+    """Largest body accepted for ``msg_type``."""
+    if msg_type == MsgType.P2P_DATA:
+        return DATA_HEADER.size + MAX_DATA_FRAME
+    return MAX_CONTROL_FRAME
+
+
+def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[MsgType, int]:
+    """Validate and decode a frame header at ``buf[offset:]``.
+
+    Returns:
+        ``(type, body_length)``.
+
+    Raises:
+        ProtocolError: bad magic, unsupported version, unknown type or oversized body.
+    """
+    try:
+        magic, version, mtype, length = HEADER.unpack_from(buf, offset)
+    except struct.error as e:
+        raise ProtocolError(f"truncated frame header: {e}") from None
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic 0x{magic:04x}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
+    if mtype not in _KNOWN:
+        raise ProtocolError(f"unknown message type {mtype}")
+    if length > max_body(mtype):
+        raise ProtocolError(f"frame of {length} bytes exceeds the bound for {MsgType(mtype).name}")
+    return MsgType(mtype), length
+
+
+def encode_frame(msg_type: MsgType, body: bytes) -> bytes:
+    """Return ``header + body`` for a control message."""
+    if len(body) > max_body(msg_type):
+        raise ValueError(f"{msg_type.name} body of {len(body)} bytes exceeds its bound")
+    return HEADER.pack(MAGIC, VERSION, msg_type, len(body)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class DataHeader:
+    """Routing information of one data frame.
+
+    Attributes:
+        op_id: master-assigned operation id; frames of other operations are never mixed in.
+        tag: the user's collective tag (checked against the operation).
+        step: ring step (reduce-scatter 0..W-2, then all-gather W-1..2W-3).
+        chunk: ring chunk index.
+        offset: first element within the chunk.
+        count: number of elements carried.
+        payload: payload length in bytes.
+    """
+
+    op_id: int
+    tag: int
+    step: int
+    chunk: int
+    offset: int
+    count: int
+    payload: int
+
+
+def encode_data_header(
+    op_id: int, tag: int, step: int, chunk: int, offset: int, count: int, payload: int
+) -> bytes:
+    """Return the frame header plus data sub-header for a payload of ``payload`` bytes."""
+    return HEADER.pack(
+        MAGIC, VERSION, MsgType.P2P_DATA, DATA_HEADER.size + payload
+    ) + DATA_HEADER.pack(op_id, tag, step, chunk, offset, count)
+
+
+def parse_data_header(
+    buf: bytes | bytearray | memoryview, body_length: int, offset: int = 0
+) -> DataHeader:
+    """Decode the data sub-header at ``buf[offset:]`` of a frame whose body is ``body_length``.
+
+    Raises:
+        ProtocolError: the body is shorter than the sub-header.
+    """
+    if body_length < DATA_HEADER.size:
+        raise ProtocolError(f"data frame body of {body_length} bytes is shorter than its header")
+    try:
+        op_id, tag, step, chunk, off, count = DATA_HEADER.unpack_from(buf, offset)
+    except struct.error as e:
+        raise ProtocolError(f"truncated data header: {e}") from None
+    return DataHeader(op_id, tag, step, chunk, off, count, body_length - DATA_HEADER.size)
+
+
+class FrameDecoder:
+    """Incremental decoder for control connections.
+
+    Feed received bytes; iterate complete ``(type, body)`` frames. Buffers at most one frame
+    (bounded by :func:`max_body`). Data frames are refused: they belong on p2p data links,
+    which parse them zero-copy.
+    """
+
+    __slots__ = ("_buf", "allow_data")
+
+    def __init__(self, *, allow_data: bool = False) -> None:
+        self._buf = bytearray()
+        self.allow_data = allow_data
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered towards an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[tuple[MsgType, bytes]]:
+        """Add ``data`` and yield every frame now complete.
+
+        Raises:
+            ProtocolError: the stream is malformed; the decoder must then be discarded.
+        """
+        self._buf += data
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= HEADER.size:
+                mtype, length = parse_header(buf, pos)
+                if mtype == MsgType.P2P_DATA and not self.allow_data:
+                    raise ProtocolError("data frame on a control connection")
+                end = pos + HEADER.size + length
+                if end > len(buf):
+                    break
+                body = bytes(buf[pos + HEADER.size : end])
+                pos = end
+                yield mtype, body
+        finally:
+            if pos:
+                del buf[:pos]

@@ -1,0 +1,327 @@
+"""Typed control messages and their msgpack encoding.
+
+Each message is a frozen dataclass registered under one :class:`~pccl.frame.MsgType`. A body is a
+msgpack array of the fields in declaration order; trailing fields with defaults may be omitted.
+Decoding uses bounded ``msgpack`` limits and then checks every field against its declared
+:class:`Spec` (type, numeric range, length), so a decoded message is always well-formed.
+Anything else raises :class:`pccl.ProtocolError`. Pure functions; any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from pccl.config import MAX_CONTROL_FRAME
+from pccl.errors import ProtocolError
+from pccl.frame import MsgType, encode_frame
+
+__all__ = ["MESSAGES", "Message", "decode", "encode"]
+
+U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+MAX_PEERS = 4096
+MAX_KEYS = 65536
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Shape of one field: ``kind`` is int/float/bool/str/bytes/list/tuple."""
+
+    kind: str
+    lo: int = 0
+    hi: int = U64  # int range, or max length for str/bytes/list
+    items: Spec | tuple[Spec, ...] | None = None
+
+
+def u(hi: int = U64) -> Spec:
+    return Spec("int", 0, hi)
+
+
+def s(maxlen: int = 256) -> Spec:
+    return Spec("str", 0, maxlen)
+
+
+def y(maxlen: int = 1024) -> Spec:
+    return Spec("bytes", 0, maxlen)
+
+
+def lst(item: Spec, maxlen: int) -> Spec:
+    return Spec("list", 0, maxlen, item)
+
+
+def tup(*items: Spec) -> Spec:
+    return Spec("tuple", 0, len(items), tuple(items))
+
+
+F = Spec("float")
+B = Spec("bool")
+
+
+def spec(sp: Spec, default: Any = dataclasses.MISSING) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"spec": sp})
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: type(default)(default), metadata={"spec": sp})
+    return field(default=default, metadata={"spec": sp})
+
+
+def _check(v: Any, sp: Spec, where: str) -> Any:
+    k = sp.kind
+    if k == "int":
+        if type(v) is not int or not (sp.lo <= v <= sp.hi):
+            raise ProtocolError(f"{where}: expected int in [{sp.lo}, {sp.hi}], got {v!r:.40}")
+        return v
+    if k == "float":
+        if type(v) is int:
+            v = float(v)
+        if type(v) is not float or not math.isfinite(v):
+            raise ProtocolError(f"{where}: expected a finite float, got {v!r:.40}")
+        return v
+    if k == "bool":
+        if type(v) is not bool:
+            raise ProtocolError(f"{where}: expected bool, got {v!r:.40}")
+        return v
+    if k in ("str", "bytes"):
+        want = str if k == "str" else bytes
+        if type(v) is not want or len(v) > sp.hi:
+            raise ProtocolError(f"{where}: expected {k} of at most {sp.hi}, got {v!r:.40}")
+        return v
+    if k == "list":
+        if type(v) is not list or len(v) > sp.hi:
+            raise ProtocolError(f"{where}: expected a list of at most {sp.hi} items")
+        assert isinstance(sp.items, Spec)
+        return [_check(x, sp.items, f"{where}[{i}]") for i, x in enumerate(v)]
+    if k == "tuple":
+        assert isinstance(sp.items, tuple)
+        if type(v) is not list or len(v) != len(sp.items):
+            raise ProtocolError(f"{where}: expected a {len(sp.items)}-tuple")
+        return tuple(_check(x, si, f"{where}[{i}]") for i, (x, si) in enumerate(zip(v, sp.items)))
+    raise AssertionError(f"unknown spec kind {k}")
+
+
+class Message:
+    """Base of all control messages; subclasses are dataclasses with ``spec`` fields."""
+
+    TYPE: ClassVar[MsgType]
+    _fields: ClassVar[tuple[tuple[str, Spec], ...]]
+    _required: ClassVar[int]
+
+    def encode(self) -> bytes:
+        return encode(self)
+
+
+MESSAGES: dict[MsgType, type[Message]] = {}
+
+
+def message(mtype: MsgType):  # type: ignore[no-untyped-def]
+    """Class decorator: make a frozen dataclass and register it for ``mtype``."""
+
+    def wrap(cls):  # type: ignore[no-untyped-def]
+        cls = dataclass(frozen=True)(cls)
+        fs = dataclasses.fields(cls)
+        cls.TYPE = mtype
+        cls._fields = tuple((f.name, f.metadata["spec"]) for f in fs)
+        cls._required = sum(
+            1
+            for f in fs
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        MESSAGES[mtype] = cls
+        return cls
+
+    return wrap
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def encode(msg: Message) -> bytes:
+    """Return the complete frame (header + msgpack body) for ``msg``."""
+    body = msgpack.packb([_plain(getattr(msg, n)) for n, _ in msg._fields], use_bin_type=True)
+    return encode_frame(msg.TYPE, body)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(mtype: MsgType, body: bytes) -> Message:
+    """Decode a control ``body`` of type ``mtype`` into its message.
+
+    Raises:
+        ProtocolError: not a control type, malformed msgpack, or any field out of bounds.
+    """
+    cls = MESSAGES.get(mtype)
+    if cls is None:
+        raise ProtocolError(f"{MsgType(mtype).name} has no control body")
+    if len(body) > MAX_CONTROL_FRAME:
+        raise ProtocolError("control body too large")
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=65536,
+            max_bin_len=65536,
+            max_array_len=MAX_KEYS,
+            max_map_len=1024,
+            max_ext_len=0,
+            ext_hook=_no_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises many types: ValueError, FormatError, StackError...
+        raise ProtocolError(f"malformed {mtype.name} body: {type(e).__name__}") from None
+    if type(obj) is not list or not (cls._required <= len(obj) <= len(cls._fields)):
+        raise ProtocolError(f"{mtype.name}: expected an array of {cls._required}+ fields")
+    kwargs = {
+        name: _check(v, sp, f"{mtype.name}.{name}")
+        for (name, sp), v in zip(cls._fields, obj)
+    }
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- peer -> master
+
+
+@message(MsgType.P2M_HELLO)
+class Hello(Message):
+    """First message of a peer: what it serves and where."""
+
+    version: int = spec(u(U16))
+    peer_group: int = spec(u(U32))
+    p2p_port: int = spec(u(U16))
+    advertise_host: str = spec(s(255), "")  # empty: the master uses the connection's address
+    resume_peer_id: int = spec(u(U64), 0)  # reconnect after a master restart (0: new peer)
+    auth: bytes = spec(y(64), b"")
+
+
+@message(MsgType.P2M_HEARTBEAT)
+class Heartbeat(Message):
+    seq: int = spec(u(), 0)
+
+
+@message(MsgType.P2M_UPDATE_TOPOLOGY)
+class UpdateTopology(Message):
+    """Vote to admit pending peers and re-wire the rings."""
+
+    want_epoch: int = spec(u(), 0)
+
+
+@message(MsgType.P2M_TOPOLOGY_READY)
+class TopologyReady(Message):
+    """The peer has (or failed to) establish its p2p links for ``epoch``."""
+
+    epoch: int = spec(u())
+    ok: bool = spec(B)
+    unreachable: list = spec(lst(u(), MAX_PEERS), [])
+    reason: str = spec(s(512), "")
+
+
+@message(MsgType.P2M_COLLECTIVE_INITIATE)
+class CollectiveInitiate(Message):
+    tag: int = spec(u(U32))
+    count: int = spec(u(1 << 48))
+    dtype: int = spec(u(U8))
+    op: int = spec(u(U8))
+    quant: int = spec(u(U8))
+
+
+@message(MsgType.P2M_COLLECTIVE_COMPLETE)
+class CollectiveComplete(Message):
+    tag: int = spec(u(U32))
+    op_id: int = spec(u())
+    ok: bool = spec(B)
+    reason: str = spec(s(512), "")
+
+
+@message(MsgType.P2M_LEAVE)
+class Leave(Message):
+    reason: str = spec(s(512), "")
+
+
+# --------------------------------------------------------------------------- master -> peer
+
+
+@message(MsgType.M2P_WELCOME)
+class Welcome(Message):
+    peer_id: int = spec(u())
+    heartbeat_interval_s: float = spec(F)
+    heartbeat_timeout_s: float = spec(F)
+    accepted: bool = spec(B)  # True when admitted at once (first peer or master restart)
+
+
+@message(MsgType.M2P_HEARTBEAT)
+class MasterHeartbeat(Message):
+    seq: int = spec(u(), 0)
+
+
+@message(MsgType.M2P_TOPOLOGY)
+class Topology(Message):
+    """The ring this peer belongs to for ``epoch``; connect to the successor of us in ``ring``."""
+
+    epoch: int = spec(u())
+    world_size: int = spec(u(MAX_PEERS))
+    group_world_size: int = spec(u(MAX_PEERS))
+    num_groups: int = spec(u(MAX_PEERS))
+    ring: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))  # (peer_id, host, port)
+
+
+@message(MsgType.M2P_TOPOLOGY_DONE)
+class TopologyDone(Message):
+    epoch: int = spec(u())
+    ok: bool = spec(B)
+    reason: str = spec(s(512), "")
+
+
+@message(MsgType.M2P_COLLECTIVE_COMMENCE)
+class CollectiveCommence(Message):
+    tag: int = spec(u(U32))
+    op_id: int = spec(u())
+    epoch: int = spec(u())
+
+
+@message(MsgType.M2P_COLLECTIVE_DONE)
+class CollectiveDone(Message):
+    """Final verdict on an operation; ``ok=False`` is an abort decided for the whole group."""
+
+    tag: int = spec(u(U32))
+    op_id: int = spec(u())
+    ok: bool = spec(B)
+    reason: str = spec(s(512), "")
+    kind: str = spec(s(32), "aborted")  # aborted | mismatch | stale_topology | too_few
+
+
+@message(MsgType.M2P_KICK)
+class Kick(Message):
+    """The master is closing this connection, and why."""
+
+    code: str = spec(s(64))
+    reason: str = spec(s(512), "")
+
+
+# --------------------------------------------------------------------------- peer -> peer
+
+
+@message(MsgType.P2P_HELLO)
+class P2PHello(Message):
+    peer_id: int = spec(u())
+    epoch: int = spec(u())
+    stream: int = spec(u(U16))
+    auth: bytes = spec(y(64), b"")
+
+
+@message(MsgType.P2P_HELLO_ACK)
+class P2PHelloAck(Message):
+    ok: bool = spec(B)
+    reason: str = spec(s(512), "")

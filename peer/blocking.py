@@ -1,0 +1,200 @@
+"""The blocking facade ``pccl.Communicator``.
+
+Runs one event loop (uvloop where available) in a daemon thread and forwards each call to the
+asyncio :class:`pccl.peer.communicator.Communicator` on it. Calls may come from any thread; each
+blocks the caller until the coroutine finishes (every coroutine has its own deadline). Heartbeats
+keep flowing while the caller computes, so a busy training step is not mistaken for a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from pccl.config import Config
+from pccl.peer.communicator import Communicator as AioCommunicator
+from pccl.peer.communicator import ReduceHandle
+from pccl.types import Quantization, ReduceInfo, ReduceOp
+
+__all__ = ["Communicator", "ReduceFuture", "new_event_loop"]
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed, else the default asyncio loop."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a core dependency on Linux/macOS
+        return asyncio.new_event_loop()
+
+
+class ReduceFuture:
+    """Handle of a blocking ``all_reduce_async``."""
+
+    def __init__(self, fut: concurrent.futures.Future[ReduceInfo], tag: int) -> None:
+        self._fut = fut
+        self.tag = tag
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        """Block until the operation finishes; raise what it raised.
+
+        Raises:
+            TimeoutError: ``timeout`` elapsed (the operation keeps running).
+        """
+        return self._fut.result(timeout)
+
+
+class Communicator:
+    """Blocking peer client; see :class:`pccl.peer.communicator.Communicator` for arguments."""
+
+    def __init__(
+        self,
+        master: str,
+        peer_group: int = 0,
+        streams: int = 4,
+        *,
+        config: Config | None = None,
+        advertise_host: str = "",
+        p2p_port: int = 0,
+    ) -> None:
+        self._aio = AioCommunicator(
+            master,
+            peer_group,
+            streams,
+            config=config,
+            advertise_host=advertise_host,
+            p2p_port=p2p_port,
+        )
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pccl-peer-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("communicator is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            return fn(*args, **kwargs)
+
+        return self._run(call())
+
+    # ------------------------------------------------------------------ API
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """See :meth:`pccl.aio.Communicator.connect`."""
+        self._run(self._aio.connect(timeout))
+
+    def update_topology(self, timeout: float | None = None) -> None:
+        """See :meth:`pccl.aio.Communicator.update_topology`."""
+        self._run(self._aio.update_topology(timeout))
+
+    def all_reduce(
+        self,
+        send: Any,
+        recv: Any = None,
+        *,
+        op: ReduceOp = ReduceOp.SUM,
+        quantization: Quantization = Quantization.NONE,
+        tag: int = 0,
+    ) -> ReduceInfo:
+        """See :meth:`pccl.aio.Communicator.all_reduce`."""
+        return self._run(
+            self._aio.all_reduce(send, recv, op=op, quantization=quantization, tag=tag)
+        )
+
+    def all_reduce_async(
+        self,
+        send: Any,
+        recv: Any = None,
+        *,
+        op: ReduceOp = ReduceOp.SUM,
+        quantization: Quantization = Quantization.NONE,
+        tag: int = 0,
+    ) -> ReduceFuture:
+        """Start an all-reduce; validation errors raise here, the rest from ``wait()``."""
+        handle: ReduceHandle = self._call(
+            self._aio.all_reduce_async, send, recv, op=op, quantization=quantization, tag=tag
+        )
+        fut = asyncio.run_coroutine_threadsafe(handle.wait(), self._loop)
+        return ReduceFuture(fut, tag)
+
+    def close(self) -> None:
+        """Leave the run and stop the background loop. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._run(self._aio.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def peer_id(self) -> int:
+        return self._aio.peer_id
+
+    @property
+    def world_size(self) -> int:
+        return self._aio.world_size
+
+    @property
+    def group_world_size(self) -> int:
+        return self._aio.group_world_size
+
+    @property
+    def num_groups(self) -> int:
+        return self._aio.num_groups
+
+    @property
+    def peer_group(self) -> int:
+        return self._aio.peer_group
+
+    @property
+    def epoch(self) -> int:
+        return self._aio.epoch
+
+    @property
+    def stale_frames(self) -> int:
+        return self._aio.stale_frames
+
+    @property
+    def aio(self) -> AioCommunicator:
+        """The underlying asyncio communicator (use only from its loop)."""
+        return self._aio

@@ -1,0 +1,706 @@
+"""The asyncio peer client: ``pccl.aio.Communicator``.
+
+Owns the master link (one TCP connection: hello, heartbeats, votes, verdicts), the p2p node
+(listener + streams, :mod:`pccl.peer.p2p`) and the ring operations (:mod:`pccl.peer.ring`).
+Every wait has a deadline: connect/admission (``timeout``), topology updates
+(``topology_timeout``), collectives (``collective_timeout_s`` overall and ``progress_timeout_s``
+without a byte). Failures surface as :mod:`pccl.errors` exceptions; the caller's ``send`` buffer
+is never left modified by a failed operation.
+
+All methods must be awaited on the loop that called :meth:`connect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pccl import messages as m
+from pccl.config import Config
+from pccl.errors import (
+    CollectiveAborted,
+    ConnectionLost,
+    MasterUnreachable,
+    PCCLError,
+    PendingOperations,
+    ProtocolError,
+    TooFewPeers,
+    TopologyUpdateFailed,
+)
+from pccl.frame import FrameDecoder, MsgType
+from pccl.peer.p2p import P2PNode
+from pccl.peer.ring import BufferPool, RingOp
+from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, storage_view
+
+log = logging.getLogger("pccl.peer")
+
+__all__ = ["Communicator", "ReduceHandle", "parse_address"]
+
+PROTOCOL_VERSION = 1
+MAX_TAG = 0xFFFF_FFFF
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[v6]:port"`` for IPv6).
+
+    Raises:
+        ValueError: malformed address or port out of range.
+    """
+    if not isinstance(addr, str):
+        raise TypeError(f"master address must be a str 'host:port', got {type(addr).__name__}")
+    host, sep, port_s = addr.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ValueError(f"master address must look like 'host:port', got {addr!r}")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {addr!r}")
+    return host.strip("[]"), port
+
+
+class _MasterLink(asyncio.Protocol):
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for mtype, body in self.decoder.feed(data):
+                self.comm._on_master(mtype, m.decode(mtype, body))
+        except ProtocolError as e:
+            self.comm._lost(ConnectionLost(f"protocol error from the master: {e}"))
+            assert self.transport is not None
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.comm._lost(ConnectionLost(f"connection to the master lost ({exc or 'closed'})"))
+
+    def send(self, msg: m.Message) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(msg.encode())
+
+
+@dataclass
+class _TagState:
+    commence: asyncio.Future[m.CollectiveCommence]
+    verdict: asyncio.Future[m.CollectiveDone]
+    op_id: int = 0
+    ring: RingOp | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ReduceHandle:
+    """Handle of an all-reduce started with :meth:`Communicator.all_reduce_async`."""
+
+    def __init__(self, task: asyncio.Task[ReduceInfo], tag: int) -> None:
+        self._task = task
+        self.tag = tag
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def wait(self) -> ReduceInfo:
+        """Wait for the result; raises what the operation raised."""
+        return await asyncio.shield(self._task)
+
+
+def _prepare(send: Any, recv: Any) -> tuple[np.ndarray, np.ndarray, DType, bool]:
+    """Validate buffers; return (send storage, recv storage, dtype, in_place)."""
+    sv, dt = _storage(send, "send")
+    if recv is None or recv is send:
+        rv, rdt = sv, dt
+    else:
+        rv, rdt = _storage(recv, "recv")
+    if rdt != dt:
+        raise TypeError(f"send is {dt.name} but recv is {rdt.name}")
+    if rv.size != sv.size:
+        raise ValueError(f"send has {sv.size} elements but recv has {rv.size}")
+    if not rv.flags.writeable:
+        raise ValueError("recv is read-only")
+    in_place = rv is sv or np.shares_memory(sv, rv)
+    if in_place and sv.ctypes.data != rv.ctypes.data:
+        raise ValueError("send and recv overlap without being the same buffer")
+    return sv, rv, dt, in_place
+
+
+def _storage(x: Any, name: str) -> tuple[np.ndarray, DType]:
+    if isinstance(x, np.ndarray):
+        return storage_view(x)
+    if type(x).__module__.startswith("torch"):
+        from pccl.bindings.torch import as_numpy  # the only torch-aware code
+
+        arr, forced = as_numpy(x, name)
+        if forced is not None:
+            return arr.reshape(-1), forced
+        return storage_view(arr)
+    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+class Communicator:
+    """Asyncio peer client. Same API as :class:`pccl.Communicator`, as coroutines.
+
+    Args:
+        master: ``"host:port"`` of the master.
+        peer_group: group whose ring this peer joins (collectives and shared state are per group).
+        streams: TCP connections to the ring successor; one operation is striped across all.
+        config: timeouts and tunables (defaults: ``Config.from_env()``).
+        advertise_host: address other peers should dial (default: what the master sees).
+        p2p_port: port for the p2p listener (0: any free port).
+    """
+
+    def __init__(
+        self,
+        master: str,
+        peer_group: int = 0,
+        streams: int = 4,
+        *,
+        config: Config | None = None,
+        advertise_host: str = "",
+        p2p_port: int = 0,
+    ) -> None:
+        self.master_host, self.master_port = parse_address(master)
+        if not isinstance(peer_group, int) or not 0 <= peer_group <= 0xFFFF_FFFF:
+            raise ValueError(f"peer_group must be an int in [0, 2**32), got {peer_group!r}")
+        if not isinstance(streams, int) or not 1 <= streams <= 64:
+            raise ValueError(f"streams must be an int in [1, 64], got {streams!r}")
+        self.peer_group = peer_group
+        self.streams = streams
+        self.config = config or Config.from_env()
+        self.advertise_host = advertise_host
+        self.p2p_port = p2p_port
+        self.peer_id = 0
+        self.world_size = 0
+        self.group_world_size = 0
+        self.num_groups = 0
+        self.epoch = 0
+        self.ring: list[tuple[int, str, int]] = []
+        self.rank = -1
+        self._link: _MasterLink | None = None
+        self._node = P2PNode(self.config, streams)
+        self._pool = BufferPool()
+        self._tags: dict[int, _TagState] = {}
+        self._cond: asyncio.Condition | None = None
+        self._welcome: asyncio.Future[m.Welcome] | None = None
+        self._announced: m.Topology | None = None
+        self._done_epoch = 0
+        self._wire_task: asyncio.Task[None] | None = None
+        self._error: PCCLError | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_master = time.monotonic()
+        self._closed = False
+        self._connected = False
+
+    # ================================================================ connection
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        """Register with the master and wait until the running peers admit us.
+
+        Args:
+            timeout: deadline for reaching the master *and* being admitted (running peers admit
+                newcomers at their next ``update_topology()``; a lone first peer at once).
+
+        Raises:
+            MasterUnreachable: the master could not be reached.
+            TopologyUpdateFailed: not admitted before the deadline.
+            ConnectionLost: the master dropped us (the reason is in the message).
+        """
+        if self._connected or self._link is not None:
+            raise RuntimeError("connect() was already called")
+        if not timeout > 0:
+            raise ValueError("timeout must be > 0")
+        loop = asyncio.get_running_loop()
+        self._cond = asyncio.Condition()
+        deadline = loop.time() + timeout
+        self._welcome = loop.create_future()
+        try:
+            async with asyncio.timeout(min(timeout, self.config.connect_timeout_s)):
+                transport, link = await loop.create_connection(
+                    lambda: _MasterLink(self), self.master_host, self.master_port
+                )
+        except (OSError, TimeoutError) as e:
+            raise MasterUnreachable(
+                f"cannot reach the master at {self.master_host}:{self.master_port}: {e}",
+                phase="connect",
+            ) from None
+        assert isinstance(link, _MasterLink)
+        self._link = link
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local = transport.get_extra_info("sockname")[0]
+        await self._node.start(local, self.p2p_port)
+        link.send(
+            m.Hello(
+                PROTOCOL_VERSION,
+                self.peer_group,
+                self._node.port,
+                self.advertise_host,
+            )
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                welcome = await self._welcome
+                self.peer_id = welcome.peer_id
+                self._node.my_id = self.peer_id
+                self._tasks.append(asyncio.create_task(self._heartbeat(welcome)))
+                await self._wait(lambda: self._done_epoch > 0)
+        except TimeoutError:
+            await self._shutdown("admission timeout")
+            raise TopologyUpdateFailed(
+                f"not admitted within {timeout}s: running peers admit newcomers when they call "
+                "update_topology()",
+                phase="connect",
+            ) from None
+        except PCCLError:
+            await self._shutdown("connect failed")
+            raise
+        self._connected = True
+        log.info(
+            "peer %d admitted: world %d, group %d of size %d",
+            self.peer_id,
+            self.world_size,
+            self.peer_group,
+            self.group_world_size,
+        )
+
+    async def _wait(self, pred: Callable[[], bool]) -> None:
+        """Wait until ``pred()`` (re-checked on every state change) or the link fails."""
+        assert self._cond is not None
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._error is not None or pred())
+        if self._error is not None and not pred():
+            raise self._error
+
+    def _notify(self) -> None:
+        cond = self._cond
+        if cond is None:
+            return
+
+        async def poke() -> None:
+            async with cond:
+                cond.notify_all()
+
+        asyncio.get_running_loop().create_task(poke())
+
+    async def _heartbeat(self, welcome: m.Welcome) -> None:
+        assert self._link is not None
+        seq = 0
+        interval = min(welcome.heartbeat_interval_s, self.config.heartbeat_interval_s)
+        limit = max(welcome.heartbeat_timeout_s, self.config.heartbeat_timeout_s)
+        while self._error is None:
+            seq += 1
+            self._link.send(m.Heartbeat(seq))
+            self._node.expire_parked(self.config.progress_timeout_s)
+            if time.monotonic() - self._last_master > limit:
+                self._lost(ConnectionLost(f"master silent for more than {limit}s"))
+                assert self._link.transport is not None
+                self._link.transport.abort()
+                return
+            await asyncio.sleep(interval)
+
+    # ================================================================ master messages
+
+    def _on_master(self, mtype: MsgType, msg: m.Message) -> None:
+        self._last_master = time.monotonic()
+        handler = self._handlers.get(mtype)
+        if handler is None:
+            raise ProtocolError(f"unexpected {mtype.name} from the master")
+        handler(self, msg)
+
+    def _on_welcome(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.Welcome)
+        self.peer_id = msg.peer_id  # the topology may follow in the same read
+        self._node.my_id = msg.peer_id
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_result(msg)
+
+    def _on_heartbeat(self, msg: m.Message) -> None:
+        pass
+
+    def _on_topology(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.Topology)
+        ring = msg.ring
+        ids = [p[0] for p in ring]
+        if self.peer_id not in ids:
+            raise ProtocolError(f"topology for epoch {msg.epoch} does not include us")
+        self._announced = msg
+        r = ids.index(self.peer_id)
+        W = len(ring)
+        self._node.announce(msg.epoch, self.peer_id, ids[(r - 1) % W] if W > 1 else 0)
+        if self._wire_task is not None:
+            self._wire_task.cancel()
+        self._wire_task = asyncio.get_running_loop().create_task(self._wire(msg, r))
+
+    async def _wire(self, topo: m.Topology, r: int) -> None:
+        W = len(topo.ring)
+        assert self._link is not None
+        if W == 1:
+            self._node.close_tx()
+            self._link.send(m.TopologyReady(topo.epoch, True))
+            return
+        nid, host, port = topo.ring[(r + 1) % W]
+        try:
+            await self._node.connect_next(nid, host, port, topo.epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # report; the master evicts the unreachable peer and re-announces
+            log.warning("cannot reach peer %d at %s:%d: %r", nid, host, port, e)
+            self._link.send(m.TopologyReady(topo.epoch, False, [nid], f"{type(e).__name__}: {e}"))
+            return
+        self._link.send(m.TopologyReady(topo.epoch, True))
+
+    def _on_topology_done(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.TopologyDone)
+        t = self._announced
+        if t is None or t.epoch != msg.epoch:
+            return
+        self.epoch = t.epoch
+        self.world_size = t.world_size
+        self.group_world_size = t.group_world_size
+        self.num_groups = t.num_groups
+        self.ring = list(t.ring)
+        self.rank = [p[0] for p in t.ring].index(self.peer_id)
+        self._done_epoch = t.epoch
+        self._notify()
+
+    def _on_commence(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.CollectiveCommence)
+        st = self._tags.get(msg.tag)
+        if st is None or st.commence.done():
+            raise ProtocolError(f"commence for tag {msg.tag} we did not initiate")
+        st.op_id = msg.op_id
+        st.commence.set_result(msg)
+
+    def _on_collective_done(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.CollectiveDone)
+        st = self._tags.get(msg.tag)
+        if st is None or st.verdict.done() or (st.op_id and msg.op_id and msg.op_id != st.op_id):
+            return  # verdict of an operation we already gave up on
+        st.verdict.set_result(msg)
+        if st.ring is not None and not msg.ok:
+            st.ring.fail(f"aborted by the master: {msg.reason}")
+
+    def _on_kick(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.Kick)
+        self._lost(ConnectionLost(f"dropped by the master: {msg.code}: {msg.reason}"))
+
+    _handlers: dict[MsgType, Callable[[Communicator, m.Message], None]] = {
+        MsgType.M2P_WELCOME: _on_welcome,
+        MsgType.M2P_HEARTBEAT: _on_heartbeat,
+        MsgType.M2P_TOPOLOGY: _on_topology,
+        MsgType.M2P_TOPOLOGY_DONE: _on_topology_done,
+        MsgType.M2P_COLLECTIVE_COMMENCE: _on_commence,
+        MsgType.M2P_COLLECTIVE_DONE: _on_collective_done,
+        MsgType.M2P_KICK: _on_kick,
+    }
+
+    def _lost(self, err: PCCLError) -> None:
+        if self._error is not None:
+            return
+        if not self._closed:
+            log.warning("peer %d: %s", self.peer_id, err)
+        self._error = err
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(err)
+            self._welcome.exception()  # mark retrieved
+        self._node.fail_ops(str(err))
+        for st in self._tags.values():
+            for f in (st.commence, st.verdict):
+                if not f.done():
+                    f.set_exception(err)
+                    f.exception()
+        self._notify()
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._connected:
+            raise RuntimeError("call connect() first")
+
+    # ================================================================ topology
+
+    async def update_topology(self, timeout: float | None = None) -> None:
+        """Admit pending peers and drop departed ones; re-wire the ring.
+
+        A barrier: every accepted peer must call it. Returns once the new topology is live.
+
+        Raises:
+            PendingOperations: collectives of this peer are still in flight.
+            TopologyUpdateFailed: not completed within ``timeout`` (default 60 s + collective
+                budget is not used here).
+            ConnectionLost: the master dropped us.
+        """
+        self._check_usable()
+        if self._tags:
+            raise PendingOperations(
+                f"{len(self._tags)} collective(s) in flight", phase="update_topology"
+            )
+        assert self._link is not None
+        start_epoch = self._done_epoch
+        self._link.send(m.UpdateTopology(start_epoch))
+        try:
+            async with asyncio.timeout(timeout or 60.0):
+                await self._wait(lambda: self._done_epoch > start_epoch)
+        except TimeoutError:
+            raise TopologyUpdateFailed(
+                "topology update did not complete in time (does every peer call "
+                "update_topology()?)",
+                phase="update_topology",
+            ) from None
+
+    # ================================================================ all-reduce
+
+    def all_reduce_async(
+        self,
+        send: Any,
+        recv: Any = None,
+        *,
+        op: ReduceOp = ReduceOp.SUM,
+        quantization: Quantization = Quantization.NONE,
+        tag: int = 0,
+    ) -> ReduceHandle:
+        """Start an all-reduce; arguments are validated before this returns.
+
+        Returns:
+            A handle whose ``wait()`` gives the :class:`~pccl.ReduceInfo`.
+
+        Raises:
+            ValueError/TypeError: bad buffers, op, quantization or tag; tag already in flight.
+            TooFewPeers: the group has fewer than two peers.
+        """
+        prepared = self._validate(send, recv, op, quantization, tag)
+        st = _TagState(
+            asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+        )
+        self._tags[tag] = st
+        task = asyncio.get_running_loop().create_task(self._run_reduce(st, tag, *prepared))
+        return ReduceHandle(task, tag)
+
+    async def all_reduce(
+        self,
+        send: Any,
+        recv: Any = None,
+        *,
+        op: ReduceOp = ReduceOp.SUM,
+        quantization: Quantization = Quantization.NONE,
+        tag: int = 0,
+    ) -> ReduceInfo:
+        """All-reduce ``send`` into ``recv`` (in place when ``recv`` is None or ``send``).
+
+        On failure ``send`` is intact (restored when in place) and ``recv`` is unspecified.
+
+        Raises:
+            CollectiveAborted: a peer died, hung or stalled; call ``update_topology()`` and retry.
+            TooFewPeers: fewer than two peers in the group.
+            ConnectionLost: the master dropped us.
+            ValueError/TypeError: bad arguments (before any I/O).
+        """
+        return await self.all_reduce_async(
+            send, recv, op=op, quantization=quantization, tag=tag
+        ).wait()
+
+    def _validate(
+        self, send: Any, recv: Any, op: Any, quantization: Any, tag: Any
+    ) -> tuple[np.ndarray, np.ndarray, DType, bool, ReduceOp, Quantization]:
+        if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag <= MAX_TAG:
+            raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+        try:
+            op = ReduceOp(op)
+        except ValueError:
+            raise ValueError(f"unknown reduce op {op!r}") from None
+        try:
+            quant = Quantization(quantization)
+        except ValueError:
+            raise ValueError(f"unknown quantization {quantization!r}") from None
+        sv, rv, dt, in_place = _prepare(send, recv)
+        if quant != Quantization.NONE and dt != DType.FLOAT32:
+            raise TypeError(f"quantization {quant.name} needs float32 data, got {dt.name}")
+        self._check_usable()
+        if tag in self._tags:
+            raise ValueError(f"tag {tag} is already in flight")
+        if self.group_world_size < 2:
+            raise TooFewPeers(
+                f"group {self.peer_group} has {self.group_world_size} peer(s); "
+                "an all-reduce needs at least 2",
+                tag=tag,
+                phase="all_reduce",
+            )
+        return sv, rv, dt, in_place, op, quant
+
+    async def _run_reduce(
+        self,
+        st: _TagState,
+        tag: int,
+        sv: np.ndarray,
+        rv: np.ndarray,
+        dt: DType,
+        in_place: bool,
+        op: ReduceOp,
+        quant: Quantization,
+    ) -> ReduceInfo:
+        cfg = self.config
+        assert self._link is not None
+        backup: np.ndarray | None = None
+        ring: RingOp | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.collective_timeout_s
+        try:
+            self._link.send(m.CollectiveInitiate(tag, sv.size, int(dt), int(op), int(quant)))
+            done, _ = await asyncio.wait(
+                [st.commence, st.verdict],
+                timeout=cfg.collective_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if st.verdict.done():
+                raise self._verdict_error(st.verdict.result(), tag)
+            if not done:
+                raise CollectiveAborted(
+                    "peers did not all start the operation in time", tag=tag, phase="all_reduce"
+                )
+            go = st.commence.result()
+            if go.epoch != self.epoch:
+                self._link.send(m.CollectiveComplete(tag, go.op_id, False, "epoch mismatch"))
+                raise CollectiveAborted(
+                    f"operation started for epoch {go.epoch}, we are at {self.epoch}", tag=tag
+                )
+            t0 = time.perf_counter()
+            if in_place:
+                backup = self._pool.get(sv.nbytes).view(sv.dtype)
+                np.copyto(backup, sv)
+            else:
+                np.copyto(rv, sv)
+            node = self._node
+            tx = node.tx
+            nstreams = len(tx)
+            rr = [0]
+
+            def send_frame(hdr: bytes, payload: memoryview) -> None:
+                i = rr[0]
+                rr[0] = i + 1
+                tx[i % nstreams].send(hdr, payload)
+
+            ring = RingOp(
+                op_id=go.op_id,
+                tag=tag,
+                rank=self.rank,
+                world=self.group_world_size,
+                work=rv,
+                dtype=dt,
+                op=op,
+                quant=quant,
+                sub=max(1, cfg.chunk_bytes // (4 if quant != Quantization.NONE else dt.itemsize)),
+                block=cfg.quant_block,
+                send_frame=send_frame,
+                pool=self._pool,
+            )
+            st.ring = ring
+            if not tx or any(s.closed for s in tx):
+                ring.fail("no healthy stream to the successor")
+            else:
+                node.register(ring)
+                ring.begin()
+            await self._watch(ring, st, deadline)
+            if ring.future.exception() is None:
+                self._link.send(m.CollectiveComplete(tag, go.op_id, True))
+            else:
+                reason = str(ring.future.exception())
+                if not st.verdict.done():
+                    self._link.send(m.CollectiveComplete(tag, go.op_id, False, reason))
+            # The master's verdict makes all survivors agree on success or abort.
+            try:
+                async with asyncio.timeout(cfg.heartbeat_timeout_s * 2 + 5):
+                    verdict = await st.verdict
+            except TimeoutError:
+                raise CollectiveAborted(
+                    "no verdict from the master", tag=tag, phase="all_reduce"
+                ) from None
+            if not verdict.ok:
+                raise self._verdict_error(verdict, tag)
+            return ReduceInfo(
+                self.group_world_size, ring.tx_bytes, ring.rx_bytes, time.perf_counter() - t0
+            )
+        except BaseException:
+            if backup is not None:
+                np.copyto(sv, backup)
+            raise
+        finally:
+            if ring is not None:
+                ring.close()  # no-op when complete; stops writes into user memory
+                self._node.unregister(ring)
+                ring.release()
+            if backup is not None:
+                self._pool.put(backup.view(np.uint8))
+            self._tags.pop(tag, None)
+
+    async def _watch(self, ring: RingOp, st: _TagState, deadline: float) -> None:
+        """Wait for the ring; fail it on the overall deadline or a progress stall."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, cfg.progress_timeout_s / 4)
+        while not ring.future.done():
+            await asyncio.wait(
+                [ring.future, st.verdict], timeout=tick, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ring.future.done():
+                break
+            if st.verdict.done():
+                v = st.verdict.result()
+                ring.fail(f"aborted by the master: {v.reason}")
+                break
+            now = loop.time()
+            if now > deadline:
+                ring.fail(f"operation exceeded collective_timeout_s={cfg.collective_timeout_s}")
+            elif time.monotonic() - ring.last_progress > cfg.progress_timeout_s:
+                ring.fail(f"no progress for progress_timeout_s={cfg.progress_timeout_s}")
+        if ring.future.done() and not ring.future.cancelled():
+            ring.future.exception()  # retrieved
+
+    def _verdict_error(self, v: m.CollectiveDone, tag: int) -> PCCLError:
+        if self._error is not None:
+            return self._error
+        if v.kind == "mismatch":
+            return ProtocolError(v.reason, tag=tag, phase="all_reduce")
+        return CollectiveAborted(v.reason, tag=tag, phase="all_reduce")
+
+    # ================================================================ closing
+
+    async def close(self) -> None:
+        """Leave the run (the master re-forms the ring without us) and release everything."""
+        if self._closed:
+            return
+        if self._link is not None and self._error is None:
+            self._link.send(m.Leave("closed by the application"))
+        await self._shutdown("closed")
+
+    async def _shutdown(self, why: str) -> None:
+        self._closed = True
+        self._lost(ConnectionLost(f"communicator {why}"))
+        for t in self._tasks:
+            t.cancel()
+        if self._wire_task is not None:
+            self._wire_task.cancel()
+        if self._link is not None and self._link.transport is not None:
+            self._link.transport.close()
+        await self._node.close()
+
+    async def __aenter__(self) -> Communicator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def stale_frames(self) -> int:
+        """Frames of aborted or finished operations that were discarded (diagnostics)."""
+        return self._node.stale_frames

@@ -1,0 +1,443 @@
+"""Peer-to-peer data links: the listener, receive streams, send streams and frame routing.
+
+Each peer keeps ``streams`` TCP connections to its ring successor (:class:`TxStream`, send only)
+and accepts as many from its predecessor (:class:`RxStream`, receive only). A connection opens
+with ``P2P_HELLO``/``P2P_HELLO_ACK`` (who, for which topology epoch, which stream); after that only
+``P2P_DATA`` frames flow. Receive streams are ``asyncio.BufferedProtocol``s that read each frame
+header into a fixed buffer and the payload straight into the memory the operation named for it
+(:meth:`pccl.peer.ring.RingOp.recv_target`), so no payload is copied or allocated in Python.
+
+Routing invariants: frames of an operation already finished or aborted are discarded; frames of an
+operation this peer has not registered yet park the stream (reading paused) until it is; once an
+operation is finished no further byte is written into its buffers.
+
+Everything here runs on the peer's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pccl import messages as m
+from pccl.config import Config
+from pccl.errors import ProtocolError
+from pccl.frame import DATA_HEADER, HEADER, FrameDecoder, MsgType, parse_data_header, parse_header
+
+if TYPE_CHECKING:
+    from pccl.peer.ring import RingOp
+
+log = logging.getLogger("pccl.peer")
+
+__all__ = ["P2PNode", "RxStream", "TxStream"]
+
+_FULL_HEADER = HEADER.size + DATA_HEADER.size
+_MAX_HELLO = 4096
+_DISCARD = memoryview(bytearray(1 << 20))
+
+
+def tune_socket(sock: socket.socket | None, cfg: Config) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cfg.socket_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.socket_buffer_bytes)
+    except OSError:  # not fatal: defaults still work
+        pass
+
+
+class RxStream(asyncio.BufferedProtocol):
+    """Receiving end of one stream from our ring predecessor."""
+
+    # states
+    HELLO_HDR, HELLO_BODY, PARKED_HELLO, FRAME_HDR, PAYLOAD, DISCARD, PARKED = range(7)
+
+    def __init__(self, node: P2PNode) -> None:
+        self.node = node
+        self.transport: asyncio.Transport | None = None
+        self.hdr = bytearray(_FULL_HEADER)
+        self.state = self.HELLO_HDR
+        self.target = memoryview(self.hdr)[: HEADER.size]
+        self.pos = 0
+        self.remaining = 0  # payload bytes left to discard
+        self.peer_id = 0
+        self.epoch = 0
+        self.op: RingOp | None = None
+        self.header: object = None
+        self.opened = time.monotonic()
+        self.parked_since = 0.0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tune_socket(transport.get_extra_info("socket"), self.node.config)
+        self.node.pending_rx.add(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.state == self.PAYLOAD and self.op is not None and self.op.finished:
+            # The operation ended (aborted): never write into its memory again.
+            self.remaining = len(self.target) - self.pos
+            self.op = None
+            self._discard_next()
+        return self.target[self.pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.pos += nbytes
+        if self.pos < len(self.target):
+            if self.op is not None:
+                self.op.last_progress = time.monotonic()
+            return
+        try:
+            self._advance()
+        except ProtocolError as e:
+            self.fail(f"protocol error from peer {self.peer_id}: {e}")
+
+    def _advance(self) -> None:
+        st = self.state
+        if st == self.FRAME_HDR:
+            mtype, length = parse_header(self.hdr)
+            if mtype != MsgType.P2P_DATA:
+                raise ProtocolError(f"{mtype.name} on a data stream")
+            h = parse_data_header(self.hdr, length, HEADER.size)
+            self.header = h
+            self._route()
+        elif st == self.PAYLOAD:
+            op, h = self.op, self.header
+            self.op = None
+            self._expect_header()
+            if op is not None and not op.finished:
+                op.on_frame(h)  # type: ignore[arg-type]
+        elif st == self.DISCARD:
+            self.remaining -= self.pos
+            self._discard_next()
+        elif st == self.HELLO_HDR:
+            mtype, length = parse_header(self.hdr)
+            if mtype != MsgType.P2P_HELLO or length > _MAX_HELLO:
+                raise ProtocolError(f"expected a hello, got {mtype.name} of {length} bytes")
+            self.state = self.HELLO_BODY
+            self.target = memoryview(bytearray(length))
+            self.pos = 0
+            if length == 0:
+                self._advance()
+        elif st == self.HELLO_BODY:
+            msg = m.decode(MsgType.P2P_HELLO, bytes(self.target))
+            assert isinstance(msg, m.P2PHello)
+            self.peer_id, self.epoch = msg.peer_id, msg.epoch
+            self.node.on_hello(self, msg)
+
+    def _expect_header(self) -> None:
+        self.state = self.FRAME_HDR
+        self.target = memoryview(self.hdr)
+        self.pos = 0
+
+    def _discard_next(self) -> None:
+        if self.remaining <= 0:
+            self._expect_header()
+            return
+        self.state = self.DISCARD
+        self.target = _DISCARD[: min(self.remaining, len(_DISCARD))]
+        self.pos = 0
+
+    def _route(self) -> None:
+        """Decide where the payload of the frame whose header we hold goes."""
+        from pccl.frame import DataHeader
+
+        h = self.header
+        assert isinstance(h, DataHeader)
+        node = self.node
+        op = node.ops.get(h.op_id)
+        if op is not None and not op.finished:
+            self.op = op
+            self.target = op.recv_target(h)
+            self.pos = 0
+            self.state = self.PAYLOAD
+            if h.payload == 0:
+                self._advance()
+        elif op is not None or h.op_id <= node.max_op_id:
+            self.remaining = h.payload  # stale: an aborted or finished operation
+            node.stale_frames += 1
+            self._discard_next()
+        else:
+            self.state = self.PARKED  # an operation we have not been told about yet
+            self.parked_since = time.monotonic()
+            assert self.transport is not None
+            self.transport.pause_reading()
+            node.parked.add(self)
+
+    def unpark(self) -> None:
+        """Re-route the parked frame after a new operation was registered."""
+        if self.state != self.PARKED or self.closed:
+            return
+        h = self.header
+        if h.op_id not in self.node.ops and h.op_id > self.node.max_op_id:  # type: ignore[attr-defined]
+            return  # still not ours
+        self.node.parked.discard(self)
+        try:
+            self._route()
+        except ProtocolError as e:
+            self.fail(f"protocol error from peer {self.peer_id}: {e}")
+            return
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def accept(self) -> None:
+        """Acknowledge the hello: from now on the stream carries data."""
+        assert self.transport is not None
+        self.transport.write(m.P2PHelloAck(True).encode())
+        self._expect_header()
+        self.transport.resume_reading()
+
+    def reject(self, reason: str) -> None:
+        log.warning("rejecting p2p stream from peer %d: %s", self.peer_id, reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.P2PHelloAck(False, reason[:500]).encode())
+            self.transport.close()
+        self.closed = True
+
+    def fail(self, reason: str) -> None:
+        log.warning("closing p2p stream: %s", reason)
+        self.node.fail_ops(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_data = self.state in (self.FRAME_HDR, self.PAYLOAD, self.DISCARD, self.PARKED)
+        deliberate = self.closed
+        self.closed = True
+        self.node.pending_rx.discard(self)
+        self.node.parked.discard(self)
+        streams = self.node.rx.get(self.peer_id)
+        if streams is not None:
+            streams.discard(self)
+        if was_data and not deliberate and not self.node.closing:
+            self.node.fail_ops(f"stream from peer {self.peer_id} lost ({exc or 'closed'})")
+
+
+class TxStream(asyncio.Protocol):
+    """Sending end of one stream to our ring successor, with flow control."""
+
+    def __init__(self, node: P2PNode, peer_id: int) -> None:
+        self.node = node
+        self.peer_id = peer_id
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder()
+        self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue: collections.deque[tuple[bytes, memoryview]] = collections.deque()
+        self.paused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tune_socket(transport.get_extra_info("socket"), self.node.config)
+        transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for mtype, body in self.decoder.feed(data):
+                if mtype != MsgType.P2P_HELLO_ACK or self.acked.done():
+                    raise ProtocolError(f"unexpected {mtype.name} on a send stream")
+                ack = m.decode(mtype, body)
+                assert isinstance(ack, m.P2PHelloAck)
+                if ack.ok:
+                    self.acked.set_result(None)
+                else:
+                    self.acked.set_exception(ConnectionRefusedError(ack.reason))
+        except ProtocolError as e:
+            if not self.acked.done():
+                self.acked.set_exception(e)
+            self.node.fail_ops(f"protocol error on stream to peer {self.peer_id}: {e}")
+            assert self.transport is not None
+            self.transport.abort()
+
+    def send(self, header: bytes, payload: memoryview) -> None:
+        self.queue.append((header, payload))
+        if not self.paused:
+            self._pump()
+
+    def _pump(self) -> None:
+        t = self.transport
+        if t is None or self.closed:
+            self.queue.clear()
+            return
+        q = self.queue
+        while q and not self.paused:
+            t.writelines(q.popleft())
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._pump()
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_open = not self.closed
+        self.closed = True
+        self.queue.clear()
+        if not self.acked.done():
+            self.acked.set_exception(ConnectionError(f"closed before hello ack: {exc}"))
+        if was_open and not self.node.closing:
+            self.node.tx_broken = True
+            self.node.fail_ops(f"stream to peer {self.peer_id} lost ({exc or 'closed'})")
+
+
+class P2PNode:
+    """Listener, streams and the operation registry of one peer."""
+
+    def __init__(self, config: Config, streams: int) -> None:
+        self.config = config
+        self.nstreams = streams
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.my_id = 0
+        self.epoch = 0  # newest epoch announced to us
+        self.prev_id = 0
+        self.next_id = 0
+        self.next_addr: tuple[str, int] | None = None
+        self.tx: list[TxStream] = []
+        self.tx_broken = False
+        self.rx: dict[int, set[RxStream]] = {}
+        self.pending_rx: set[RxStream] = set()
+        self.parked: set[RxStream] = set()
+        self.ops: dict[int, RingOp] = {}
+        self.max_op_id = 0
+        self.stale_frames = 0
+        self.closing = False
+        self._epoch_changed: list[Callable[[], None]] = []
+
+    async def start(self, host: str, port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: RxStream(self), host, port, backlog=256, reuse_address=True
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    # ------------------------------------------------------------ topology
+
+    def announce(self, epoch: int, my_id: int, prev_id: int) -> None:
+        """Record a newly announced epoch so hellos of that epoch can be judged."""
+        self.epoch, self.my_id, self.prev_id = epoch, my_id, prev_id
+        for pid in list(self.rx):
+            if pid != prev_id:
+                for s in list(self.rx.pop(pid)):
+                    s.closed = True
+                    if s.transport is not None:
+                        s.transport.close()
+        for s in list(self.pending_rx):
+            if s.state == RxStream.PARKED_HELLO:
+                self._judge_hello(s)
+
+    def on_hello(self, s: RxStream, msg: m.P2PHello) -> None:
+        if msg.epoch > self.epoch:
+            s.state = RxStream.PARKED_HELLO  # the master's announcement has not reached us yet
+            assert s.transport is not None
+            s.transport.pause_reading()
+            return
+        self._judge_hello(s)
+
+    def _judge_hello(self, s: RxStream) -> None:
+        if s.epoch > self.epoch:
+            return  # still waiting for our announcement
+        if s.epoch < self.epoch:
+            s.reject(f"hello for epoch {s.epoch}, current is {self.epoch}")
+            return
+        if s.peer_id != self.prev_id:
+            s.reject(f"peer {s.peer_id} is not our predecessor (expected {self.prev_id})")
+            return
+        self.pending_rx.discard(s)
+        self.rx.setdefault(s.peer_id, set()).add(s)
+        s.accept()
+
+    async def connect_next(self, next_id: int, host: str, port: int, epoch: int) -> None:
+        """Make sure ``nstreams`` healthy streams lead to ``next_id``; reuse when unchanged.
+
+        Raises:
+            ConnectionError, OSError, TimeoutError: the successor could not be reached.
+        """
+        healthy = all(not s.closed for s in self.tx) and len(self.tx) == self.nstreams
+        if next_id == self.next_id and (host, port) == self.next_addr and healthy:
+            if not self.tx_broken:
+                return
+        self.close_tx()
+        self.next_id, self.next_addr = next_id, (host, port)
+        self.tx_broken = False
+        loop = asyncio.get_running_loop()
+        deadline = self.config.connect_timeout_s
+
+        async def one(i: int) -> TxStream:
+            _, proto = await loop.create_connection(lambda: TxStream(self, next_id), host, port)
+            assert isinstance(proto, TxStream)
+            assert proto.transport is not None
+            proto.transport.write(m.P2PHello(self.my_id, epoch, i).encode())
+            await proto.acked
+            return proto
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(self.nstreams)]
+        try:
+            async with asyncio.timeout(deadline):
+                self.tx = list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is None:
+                    t.result().close()
+                else:
+                    t.cancel()
+            raise
+
+    def close_tx(self) -> None:
+        for s in self.tx:
+            s.close()
+        self.tx = []
+        self.next_id = 0
+        self.next_addr = None
+
+    # ------------------------------------------------------------ operations
+
+    def register(self, op: RingOp) -> None:
+        self.ops[op.op_id] = op
+        self.max_op_id = max(self.max_op_id, op.op_id)
+        for s in list(self.parked):
+            s.unpark()
+
+    def unregister(self, op: RingOp) -> None:
+        self.ops.pop(op.op_id, None)
+
+    def fail_ops(self, reason: str) -> None:
+        for op in list(self.ops.values()):
+            op.fail(reason)
+
+    def expire_parked(self, older_than_s: float) -> None:
+        now = time.monotonic()
+        for s in list(self.parked):
+            if now - s.parked_since > older_than_s:
+                s.fail(f"frame for unknown operation parked for {older_than_s:.0f}s")
+
+    async def close(self) -> None:
+        self.closing = True
+        self.close_tx()
+        for streams in self.rx.values():
+            for s in streams:
+                if s.transport is not None:
+                    s.transport.close()
+        for s in list(self.pending_rx):
+            if s.transport is not None:
+                s.transport.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,359 @@
+"""One ring all-reduce: reduce-scatter then all-gather, pipelined and striped.
+
+The buffer of N elements is cut into W near-equal chunks (the first N mod W get one more
+element) and every chunk into sub-chunks of ``sub`` elements. Rank r sends chunk (r - s) at
+reduce-scatter step s and receives chunk (r - s - 1); it therefore owns chunk (r + 1) at the end.
+Each sub-chunk moves independently: as soon as one arrives it is reduced into the working buffer
+and forwarded at the next step, so the whole ring is a pipeline at sub-chunk grain. Frames go
+round-robin over all streams to the successor (striping); the frame header says where each
+belongs, so arrival order across streams does not matter.
+
+Bit parity: a chunk's final value is produced once, by its owner (AVG divided there), and
+forwarded verbatim during the all-gather, so every peer ends with the owner's bytes. With
+quantization the owner encodes its final sub-chunk once, replaces its own copy by the decoded
+values, and forwards the encoded bytes; every peer decodes identical bytes identically.
+Reduce-scatter hops re-encode their partial sum (UINT8: fresh per-block min/scale, rounded).
+
+All buffers are allocated when the operation is created (from the communicator's pool); the
+per-frame path allocates only the 40-byte header. Runs on the peer's event-loop thread; the
+kernels it calls release the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from pccl import kernels as K
+from pccl.errors import ProtocolError
+from pccl.frame import DataHeader, encode_data_header
+from pccl.types import DType, Quantization, ReduceOp
+
+__all__ = ["BufferPool", "RingOp", "wire_len"]
+
+
+def wire_len(n: int, itemsize: int, quant: Quantization, block: int) -> int:
+    """Payload bytes of a sub-chunk of ``n`` elements."""
+    if quant == Quantization.NONE:
+        return n * itemsize
+    if quant == Quantization.UINT8:
+        return n + 8 * K.num_blocks(n, block)
+    return 2 * n
+
+
+class BufferPool:
+    """Reusable scratch buffers: fresh pages cost more than the reduction itself."""
+
+    def __init__(self, keep: int = 6) -> None:
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._keep = keep
+
+    def get(self, nbytes: int) -> np.ndarray:
+        lst = self._free.get(nbytes)
+        if lst:
+            return lst.pop()
+        return np.empty(max(nbytes, 1), dtype=np.uint8)[:nbytes]
+
+    def put(self, buf: np.ndarray) -> None:
+        n = buf.nbytes
+        lst = self._free.setdefault(n, [])
+        if len(lst) < 2 and sum(len(v) for v in self._free.values()) < self._keep:
+            lst.append(buf)
+
+
+class RingOp:
+    """State of one all-reduce on one peer; see the module docstring.
+
+    Args:
+        op_id, tag: identity on the wire.
+        rank, world: position in the group ring and its size.
+        work: flat storage view (numpy, storage dtype) holding the input; becomes the result.
+        dtype, op, quant: what to compute and how to encode it.
+        sub: sub-chunk size in elements.
+        block: uint8 quantization block.
+        send_frame: ``send_frame(header, payload)`` puts a frame on the next stream.
+        pool: scratch buffers.
+    """
+
+    def __init__(
+        self,
+        *,
+        op_id: int,
+        tag: int,
+        rank: int,
+        world: int,
+        work: np.ndarray,
+        dtype: DType,
+        op: ReduceOp,
+        quant: Quantization,
+        sub: int,
+        block: int,
+        send_frame: Callable[[bytes, memoryview], None],
+        pool: BufferPool,
+    ) -> None:
+        self.op_id, self.tag, self.rank, self.world = op_id, tag, rank, world
+        self.work = work
+        self.wbytes = work.view(np.uint8)
+        self.dtype, self.op, self.quant, self.block = dtype, op, quant, block
+        self.kop = ReduceOp.SUM if op == ReduceOp.AVG else op
+        self.send_frame = send_frame
+        self.pool = pool
+        self.finished = False
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_progress = time.monotonic()
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+        n = work.size
+        self.n = n
+        W = world
+        if quant == Quantization.UINT8:
+            sub = max(block, sub // block * block)
+        self.sub = max(1, sub)
+        base, rem = divmod(n, W)
+        self.start = [c * base + min(c, rem) for c in range(W + 1)]
+        self.nsub = [-(-(self.start[c + 1] - self.start[c]) // self.sub) for c in range(W)]
+        self.sub_base = [0]
+        for c in range(W):
+            self.sub_base.append(self.sub_base[-1] + self.nsub[c])
+        total_subs = self.sub_base[-1]
+        self.rs_got = bytearray(total_subs)
+        self.ag_got = bytearray(total_subs)
+        r = rank
+        self.rs_left = sum(self.nsub[(r - s - 1) % W] for s in range(W - 1))
+        self.ag_left = sum(self.nsub[(r - a) % W] for a in range(W - 1))
+        itemsize = dtype.itemsize
+        self._bufs: list[np.ndarray] = []
+        if quant == Quantization.NONE:
+            self.scratch = self._alloc(n * itemsize).view(dtype.storage)
+            self.wire_off: list[int] = []
+        else:
+            # Wire layout: sub-chunks back to back in global order, one offset table.
+            offs = [0]
+            for c in range(W):
+                for k in range(self.nsub[c]):
+                    offs.append(offs[-1] + wire_len(self._sublen(c, k), 4, quant, block))
+            self.wire_off = offs
+            total = offs[-1]
+            self.rs_send = self._alloc(total)
+            self.rs_recv = self._alloc(total)
+            self.ag_wire = self._alloc(total)
+            if self.kop != ReduceOp.SUM:
+                self.scratch = self._alloc(n * 4).view(np.float32)
+
+    # ------------------------------------------------------------ layout helpers
+
+    def _alloc(self, nbytes: int) -> np.ndarray:
+        b = self.pool.get(nbytes)
+        self._bufs.append(b)
+        return b
+
+    def release(self) -> None:
+        """Return scratch to the pool (call once the verdict is known)."""
+        for b in self._bufs:
+            self.pool.put(b)
+        self._bufs = []
+
+    def _sublen(self, c: int, k: int) -> int:
+        lo = self.start[c] + k * self.sub
+        return min(self.sub, self.start[c + 1] - lo)
+
+    def _slot(self, buf: np.ndarray, c: int, k: int) -> np.ndarray:
+        g = self.sub_base[c] + k
+        return buf[self.wire_off[g] : self.wire_off[g + 1]]
+
+    def _split(self, slot: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(meta float32, q uint8) views of a UINT8 wire slot."""
+        nb = K.num_blocks(n, self.block)
+        return slot[: 8 * nb].view(np.float32), slot[8 * nb :]
+
+    # ------------------------------------------------------------ encode / decode
+
+    def _encode(self, e0: int, n: int, slot: np.ndarray) -> None:
+        src = self.work[e0 : e0 + n]
+        if self.quant == Quantization.UINT8:
+            meta, q = self._split(slot, n)
+            K.quantize_u8(src, q, meta, self.block)
+        elif self.quant == Quantization.FP16:
+            K.encode_f16(src, slot.view(np.uint16))
+        else:
+            K.encode_bf16(src, slot.view(np.uint16))
+
+    def _decode(self, slot: np.ndarray, out: np.ndarray) -> None:
+        n = out.size
+        if self.quant == Quantization.UINT8:
+            meta, q = self._split(slot, n)
+            K.dequantize_u8(q, meta, out, self.block)
+        elif self.quant == Quantization.FP16:
+            K.decode_f16(slot.view(np.uint16), out)
+        else:
+            K.decode_bf16(slot.view(np.uint16), out)
+
+    def _accumulate(self, slot: np.ndarray, e0: int, n: int) -> None:
+        acc = self.work[e0 : e0 + n]
+        if self.kop != ReduceOp.SUM:
+            tmp = self.scratch[e0 : e0 + n]
+            self._decode(slot, tmp)
+            K.reduce_inplace(acc, tmp, DType.FLOAT32, self.kop)
+        elif self.quant == Quantization.UINT8:
+            meta, q = self._split(slot, n)
+            K.dequantize_accumulate_u8(q, meta, acc, self.block)
+        elif self.quant == Quantization.FP16:
+            K.accumulate_f16(slot.view(np.uint16), acc)
+        else:
+            K.accumulate_bf16(slot.view(np.uint16), acc)
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, step: int, c: int, k: int, payload: np.ndarray) -> None:
+        off = k * self.sub
+        n = self._sublen(c, k)
+        hdr = encode_data_header(self.op_id, self.tag, step, c, off, n, payload.nbytes)
+        self.tx_bytes += payload.nbytes
+        self.send_frame(hdr, memoryview(payload).cast("B"))
+
+    def _work_bytes(self, e0: int, n: int) -> np.ndarray:
+        isz = self.dtype.itemsize
+        return self.wbytes[e0 * isz : (e0 + n) * isz]
+
+    def _send_partial(self, step: int, c: int, k: int) -> None:
+        e0, n = self.start[c] + k * self.sub, self._sublen(c, k)
+        if self.quant == Quantization.NONE:
+            self._send(step, c, k, self._work_bytes(e0, n))
+        else:
+            slot = self._slot(self.rs_send, c, k)
+            self._encode(e0, n, slot)
+            self._send(step, c, k, slot)
+
+    def begin(self) -> None:
+        """Send our own chunk (reduce-scatter step 0). Completes at once when W chunks are empty."""
+        c = self.rank
+        if self.world == 1:
+            self._finalize_all()
+            return
+        for k in range(self.nsub[c]):
+            self._send_partial(0, c, k)
+        self._check_done()
+
+    def _finalize_all(self) -> None:
+        if self.op == ReduceOp.AVG:
+            K.divide_inplace(self.work, self.dtype, self.world)
+        self._complete()
+
+    # ------------------------------------------------------------ receiving
+
+    def recv_target(self, h: DataHeader) -> memoryview:
+        """Validate a frame header and return the memory its payload goes to.
+
+        Raises:
+            ProtocolError: the frame does not belong to this operation's schedule.
+        """
+        W, r = self.world, self.rank
+        s = h.step
+        if h.tag != self.tag:
+            raise ProtocolError(f"frame for tag {h.tag} in operation of tag {self.tag}")
+        if s < W - 1:
+            want = (r - s - 1) % W
+            got = self.rs_got
+        elif s < 2 * W - 2:
+            want = (r - (s - W + 1)) % W
+            got = self.ag_got
+        else:
+            raise ProtocolError(f"ring step {s} out of range for world {W}")
+        c = h.chunk
+        if c != want:
+            raise ProtocolError(f"chunk {c} at step {s}, expected {want}")
+        k, rem = divmod(h.offset, self.sub)
+        if rem or k >= self.nsub[c] or h.count != self._sublen(c, k):
+            raise ProtocolError(f"bad sub-chunk offset {h.offset} count {h.count} of chunk {c}")
+        g = self.sub_base[c] + k
+        if got[g]:
+            raise ProtocolError(f"duplicate sub-chunk {k} of chunk {c} at step {s}")
+        isz = self.dtype.itemsize
+        if h.payload != wire_len(h.count, isz, self.quant, self.block):
+            raise ProtocolError(f"payload of {h.payload} bytes for {h.count} elements")
+        e0 = self.start[c] + h.offset
+        if self.quant == Quantization.NONE:
+            if s < W - 1:
+                buf = self.scratch.view(np.uint8)[e0 * isz : (e0 + h.count) * isz]
+            else:
+                buf = self._work_bytes(e0, h.count)
+        else:
+            buf = self._slot(self.rs_recv if s < W - 1 else self.ag_wire, c, k)
+        return memoryview(buf).cast("B")
+
+    def on_frame(self, h: DataHeader) -> None:
+        """A frame's payload has fully arrived at the memory :meth:`recv_target` named."""
+        W = self.world
+        s, c = h.step, h.chunk
+        k = h.offset // self.sub
+        n = h.count
+        e0 = self.start[c] + h.offset
+        g = self.sub_base[c] + k
+        self.rx_bytes += h.payload
+        self.last_progress = time.monotonic()
+        try:
+            if s < W - 1:
+                self.rs_got[g] = 1
+                self.rs_left -= 1
+                if self.quant == Quantization.NONE:
+                    K.reduce_inplace(
+                        self.work[e0 : e0 + n], self.scratch[e0 : e0 + n], self.dtype, self.kop
+                    )
+                else:
+                    self._accumulate(self._slot(self.rs_recv, c, k), e0, n)
+                if s < W - 2:
+                    self._send_partial(s + 1, c, k)
+                else:
+                    self._own(c, k, e0, n)
+            else:
+                self.ag_got[g] = 1
+                self.ag_left -= 1
+                if self.quant == Quantization.NONE:
+                    payload = self._work_bytes(e0, n)
+                else:
+                    payload = self._slot(self.ag_wire, c, k)
+                    self._decode(payload, self.work[e0 : e0 + n])
+                if s < 2 * W - 3:
+                    self._send(s + 1, c, k, payload)
+        except (ValueError, TypeError) as e:  # a kernel refused: an internal invariant broke
+            self.fail(f"kernel error: {e}")
+            return
+        self._check_done()
+
+    def _own(self, c: int, k: int, e0: int, n: int) -> None:
+        """Finalise a sub-chunk of the chunk we own and start its all-gather."""
+        W = self.world
+        work = self.work[e0 : e0 + n]
+        if self.op == ReduceOp.AVG:
+            K.divide_inplace(work, self.dtype, W)
+        if self.quant == Quantization.NONE:
+            self._send(W - 1, c, k, self._work_bytes(e0, n))
+        else:
+            slot = self._slot(self.ag_wire, c, k)
+            self._encode(e0, n, slot)
+            self._decode(slot, work)  # adopt exactly what everyone else will decode
+            self._send(W - 1, c, k, slot)
+
+    def _check_done(self) -> None:
+        if self.rs_left == 0 and self.ag_left == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.future.set_result(None)
+
+    def close(self) -> None:
+        """End the operation without a verdict (the caller has its own)."""
+        if not self.finished:
+            self.finished = True
+            self.future.cancel()
+
+    def fail(self, reason: str) -> None:
+        """Stop the operation locally; its buffers receive nothing more."""
+        if not self.finished:
+            self.finished = True
+            self.future.set_exception(ConnectionError(reason))
