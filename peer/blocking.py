@@ -65,6 +65,7 @@ class Communicator:
         config: Config | None = None,
         advertise_host: str = "",
         p2p_port: int = 0,
+        advertise_port: int = 0,
     ) -> None:
         self._aio = AioCommunicator(
             master,
@@ -73,6 +74,7 @@ class Communicator:
             config=config,
             advertise_host=advertise_host,
             p2p_port=p2p_port,
+            advertise_port=advertise_port,
         )
         self._loop = new_event_loop()
         self._thread = threading.Thread(

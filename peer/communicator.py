@@ -157,6 +157,8 @@ class Communicator:
         config: timeouts and tunables (defaults: ``Config.from_env()``).
         advertise_host: address other peers should dial (default: what the master sees).
         p2p_port: port for the p2p listener (0: any free port).
+        advertise_port: port other peers should dial (default: the listener's; set it when a
+            proxy or NAT forwards to the listener).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class Communicator:
         config: Config | None = None,
         advertise_host: str = "",
         p2p_port: int = 0,
+        advertise_port: int = 0,
     ) -> None:
         self.master_host, self.master_port = parse_address(master)
         if not isinstance(peer_group, int) or not 0 <= peer_group <= 0xFFFF_FFFF:
@@ -179,6 +182,10 @@ class Communicator:
         self.config = config or Config.from_env()
         self.advertise_host = advertise_host
         self.p2p_port = p2p_port
+        for name, v in (("p2p_port", p2p_port), ("advertise_port", advertise_port)):
+            if not isinstance(v, int) or not 0 <= v <= 65535:
+                raise ValueError(f"{name} must be within 0..65535, got {v!r}")
+        self.advertise_port = advertise_port
         self.peer_id = 0
         self.world_size = 0
         self.group_world_size = 0
@@ -244,7 +251,7 @@ class Communicator:
             m.Hello(
                 PROTOCOL_VERSION,
                 self.peer_group,
-                self._node.port,
+                self.advertise_port or self._node.port,
                 self.advertise_host,
             )
         )

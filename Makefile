@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make demo   - set up .venv and run a local master + peers doing real all-reduces
+#   make test   - set up .venv and run lint, types and the test suite (native, then numpy)
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pccl-installed
+
+.PHONY: demo test lint soak bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch is pinned: any other spec may pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 -e '.[test,torch]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pccl demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check pccl master peer bindings tests
+	$(BIN)/ruff format --check pccl master peer bindings tests
+	$(BIN)/mypy pccl master peer bindings
+
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+	PCCL_FORCE_NUMPY=1 $(BIN)/python -m pytest -q -m "not slow and not chaos"
+
+soak: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/pccl bench kernels --json out/kernels.json
+	$(BIN)/pccl bench allreduce --peers 4 --mib 256 --streams 4 --compare gloo --json out/allreduce.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info pccl/_native*.so
