@@ -48,6 +48,8 @@ class _Conn(asyncio.Protocol):
             MsgType.P2M_COLLECTIVE_INITIATE: self.on_collective_initiate,
             MsgType.P2M_COLLECTIVE_COMPLETE: self.on_collective_complete,
             MsgType.P2M_LEAVE: self.on_leave,
+            MsgType.P2M_SYNC_SHARED_STATE: self.on_sync_shared_state,
+            MsgType.P2M_SYNC_DONE: self.on_sync_done,
         }
 
     # ---------------------------------------------------------------- transport callbacks
@@ -154,6 +156,14 @@ class _Conn(asyncio.Protocol):
     def on_collective_complete(self, msg: m.Message) -> None:
         assert isinstance(msg, m.CollectiveComplete)
         self.master.state.on_complete(self.peer_id, msg)
+
+    def on_sync_shared_state(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.SyncSharedState)
+        self.master.state.on_sync_vote(self.peer_id, msg)
+
+    def on_sync_done(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.SyncDone)
+        self.master.state.on_sync_done(self.peer_id, msg)
 
     def on_leave(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Leave)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pccl import messages as m
+from pccl.master.election import EntryVote, SyncVote, elect
+from pccl.types import SyncStrategy
 
 log = logging.getLogger("pccl.master")
 
@@ -58,10 +60,23 @@ class OpState:
 
 
 @dataclass
+class SyncRound:
+    """One shared-state sync of a group: votes, then transfers until everyone is done."""
+
+    sync_id: int
+    votes: dict[int, SyncVote] = field(default_factory=dict)
+    waiting: set[int] = field(default_factory=set)  # planned peers not yet done
+    members: set[int] = field(default_factory=set)  # peers told the plan (ok ones)
+    target: int = -1  # -1 while voting
+
+
+@dataclass
 class GroupState:
     ring: list[int] = field(default_factory=list)
     broken: str = ""  # why the current ring is unusable (a member left), "" if usable
     ops: dict[int, OpState] = field(default_factory=dict)
+    sync: SyncRound | None = None
+    next_revision: int | None = None  # None until the group's first sync
 
 
 class MasterState:
@@ -80,6 +95,7 @@ class MasterState:
         self.epoch = 0
         self._next_peer_id = 1
         self._next_op_id = 1
+        self._next_sync_id = 1
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
 
     # ------------------------------------------------------------------ membership
@@ -115,6 +131,11 @@ class MasterState:
             grp.broken = f"peer {pid} left ({reason})"
             for op in list(grp.ops.values()):
                 self._finish(rec.group, op, ok=False, reason=grp.broken)
+        if grp is not None and grp.sync is not None:
+            grp.sync.votes.pop(pid, None)
+            grp.sync.waiting.discard(pid)
+            grp.sync.members.discard(pid)
+            self._check_sync(rec.group, grp)
         if self.phase is Phase.CONNECTING and rec.in_epoch:
             log.info("peer %d left during epoch %d set-up: re-announcing", pid, self.epoch)
             self._start_epoch()
@@ -298,3 +319,84 @@ class MasterState:
             if rec is not None:
                 rec.ops.discard(op.tag)
                 self._send(q, verdict)
+
+    # ------------------------------------------------------------------ shared state
+
+    def on_sync_vote(self, pid: int, msg: m.SyncSharedState) -> None:
+        rec = self.peers[pid]
+        if not rec.accepted:
+            self._kick(pid, "out_of_state", "shared-state sync from a peer not yet accepted")
+            return
+        grp = self.groups[rec.group]
+        if grp.sync is None:
+            grp.sync = SyncRound(self._next_sync_id)
+            self._next_sync_id += 1
+        rnd = grp.sync
+        if rnd.target >= 0 or pid in rnd.votes:
+            self._kick(pid, "out_of_state", "shared-state vote while a sync is in progress")
+            return
+        if self.phase is not Phase.IDLE:
+            self._send(pid, m.SyncPlan(rnd.sync_id, False, "topology is changing", 0, [], []))
+            return
+        entries = {}
+        for key, dtype, nbytes, shape, digest, loose in msg.entries:
+            if key in entries:
+                self._send(
+                    pid, m.SyncPlan(rnd.sync_id, False, f"duplicate entry {key!r}", 0, [], [])
+                )
+                return
+            entries[key] = EntryVote(dtype, nbytes, tuple(shape), digest, loose)
+        rnd.votes[pid] = SyncVote(pid, msg.revision, SyncStrategy(msg.strategy), entries)
+        self._check_sync(rec.group, grp)
+
+    def _check_sync(self, gid: int, grp: GroupState) -> None:
+        rnd = grp.sync
+        if rnd is None:
+            return
+        if rnd.target < 0:
+            present = [q for q in grp.ring if q in self.peers]
+            if not rnd.votes or not all(q in rnd.votes for q in present):
+                return
+            plans, target = elect(rnd.votes, grp.next_revision)
+            rnd.target = target
+            addr = {q: (q, self.peers[q].host, self.peers[q].port) for q in rnd.votes}
+            for q, plan in sorted(plans.items()):
+                if not plan.ok:
+                    log.warning("group %d sync %d: peer %d rejected: %s", gid, rnd.sync_id, q,
+                                plan.reason)
+                    self._send(q, m.SyncPlan(rnd.sync_id, False, plan.reason[:1000], 0, [], []))
+                    continue
+                srcs = sorted({s for _, ids in plan.fetch.values() for s in ids})
+                fetch = [(k, h, ids) for k, (h, ids) in sorted(plan.fetch.items())]
+                rnd.waiting.add(q)
+                rnd.members.add(q)
+                self._send(
+                    q, m.SyncPlan(rnd.sync_id, True, "", target, fetch, [addr[s] for s in srcs])
+                )
+            log.info(
+                "group %d sync %d: revision %d, %d peers, %d fetching",
+                gid,
+                rnd.sync_id,
+                target,
+                len(rnd.members),
+                sum(1 for p in plans.values() if p.ok and p.fetch),
+            )
+        if rnd.target >= 0 and not rnd.waiting:
+            grp.sync = None
+            if rnd.members:
+                grp.next_revision = rnd.target + 1
+            done = m.SyncComplete(rnd.sync_id, rnd.target)
+            for q in rnd.members:
+                self._send(q, done)
+
+    def on_sync_done(self, pid: int, msg: m.SyncDone) -> None:
+        rec = self.peers[pid]
+        grp = self.groups.get(rec.group)
+        rnd = grp.sync if grp else None
+        if grp is None or rnd is None or rnd.sync_id != msg.sync_id or pid not in rnd.waiting:
+            return
+        if not msg.ok:
+            log.warning("group %d sync %d: peer %d failed: %s", rec.group, rnd.sync_id, pid,
+                        msg.reason)
+        rnd.waiting.discard(pid)  # failed peers stay members: they serve until all are done
+        self._check_sync(rec.group, grp)

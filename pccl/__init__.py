@@ -22,6 +22,7 @@ from pccl.errors import (
     TooFewPeers,
     TopologyUpdateFailed,
 )
+from pccl.shared_state import SharedState
 from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "Quantization",
     "ReduceInfo",
     "ReduceOp",
+    "SharedState",
     "SharedStateError",
     "SyncInfo",
     "SyncStrategy",

@@ -24,6 +24,7 @@ __all__ = [
     "DATA_HEADER",
     "HEADER",
     "MAGIC",
+    "STATE_HEADER",
     "VERSION",
     "DataHeader",
     "FrameDecoder",
@@ -38,6 +39,8 @@ MAGIC = 0x5043  # "PC"
 VERSION = 1
 HEADER = struct.Struct("!HBBI")
 DATA_HEADER = struct.Struct("!QIIIQI")
+#: Shared-state payload sub-header: index of the requested range, byte offset within it.
+STATE_HEADER = struct.Struct("!IQ")
 
 
 class MsgType(enum.IntEnum):
@@ -66,6 +69,9 @@ class MsgType(enum.IntEnum):
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65
     P2P_DATA = 66
+    P2P_STATE_REQUEST = 67
+    P2P_STATE_DATA = 68
+    P2P_STATE_ERROR = 69
 
 
 _KNOWN = frozenset(int(t) for t in MsgType)
@@ -75,6 +81,8 @@ def max_body(msg_type: int) -> int:
     """Largest body accepted for ``msg_type``."""
     if msg_type == MsgType.P2P_DATA:
         return DATA_HEADER.size + MAX_DATA_FRAME
+    if msg_type == MsgType.P2P_STATE_DATA:
+        return STATE_HEADER.size + MAX_DATA_FRAME
     return MAX_CONTROL_FRAME
 
 
@@ -189,7 +197,7 @@ class FrameDecoder:
         try:
             while len(buf) - pos >= HEADER.size:
                 mtype, length = parse_header(buf, pos)
-                if mtype == MsgType.P2P_DATA and not self.allow_data:
+                if mtype in (MsgType.P2P_DATA, MsgType.P2P_STATE_DATA) and not self.allow_data:
                     raise ProtocolError("data frame on a control connection")
                 end = pos + HEADER.size + length
                 if end > len(buf):

@@ -24,7 +24,8 @@ __all__ = ["MESSAGES", "Message", "decode", "encode"]
 
 U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 MAX_PEERS = 4096
-MAX_KEYS = 65536
+MAX_KEYS = 16384
+MAX_DIMS = 32
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,24 @@ class CollectiveComplete(Message):
     reason: str = spec(s(512), "")
 
 
+@message(MsgType.P2M_SYNC_SHARED_STATE)
+class SyncSharedState(Message):
+    """A peer's shared-state vote: revision, strategy and (key, dtype, nbytes, shape, hash, loose)."""
+
+    revision: int = spec(u())
+    strategy: int = spec(u(2))
+    entries: list = spec(
+        lst(tup(s(1024), u(U8), u(), lst(u(), MAX_DIMS), y(16), B), MAX_KEYS)
+    )
+
+
+@message(MsgType.P2M_SYNC_DONE)
+class SyncDone(Message):
+    sync_id: int = spec(u())
+    ok: bool = spec(B)
+    reason: str = spec(s(512), "")
+
+
 @message(MsgType.P2M_LEAVE)
 class Leave(Message):
     reason: str = spec(s(512), "")
@@ -302,6 +321,25 @@ class CollectiveDone(Message):
     kind: str = spec(s(32), "aborted")  # aborted | mismatch | stale_topology | too_few
 
 
+@message(MsgType.M2P_SYNC_PLAN)
+class SyncPlan(Message):
+    """The master's decision for one peer: fetch ``fetch`` (key, hash, source ids) and adopt
+    ``revision``; ``sources`` maps source ids to p2p addresses."""
+
+    sync_id: int = spec(u())
+    ok: bool = spec(B)
+    reason: str = spec(s(1024))
+    revision: int = spec(u())
+    fetch: list = spec(lst(tup(s(1024), y(16), lst(u(), MAX_PEERS)), MAX_KEYS))
+    sources: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))
+
+
+@message(MsgType.M2P_SYNC_COMPLETE)
+class SyncComplete(Message):
+    sync_id: int = spec(u())
+    revision: int = spec(u())
+
+
 @message(MsgType.M2P_KICK)
 class Kick(Message):
     """The master is closing this connection, and why."""
@@ -325,3 +363,17 @@ class P2PHello(Message):
 class P2PHelloAck(Message):
     ok: bool = spec(B)
     reason: str = spec(s(512), "")
+
+
+@message(MsgType.P2P_STATE_REQUEST)
+class StateRequest(Message):
+    """Ask a source for byte ranges of entries: (key, start, end)."""
+
+    peer_id: int = spec(u())
+    sync_id: int = spec(u())
+    ranges: list = spec(lst(tup(s(1024), u(), u()), MAX_KEYS))
+
+
+@message(MsgType.P2P_STATE_ERROR)
+class StateError(Message):
+    reason: str = spec(s(512))

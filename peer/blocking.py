@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from pccl.config import Config
 from pccl.peer.communicator import Communicator as AioCommunicator
 from pccl.peer.communicator import ReduceHandle
-from pccl.types import Quantization, ReduceInfo, ReduceOp
+from pccl.shared_state import SharedState
+from pccl.types import Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
 __all__ = ["Communicator", "ReduceFuture", "new_event_loop"]
 
@@ -139,6 +140,16 @@ class Communicator:
         )
         fut = asyncio.run_coroutine_threadsafe(handle.wait(), self._loop)
         return ReduceFuture(fut, tag)
+
+    def sync_shared_state(
+        self,
+        state: SharedState,
+        strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+        *,
+        timeout: float | None = None,
+    ) -> SyncInfo:
+        """See :meth:`pccl.aio.Communicator.sync_shared_state`."""
+        return self._run(self._aio.sync_shared_state(state, strategy, timeout=timeout))
 
     def close(self) -> None:
         """Leave the run and stop the background loop. Idempotent."""

@@ -31,13 +31,24 @@ from pccl.errors import (
     PCCLError,
     PendingOperations,
     ProtocolError,
+    SharedStateError,
     TooFewPeers,
     TopologyUpdateFailed,
 )
 from pccl.frame import FrameDecoder, MsgType
 from pccl.peer.p2p import P2PNode
 from pccl.peer.ring import BufferPool, RingOp
-from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, storage_view
+from pccl.peer.state_sync import fetch_entries
+from pccl.shared_state import SharedState
+from pccl.types import (
+    DType,
+    Quantization,
+    ReduceInfo,
+    ReduceOp,
+    SyncInfo,
+    SyncStrategy,
+    storage_view,
+)
 
 log = logging.getLogger("pccl.peer")
 
@@ -207,6 +218,7 @@ class Communicator:
         self._last_master = time.monotonic()
         self._closed = False
         self._connected = False
+        self._sync: tuple[asyncio.Future[m.SyncPlan], asyncio.Future[m.SyncComplete]] | None = None
 
     # ================================================================ connection
 
@@ -398,6 +410,17 @@ class Communicator:
         if st.ring is not None and not msg.ok:
             st.ring.fail(f"aborted by the master: {msg.reason}")
 
+    def _on_sync_plan(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.SyncPlan)
+        if self._sync is None or self._sync[0].done():
+            raise ProtocolError("sync plan without a sync in progress")
+        self._sync[0].set_result(msg)
+
+    def _on_sync_complete(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.SyncComplete)
+        if self._sync is not None and not self._sync[1].done():
+            self._sync[1].set_result(msg)
+
     def _on_kick(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Kick)
         self._lost(ConnectionLost(f"dropped by the master: {msg.code}: {msg.reason}"))
@@ -410,6 +433,8 @@ class Communicator:
         MsgType.M2P_COLLECTIVE_COMMENCE: _on_commence,
         MsgType.M2P_COLLECTIVE_DONE: _on_collective_done,
         MsgType.M2P_KICK: _on_kick,
+        MsgType.M2P_SYNC_PLAN: _on_sync_plan,
+        MsgType.M2P_SYNC_COMPLETE: _on_sync_complete,
     }
 
     def _lost(self, err: PCCLError) -> None:
@@ -422,8 +447,11 @@ class Communicator:
             self._welcome.set_exception(err)
             self._welcome.exception()  # mark retrieved
         self._node.fail_ops(str(err))
-        for st in self._tags.values():
-            for f in (st.commence, st.verdict):
+        futs = [f for st in self._tags.values() for f in (st.commence, st.verdict)]
+        if self._sync is not None:
+            futs.extend(self._sync)
+        if futs:
+            for f in futs:
                 if not f.done():
                     f.set_exception(err)
                     f.exception()
@@ -679,6 +707,100 @@ class Communicator:
         if v.kind == "mismatch":
             return ProtocolError(v.reason, tag=tag, phase="all_reduce")
         return CollectiveAborted(v.reason, tag=tag, phase="all_reduce")
+
+    # ================================================================ shared state
+
+    async def sync_shared_state(
+        self,
+        state: SharedState,
+        strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+        *,
+        timeout: float | None = None,
+    ) -> SyncInfo:
+        """Make ``state`` identical to the group's elected state, in place.
+
+        A barrier over the group. Entries whose hash differs from the elected one are fetched
+        from every peer holding it (striped), verified, then committed; ``state.revision``
+        becomes the group's revision.
+
+        Returns:
+            ``SyncInfo(revision, tx_bytes, rx_bytes)``; both byte counts are 0 in steady state.
+
+        Raises:
+            SharedStateError: rejected (revision skip, layout mismatch, strategy rules), every
+                source of an entry failed, or verification failed. Nothing unverified is
+                committed; retrying is safe.
+            PendingOperations: collectives or another sync are in flight.
+            TypeError/ValueError: bad arguments.
+        """
+        if not isinstance(state, SharedState):
+            raise TypeError(f"state must be a pccl.SharedState, got {type(state).__name__}")
+        try:
+            strategy = SyncStrategy(strategy)
+        except ValueError:
+            raise ValueError(f"unknown sync strategy {strategy!r}") from None
+        self._check_usable()
+        if self._tags or self._sync is not None:
+            raise PendingOperations("collectives or a sync are in flight", phase="sync")
+        assert self._link is not None
+        loop = asyncio.get_running_loop()
+        plan_f: asyncio.Future[m.SyncPlan] = loop.create_future()
+        complete_f: asyncio.Future[m.SyncComplete] = loop.create_future()
+        self._sync = (plan_f, complete_f)
+        server = self._node.state_server
+        snap = server.open(state)
+        entries = state.entries
+        staging: dict[str, np.ndarray] = {}
+        budget = timeout or self.config.collective_timeout_s
+        try:
+            async with asyncio.timeout(budget):
+                digests = await asyncio.to_thread(
+                    lambda: [(k, e.hash()) for k, e in entries.items()]
+                )
+                vote = [
+                    (k, int(entries[k].dtype), entries[k].nbytes, list(entries[k].shape), h,
+                     entries[k].allow_content_inequality)
+                    for k, h in digests
+                ]
+                self._link.send(m.SyncSharedState(state.revision, int(strategy), vote))
+                plan = await plan_f
+                if not plan.ok:
+                    raise SharedStateError(plan.reason, phase="sync")
+                snap.sync_id = plan.sync_id
+                error: Exception | None = None
+                rx = 0
+                if plan.fetch:
+                    addresses = {pid: (host, port) for pid, host, port in plan.sources}
+                    for key, _, _ in plan.fetch:
+                        staging[key] = self._pool.get(entries[key].nbytes)
+                    try:
+                        res = await fetch_entries(
+                            my_id=self.peer_id,
+                            sync_id=plan.sync_id,
+                            fetch=plan.fetch,
+                            addresses=addresses,
+                            state=state,
+                            staging=staging,
+                            connect_timeout=self.config.connect_timeout_s,
+                        )
+                        rx = res.rx_bytes
+                    except (SharedStateError, OSError, TimeoutError) as e:
+                        error = e
+                self._link.send(m.SyncDone(plan.sync_id, error is None, str(error or "")[:500]))
+                await complete_f  # keep serving until every peer of the group is done
+        except TimeoutError:
+            raise SharedStateError(
+                f"shared-state sync did not complete within {budget}s", phase="sync"
+            ) from None
+        finally:
+            server.close()
+            self._sync = None
+            for buf in staging.values():
+                self._pool.put(buf)
+        if error is not None:
+            raise SharedStateError(f"state transfer failed: {error}", phase="sync") from error
+        state.revision = plan.revision
+        return SyncInfo(plan.revision, snap.tx_bytes, rx)
 
     # ================================================================ closing
 

@@ -21,13 +21,14 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pccl import messages as m
-from pccl.config import Config
+from pccl.config import MAX_CONTROL_FRAME, Config
 from pccl.errors import ProtocolError
 from pccl.frame import DATA_HEADER, HEADER, FrameDecoder, MsgType, parse_data_header, parse_header
+
+from pccl.peer.state_sync import StateServer
 
 if TYPE_CHECKING:
     from pccl.peer.ring import RingOp
@@ -57,7 +58,7 @@ class RxStream(asyncio.BufferedProtocol):
     """Receiving end of one stream from our ring predecessor."""
 
     # states
-    HELLO_HDR, HELLO_BODY, PARKED_HELLO, FRAME_HDR, PAYLOAD, DISCARD, PARKED = range(7)
+    HELLO_HDR, HELLO_BODY, PARKED_HELLO, FRAME_HDR, PAYLOAD, DISCARD, PARKED, SERVING = range(8)
 
     def __init__(self, node: P2PNode) -> None:
         self.node = node
@@ -74,6 +75,15 @@ class RxStream(asyncio.BufferedProtocol):
         self.opened = time.monotonic()
         self.parked_since = 0.0
         self.closed = False
+        self.first_type = MsgType.P2P_HELLO
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -120,13 +130,30 @@ class RxStream(asyncio.BufferedProtocol):
             self._discard_next()
         elif st == self.HELLO_HDR:
             mtype, length = parse_header(self.hdr)
-            if mtype != MsgType.P2P_HELLO or length > _MAX_HELLO:
+            limit = _MAX_HELLO if mtype == MsgType.P2P_HELLO else MAX_CONTROL_FRAME
+            if mtype not in (MsgType.P2P_HELLO, MsgType.P2P_STATE_REQUEST) or length > limit:
                 raise ProtocolError(f"expected a hello, got {mtype.name} of {length} bytes")
+            self.first_type = mtype
             self.state = self.HELLO_BODY
             self.target = memoryview(bytearray(length))
             self.pos = 0
             if length == 0:
                 self._advance()
+        elif st == self.HELLO_BODY and self.first_type == MsgType.P2P_STATE_REQUEST:
+            req = m.decode(MsgType.P2P_STATE_REQUEST, bytes(self.target))
+            assert isinstance(req, m.StateRequest)
+            self.state = self.SERVING
+            self.target = memoryview(bytearray(1))  # the requester sends nothing more
+            self.pos = 0
+            self.node.pending_rx.discard(self)
+            assert self.transport is not None
+            task = asyncio.get_running_loop().create_task(
+                self.node.state_server.serve(self.transport, self.writable, req)
+            )
+            self.node.serving.add(task)
+            task.add_done_callback(self.node.serving.discard)
+        elif st == self.SERVING:
+            raise ProtocolError("unexpected bytes from a state requester")
         elif st == self.HELLO_BODY:
             msg = m.decode(MsgType.P2P_HELLO, bytes(self.target))
             assert isinstance(msg, m.P2PHello)
@@ -318,7 +345,8 @@ class P2PNode:
         self.max_op_id = 0
         self.stale_frames = 0
         self.closing = False
-        self._epoch_changed: list[Callable[[], None]] = []
+        self.state_server = StateServer()
+        self.serving: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,537 @@
+/* Kernel loops for pccl._native (see kernels.h for the contract, pccl/_reference.py for the
+ * specification they match byte for byte).
+ *
+ * Every loop is written once, as a plain always_inline C function the compiler vectorises,
+ * and instantiated per instruction-set level by wrapping it in a function carrying a
+ * target attribute (generic x86-64/SSE2 or any other architecture, AVX2, AVX-512). The
+ * inlined body is compiled for the wrapper's target, so one source gives three builds
+ * without -march=native. pccl_simd_select() picks one at import time.
+ *
+ * Element pointers use typedefs with alignment 1: Python hands us views at any byte offset,
+ * and an ordinary float* would let the compiler assume 4-byte alignment (and, after peeling
+ * for alignment, use instructions that fault on a misaligned address).
+ */
+#include "kernels.h"
+
+#include <float.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__)
+#define K static inline __attribute__((always_inline))
+#else
+#define K static inline
+#endif
+
+typedef float f32u __attribute__((aligned(1)));
+typedef double f64u __attribute__((aligned(1)));
+typedef uint16_t u16u __attribute__((aligned(1)));
+typedef int16_t i16u __attribute__((aligned(1)));
+typedef uint32_t u32u __attribute__((aligned(1)));
+typedef int32_t i32u __attribute__((aligned(1)));
+typedef uint64_t u64u __attribute__((aligned(1)));
+typedef int64_t i64u __attribute__((aligned(1)));
+typedef uint8_t u8u;
+typedef int8_t i8u;
+
+#define F32_CANON 0x7FC00000u
+#define F64_CANON UINT64_C(0x7FF8000000000000)
+#define F16_CANON 0x7E00u
+#define BF16_CANON 0x7FC0u
+
+/* ---- bit helpers ------------------------------------------------------------------------ */
+
+K uint32_t f2u(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+K float u2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+K double u2d(uint64_t u) {
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+K float canon_f32(float r) { return r != r ? u2f(F32_CANON) : r; }
+
+K double canon_f64(double r) { return r != r ? u2d(F64_CANON) : r; }
+
+/* fp16 word -> fp32, exact; NaN -> canonical fp32 NaN. */
+K float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu;
+    uint32_t m = h & 0x3FFu;
+    /* Subnormal halves are m * 2^-24: exact in fp32 (m < 2^10) and normal there. */
+    uint32_t sub = f2u((float)(int32_t)m * 0x1p-24f);
+    uint32_t norm = ((e + 112u) << 23) | (m << 13);
+    uint32_t special = m ? F32_CANON : 0x7F800000u;
+    uint32_t r = e == 0 ? sub : (e == 31 ? special : norm);
+    return u2f(e == 31 && m ? r : (r | sign));
+}
+
+/* fp32 -> fp16 word, round to nearest even, overflow -> inf; NaN -> 0x7E00. */
+K uint16_t f32_to_f16(float f) {
+    uint32_t u = f2u(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    /* |x| >= 2^-14 (normal half): rebias the exponent, round the 13 dropped bits to nearest
+     * even; a carry runs into the exponent and, at the top, into 0x7C00 (inf). */
+    uint32_t norm = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
+    norm = norm > 0x7C00u ? 0x7C00u : norm;
+    /* |x| < 2^-14: adding 0.5 (ulp 2^-24 = the half subnormal step) rounds to nearest even
+     * in hardware; the low bits of the sum are the half's bits (0x400 when it rounds up to
+     * the smallest normal). */
+    uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;
+    uint32_t r = (a < 0x38800000u ? sub : norm) | sign;
+    return (uint16_t)(a > 0x7F800000u ? F16_CANON : r);
+}
+
+/* bf16 word -> fp32: exact (shift); NaN -> canonical fp32 NaN. */
+K float bf16_to_f32(uint16_t w) {
+    return u2f((w & 0x7FFFu) > 0x7F80u ? F32_CANON : (uint32_t)w << 16);
+}
+
+/* fp32 -> bf16 word, round to nearest even (subnormals included), overflow -> inf;
+ * NaN -> 0x7FC0. */
+K uint16_t f32_to_bf16(float f) {
+    uint32_t u = f2u(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? BF16_CANON : r);
+}
+
+/* ---- reduce ----------------------------------------------------------------------------- */
+
+/* Floats: SUM/PROD as IEEE ops; MIN/MAX pick src only when strictly smaller/larger (ties,
+ * including -0/+0, keep dst); any NaN operand or result gives the canonical NaN. */
+#define FLOAT_REDUCE(NAME, T, TU, CANON)                                                   \
+    K void sum_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
+        for (size_t i = 0; i < n; i++) d[i] = CANON(d[i] + s[i]);                          \
+    }                                                                                      \
+    K void prod_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                   \
+        for (size_t i = 0; i < n; i++) d[i] = CANON(d[i] * s[i]);                          \
+    }                                                                                      \
+    K void min_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
+        for (size_t i = 0; i < n; i++) {                                                   \
+            T a = d[i], b = s[i];                                                          \
+            T r = b < a ? b : a;                                                           \
+            d[i] = (a != a) | (b != b) ? CANON(a + b) : r;                                 \
+        }                                                                                  \
+    }                                                                                      \
+    K void max_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
+        for (size_t i = 0; i < n; i++) {                                                   \
+            T a = d[i], b = s[i];                                                          \
+            T r = b > a ? b : a;                                                           \
+            d[i] = (a != a) | (b != b) ? CANON(a + b) : r;                                 \
+        }                                                                                  \
+    }
+
+FLOAT_REDUCE(f32, float, f32u, canon_f32)
+FLOAT_REDUCE(f64, double, f64u, canon_f64)
+
+/* fp16/bf16: widen to fp32, combine, round back. MIN/MAX return one input word unchanged
+ * (the widening is exact), or the canonical NaN. */
+#define HALF_REDUCE(NAME, TO32, FROM32, CANON16)                                           \
+    K void sum_##NAME(u16u *restrict d, const u16u *restrict s, size_t n) {                \
+        for (size_t i = 0; i < n; i++) d[i] = FROM32(TO32(d[i]) + TO32(s[i]));             \
+    }                                                                                      \
+    K void prod_##NAME(u16u *restrict d, const u16u *restrict s, size_t n) {               \
+        for (size_t i = 0; i < n; i++) d[i] = FROM32(TO32(d[i]) * TO32(s[i]));             \
+    }                                                                                      \
+    K void min_##NAME(u16u *restrict d, const u16u *restrict s, size_t n) {                \
+        for (size_t i = 0; i < n; i++) {                                                   \
+            uint16_t wa = d[i], wb = s[i];                                                 \
+            float a = TO32(wa), b = TO32(wb);                                              \
+            uint16_t r = b < a ? wb : wa;                                                  \
+            d[i] = (a != a) | (b != b) ? (uint16_t)CANON16 : r;                            \
+        }                                                                                  \
+    }                                                                                      \
+    K void max_##NAME(u16u *restrict d, const u16u *restrict s, size_t n) {                \
+        for (size_t i = 0; i < n; i++) {                                                   \
+            uint16_t wa = d[i], wb = s[i];                                                 \
+            float a = TO32(wa), b = TO32(wb);                                              \
+            uint16_t r = b > a ? wb : wa;                                                  \
+            d[i] = (a != a) | (b != b) ? (uint16_t)CANON16 : r;                            \
+        }                                                                                  \
+    }
+
+HALF_REDUCE(f16, f16_to_f32, f32_to_f16, F16_CANON)
+HALF_REDUCE(bf16, bf16_to_f32, f32_to_bf16, BF16_CANON)
+
+/* Integers: SUM/PROD in an unsigned type at least as wide as int (no signed overflow, no
+ * promotion to signed int), truncated back: two's-complement wrap-around. */
+#define INT_REDUCE(NAME, T, TU, UTU, WIDE)                                                 \
+    K void sum_##NAME(UTU *restrict d, const UTU *restrict s, size_t n) {                  \
+        for (size_t i = 0; i < n; i++) d[i] = (WIDE)d[i] + (WIDE)s[i];                     \
+    }                                                                                      \
+    K void prod_##NAME(UTU *restrict d, const UTU *restrict s, size_t n) {                 \
+        for (size_t i = 0; i < n; i++) d[i] = (WIDE)d[i] * (WIDE)s[i];                     \
+    }                                                                                      \
+    K void min_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
+        for (size_t i = 0; i < n; i++) d[i] = s[i] < d[i] ? s[i] : d[i];                   \
+    }                                                                                      \
+    K void max_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
+        for (size_t i = 0; i < n; i++) d[i] = s[i] > d[i] ? s[i] : d[i];                   \
+    }
+
+INT_REDUCE(i8, int8_t, i8u, u8u, uint32_t)
+INT_REDUCE(i16, int16_t, i16u, u16u, uint32_t)
+INT_REDUCE(i32, int32_t, i32u, u32u, uint32_t)
+INT_REDUCE(i64, int64_t, i64u, u64u, uint64_t)
+INT_REDUCE(u8, uint8_t, u8u, u8u, uint32_t)
+
+#define DISPATCH_OP(NAME, TD, TS)                                                          \
+    switch (op) {                                                                          \
+    case PCCL_SUM: sum_##NAME((TD *)dst, (const TS *)src, n); return 0;                    \
+    case PCCL_PROD: prod_##NAME((TD *)dst, (const TS *)src, n); return 0;                  \
+    case PCCL_MIN: min_##NAME((TD *)dst, (const TS *)src, n); return 0;                    \
+    case PCCL_MAX: max_##NAME((TD *)dst, (const TS *)src, n); return 0;                    \
+    default: return -1;                                                                    \
+    }
+
+/* Integer SUM/PROD run on the unsigned view, MIN/MAX on the signed one. */
+#define DISPATCH_INT(NAME, TS, TU)                                                         \
+    switch (op) {                                                                          \
+    case PCCL_SUM: sum_##NAME((TU *)dst, (const TU *)src, n); return 0;                    \
+    case PCCL_PROD: prod_##NAME((TU *)dst, (const TU *)src, n); return 0;                  \
+    case PCCL_MIN: min_##NAME((TS *)dst, (const TS *)src, n); return 0;                    \
+    case PCCL_MAX: max_##NAME((TS *)dst, (const TS *)src, n); return 0;                    \
+    default: return -1;                                                                    \
+    }
+
+K int reduce_body(void *dst, const void *src, size_t n, int dtype, int op) {
+    switch (dtype) {
+    case PCCL_F32: DISPATCH_OP(f32, f32u, f32u)
+    case PCCL_F64: DISPATCH_OP(f64, f64u, f64u)
+    case PCCL_F16: DISPATCH_OP(f16, u16u, u16u)
+    case PCCL_BF16: DISPATCH_OP(bf16, u16u, u16u)
+    case PCCL_I8: DISPATCH_INT(i8, i8u, u8u)
+    case PCCL_I16: DISPATCH_INT(i16, i16u, u16u)
+    case PCCL_I32: DISPATCH_INT(i32, i32u, u32u)
+    case PCCL_I64: DISPATCH_INT(i64, i64u, u64u)
+    case PCCL_U8: DISPATCH_INT(u8, u8u, u8u)
+    default: return -1;
+    }
+}
+
+/* ---- divide (AVG finaliser) ------------------------------------------------------------- */
+
+/* Integers up to 32 bits divide in double: for |x| < 2^53 the double quotient truncates to
+ * the exact C quotient (its rounding error is below the distance 1/divisor to the next
+ * integer), and the loop vectorises. int64 needs real integer division. */
+#define INT_DIVIDE(NAME, TU)                                                               \
+    K void div_##NAME(TU *restrict d, size_t n, double dd) {                               \
+        for (size_t i = 0; i < n; i++) d[i] = (int32_t)((double)d[i] / dd);                \
+    }
+
+INT_DIVIDE(i8, i8u)
+INT_DIVIDE(i16, i16u)
+INT_DIVIDE(i32, i32u)
+INT_DIVIDE(u8, u8u)
+
+K void div_i64(i64u *restrict d, size_t n, int64_t v) {
+    for (size_t i = 0; i < n; i++) d[i] = d[i] / v;
+}
+
+K void div_f32(f32u *restrict d, size_t n, float v) {
+    for (size_t i = 0; i < n; i++) d[i] = canon_f32(d[i] / v);
+}
+
+K void div_f64(f64u *restrict d, size_t n, double v) {
+    for (size_t i = 0; i < n; i++) d[i] = canon_f64(d[i] / v);
+}
+
+K void div_f16(u16u *restrict d, size_t n, float v) {
+    for (size_t i = 0; i < n; i++) d[i] = f32_to_f16(f16_to_f32(d[i]) / v);
+}
+
+K void div_bf16(u16u *restrict d, size_t n, float v) {
+    for (size_t i = 0; i < n; i++) d[i] = f32_to_bf16(bf16_to_f32(d[i]) / v);
+}
+
+K int divide_body(void *dst, size_t n, int dtype, int64_t divisor) {
+    /* Via double, like the reference's float(divisor): the same rounding for huge values. */
+    double dd = (double)divisor;
+    float fd = (float)dd;
+    if (divisor < 1) return -1;
+    switch (dtype) {
+    case PCCL_F32: div_f32((f32u *)dst, n, fd); return 0;
+    case PCCL_F64: div_f64((f64u *)dst, n, dd); return 0;
+    case PCCL_F16: div_f16((u16u *)dst, n, fd); return 0;
+    case PCCL_BF16: div_bf16((u16u *)dst, n, fd); return 0;
+    case PCCL_I8: div_i8((i8u *)dst, n, dd); return 0;
+    case PCCL_I16: div_i16((i16u *)dst, n, dd); return 0;
+    case PCCL_I32: div_i32((i32u *)dst, n, dd); return 0;
+    case PCCL_I64: div_i64((i64u *)dst, n, divisor); return 0;
+    case PCCL_U8: div_u8((u8u *)dst, n, dd); return 0;
+    default: return -1;
+    }
+}
+
+/* ---- uint8 block quantisation ----------------------------------------------------------- */
+
+/* Order-preserving map of fp32 bits onto uint32 (-NaN < -inf < ... < -0 < +0 < ... < +inf
+ * < +NaN), so the block min/max is an integer reduction the compiler vectorises (a float
+ * ternary min is not vectorised without -ffast-math). */
+K uint32_t f32_key(uint32_t u) { return u & 0x80000000u ? ~u : u | 0x80000000u; }
+K uint32_t key_f32(uint32_t k) { return k & 0x80000000u ? k & 0x7FFFFFFFu : ~k; }
+
+#define KEY_POS_INF 0xFF800000u /* f32_key(+inf) */
+#define KEY_NEG_INF 0x007FFFFFu /* f32_key(-inf) */
+
+K void quantize_block(const f32u *restrict x, u8u *restrict q, f32u *restrict meta, size_t m) {
+    uint32_t kmin = UINT32_MAX, kmax = 0;
+    for (size_t i = 0; i < m; i++) {
+        uint32_t k = f32_key(f2u(x[i]));
+        kmin = k < kmin ? k : kmin;
+        kmax = k > kmax ? k : kmax;
+    }
+    if (kmax < KEY_POS_INF && kmin > KEY_NEG_INF) {
+        /* + 0.0f turns a -0 min/max into +0, so the choice between zeros cannot matter. */
+        float mn = u2f(key_f32(kmin)) + 0.0f;
+        float mx = u2f(key_f32(kmax)) + 0.0f;
+        float d = mx - mn;
+        if (d <= FLT_MAX) {
+            float scale = d / 255.0f;
+            meta[0] = mn;
+            meta[1] = scale;
+            if (scale == 0.0f) {
+                memset(q, 0, m);
+                return;
+            }
+            for (size_t i = 0; i < m; i++) {
+                float t = (x[i] - mn) / scale;
+                t = t < 255.0f ? t : 255.0f;
+                /* t is in [0, 255]: adding 2^23 rounds it to an integer, nearest-even. */
+                q[i] = (uint8_t)(int32_t)((t + 0x1p23f) - 0x1p23f);
+            }
+            return;
+        }
+    }
+    /* NaN/inf in the block, or a range that overflows fp32: the block decodes to NaN. */
+    meta[0] = u2f(F32_CANON);
+    meta[1] = u2f(F32_CANON);
+    memset(q, 0, m);
+}
+
+K void dequantize_block(const u8u *restrict q, float mn, float scale, f32u *restrict out,
+                        size_t m) {
+    for (size_t i = 0; i < m; i++) out[i] = canon_f32(mn + (float)q[i] * scale);
+}
+
+K void dequantize_accumulate_block(const u8u *restrict q, float mn, float scale,
+                                   f32u *restrict acc, size_t m) {
+    /* One final canonicalisation suffices: NaN-ness does not depend on NaN payloads. */
+    for (size_t i = 0; i < m; i++) acc[i] = canon_f32(acc[i] + (mn + (float)q[i] * scale));
+}
+
+K void quantize_body(const void *src, void *q, void *meta, size_t n, size_t block) {
+    const f32u *x = (const f32u *)src;
+    f32u *mt = (f32u *)meta;
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        quantize_block(x + lo, (u8u *)q + lo, mt + 2 * b, m);
+    }
+}
+
+K void dequantize_body(const void *q, const void *meta, void *out, size_t n, size_t block) {
+    const f32u *mt = (const f32u *)meta;
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        dequantize_block((const u8u *)q + lo, mt[2 * b], mt[2 * b + 1], (f32u *)out + lo, m);
+    }
+}
+
+K void dequantize_accumulate_body(const void *q, const void *meta, void *acc, size_t n,
+                                  size_t block) {
+    const f32u *mt = (const f32u *)meta;
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        dequantize_accumulate_block((const u8u *)q + lo, mt[2 * b], mt[2 * b + 1],
+                                    (f32u *)acc + lo, m);
+    }
+}
+
+/* ---- fp16 / bf16 conversion ------------------------------------------------------------- */
+
+K void encode_f16_body(const f32u *restrict s, u16u *restrict o, size_t n) {
+    for (size_t i = 0; i < n; i++) o[i] = f32_to_f16(s[i]);
+}
+
+K void decode_f16_body(const u16u *restrict s, f32u *restrict o, size_t n) {
+    for (size_t i = 0; i < n; i++) o[i] = f16_to_f32(s[i]);
+}
+
+K void encode_bf16_body(const f32u *restrict s, u16u *restrict o, size_t n) {
+    for (size_t i = 0; i < n; i++) o[i] = f32_to_bf16(s[i]);
+}
+
+K void decode_bf16_body(const u16u *restrict s, f32u *restrict o, size_t n) {
+    for (size_t i = 0; i < n; i++) o[i] = bf16_to_f32(s[i]);
+}
+
+K void accumulate_f16_body(const u16u *restrict s, f32u *restrict acc, size_t n) {
+    for (size_t i = 0; i < n; i++) acc[i] = canon_f32(acc[i] + f16_to_f32(s[i]));
+}
+
+K void accumulate_bf16_body(const u16u *restrict s, f32u *restrict acc, size_t n) {
+    for (size_t i = 0; i < n; i++) acc[i] = canon_f32(acc[i] + bf16_to_f32(s[i]));
+}
+
+/* ---- per-ISA instantiation and dispatch ------------------------------------------------- */
+
+struct impl {
+    int (*reduce)(void *, const void *, size_t, int, int);
+    int (*divide)(void *, size_t, int, int64_t);
+    void (*quantize)(const void *, void *, void *, size_t, size_t);
+    void (*dequantize)(const void *, const void *, void *, size_t, size_t);
+    void (*dequantize_accumulate)(const void *, const void *, void *, size_t, size_t);
+    void (*encode_f16)(const void *, void *, size_t);
+    void (*decode_f16)(const void *, void *, size_t);
+    void (*encode_bf16)(const void *, void *, size_t);
+    void (*decode_bf16)(const void *, void *, size_t);
+    void (*accumulate_f16)(const void *, void *, size_t);
+    void (*accumulate_bf16)(const void *, void *, size_t);
+};
+
+#define INSTANTIATE(SFX, ATTR)                                                             \
+    ATTR static int reduce_##SFX(void *d, const void *s, size_t n, int dt, int op) {       \
+        return reduce_body(d, s, n, dt, op);                                               \
+    }                                                                                      \
+    ATTR static int divide_##SFX(void *d, size_t n, int dt, int64_t v) {                   \
+        return divide_body(d, n, dt, v);                                                   \
+    }                                                                                      \
+    ATTR static void quantize_##SFX(const void *s, void *q, void *m, size_t n, size_t b) { \
+        quantize_body(s, q, m, n, b);                                                      \
+    }                                                                                      \
+    ATTR static void dequantize_##SFX(const void *q, const void *m, void *o, size_t n,     \
+                                      size_t b) {                                          \
+        dequantize_body(q, m, o, n, b);                                                    \
+    }                                                                                      \
+    ATTR static void dequantize_accumulate_##SFX(const void *q, const void *m, void *a,    \
+                                                 size_t n, size_t b) {                     \
+        dequantize_accumulate_body(q, m, a, n, b);                                         \
+    }                                                                                      \
+    ATTR static void encode_f16_##SFX(const void *s, void *o, size_t n) {                  \
+        encode_f16_body((const f32u *)s, (u16u *)o, n);                                    \
+    }                                                                                      \
+    ATTR static void decode_f16_##SFX(const void *s, void *o, size_t n) {                  \
+        decode_f16_body((const u16u *)s, (f32u *)o, n);                                    \
+    }                                                                                      \
+    ATTR static void encode_bf16_##SFX(const void *s, void *o, size_t n) {                 \
+        encode_bf16_body((const f32u *)s, (u16u *)o, n);                                   \
+    }                                                                                      \
+    ATTR static void decode_bf16_##SFX(const void *s, void *o, size_t n) {                 \
+        decode_bf16_body((const u16u *)s, (f32u *)o, n);                                   \
+    }                                                                                      \
+    ATTR static void accumulate_f16_##SFX(const void *s, void *a, size_t n) {              \
+        accumulate_f16_body((const u16u *)s, (f32u *)a, n);                                \
+    }                                                                                      \
+    ATTR static void accumulate_bf16_##SFX(const void *s, void *a, size_t n) {             \
+        accumulate_bf16_body((const u16u *)s, (f32u *)a, n);                               \
+    }                                                                                      \
+    static const struct impl impl_##SFX = {                                                \
+        reduce_##SFX,          divide_##SFX,          quantize_##SFX,                      \
+        dequantize_##SFX,      dequantize_accumulate_##SFX,                                \
+        encode_f16_##SFX,      decode_f16_##SFX,      encode_bf16_##SFX,                   \
+        decode_bf16_##SFX,     accumulate_f16_##SFX,  accumulate_bf16_##SFX,               \
+    };
+
+INSTANTIATE(generic, )
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PCCL_X86 1
+#if defined(__clang__)
+#define ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#else
+/* gcc's generic tuning would otherwise stay at 256-bit vectors. */
+#define ATTR_AVX512                                                                        \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
+#endif
+INSTANTIATE(avx2, __attribute__((target("avx2"))))
+INSTANTIATE(avx512, ATTR_AVX512)
+#endif
+
+static const struct impl *impl = &impl_generic;
+static int impl_level = PCCL_SIMD_GENERIC;
+
+static int cpu_level(void) {
+#ifdef PCCL_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return PCCL_SIMD_AVX512;
+    if (__builtin_cpu_supports("avx2")) return PCCL_SIMD_AVX2;
+#endif
+    return PCCL_SIMD_GENERIC;
+}
+
+int pccl_simd_select(int max_level) {
+    int level = cpu_level();
+    if (level > max_level) level = max_level < PCCL_SIMD_GENERIC ? PCCL_SIMD_GENERIC : max_level;
+    impl = &impl_generic;
+#ifdef PCCL_X86
+    if (level == PCCL_SIMD_AVX2) impl = &impl_avx2;
+    if (level == PCCL_SIMD_AVX512) impl = &impl_avx512;
+#endif
+    impl_level = level;
+    return level;
+}
+
+int pccl_simd_level(void) { return impl_level; }
+
+const char *pccl_simd_name(int level) {
+    switch (level) {
+    case PCCL_SIMD_AVX2: return "avx2";
+    case PCCL_SIMD_AVX512: return "avx512";
+    default: return "generic";
+    }
+}
+
+size_t pccl_itemsize(int dtype) {
+    switch (dtype) {
+    case PCCL_F32: case PCCL_I32: return 4;
+    case PCCL_F64: case PCCL_I64: return 8;
+    case PCCL_F16: case PCCL_BF16: case PCCL_I16: return 2;
+    case PCCL_I8: case PCCL_U8: return 1;
+    default: return 0;
+    }
+}
+
+int pccl_reduce(void *dst, const void *src, size_t n, int dtype, int op) {
+    return impl->reduce(dst, src, n, dtype, op);
+}
+
+int pccl_divide(void *dst, size_t n, int dtype, int64_t divisor) {
+    return impl->divide(dst, n, dtype, divisor);
+}
+
+void pccl_quantize_u8(const void *src, void *q, void *meta, size_t n, size_t block) {
+    impl->quantize(src, q, meta, n, block);
+}
+
+void pccl_dequantize_u8(const void *q, const void *meta, void *out, size_t n, size_t block) {
+    impl->dequantize(q, meta, out, n, block);
+}
+
+void pccl_dequantize_accumulate_u8(const void *q, const void *meta, void *acc, size_t n,
+                                   size_t block) {
+    impl->dequantize_accumulate(q, meta, acc, n, block);
+}
+
+void pccl_encode_f16(const void *src, void *out, size_t n) { impl->encode_f16(src, out, n); }
+void pccl_decode_f16(const void *src, void *out, size_t n) { impl->decode_f16(src, out, n); }
+void pccl_encode_bf16(const void *src, void *out, size_t n) { impl->encode_bf16(src, out, n); }
+void pccl_decode_bf16(const void *src, void *out, size_t n) { impl->decode_bf16(src, out, n); }
+void pccl_accumulate_f16(const void *src, void *acc, size_t n) {
+    impl->accumulate_f16(src, acc, n);
+}
+void pccl_accumulate_bf16(const void *src, void *acc, size_t n) {
+    impl->accumulate_bf16(src, acc, n);
+}
