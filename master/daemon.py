@@ -10,6 +10,7 @@ available); never touches tensor bytes.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from pccl import messages as m
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import FrameDecoder, MsgType
-from pccl.master.state import MasterState
+from pccl.master.state import MasterState, Phase
+from pccl.messages import MAX_PEERS
 
 log = logging.getLogger("pccl.master")
 
@@ -55,8 +57,7 @@ class _Conn(asyncio.Protocol):
     # ---------------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.master.conns.add(self)
@@ -134,9 +135,12 @@ class _Conn(asyncio.Protocol):
         pid = state.new_peer_id()
         self.peer_id = pid
         self.master.by_id[pid] = self
+        if len(state.peers) >= MAX_PEERS:
+            self.kick("full", f"the master already serves {MAX_PEERS} peers")
+            return
         # Welcome must precede the topology message the registration itself may trigger.
-        first = not state.accepted
-        self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, first))
+        at_once = not state.accepted and state.phase is Phase.IDLE
+        self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once))
         state.register(pid, msg.peer_group, host, msg.p2p_port)
 
     def on_heartbeat(self, msg: m.Message) -> None:
@@ -233,6 +237,8 @@ class Master:
             now = time.monotonic()
             seq += 1
             hb = m.MasterHeartbeat(seq)
+            for pid in self.state.stalled_epoch_members(now, cfg.connect_timeout_s * 2):
+                self._kick(pid, "p2p_timeout", "did not establish its p2p links in time")
             for conn in list(self.conns):
                 if conn.closed:
                     continue

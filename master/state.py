@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class MasterState:
         self._next_peer_id = 1
         self._next_op_id = 1
         self._next_sync_id = 1
+        self.epoch_started = 0.0
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
 
     # ------------------------------------------------------------------ membership
@@ -195,8 +197,15 @@ class MasterState:
         if all(p.voted_update for p in acc):
             self._start_epoch()
 
+    def stalled_epoch_members(self, now: float, limit_s: float) -> list[int]:
+        """Peers that have not wired the epoch being set up within ``limit_s``."""
+        if self.phase is not Phase.CONNECTING or now - self.epoch_started < limit_s:
+            return []
+        return [p.peer_id for p in self.peers.values() if p.in_epoch and not p.ready]
+
     def _start_epoch(self) -> None:
         """Admit every registered peer, order the rings and announce a new epoch."""
+        self.epoch_started = time.monotonic()
         self.epoch += 1
         self.phase = Phase.CONNECTING
         for p in self.peers.values():
@@ -284,7 +293,8 @@ class MasterState:
                 for q, (c, d, o, qq) in sorted(op.params.items())
             )
             op.members = tuple(op.params)
-            self._finish(gid, op, False, f"peers disagree on the operation ({detail})", "mismatch")
+            why = f"peers disagree on the operation ({detail})"
+            self._finish(gid, op, False, why, "mismatch")
             return
         op.op_id = self._next_op_id
         self._next_op_id += 1
@@ -313,6 +323,7 @@ class MasterState:
             log.warning("group %d tag %d op %d aborted: %s", gid, op.tag, op.op_id, reason)
             self.aborts.insert(0, (gid, op.tag, reason))
             del self.aborts[64:]
+        reason = reason if len(reason) <= 500 else reason[:497] + "..."
         verdict = m.CollectiveDone(op.tag, op.op_id, ok, reason, kind if not ok else "")
         for q in set(op.members) | set(op.params):
             rec = self.peers.get(q)

@@ -8,6 +8,7 @@ cannot change code. Pure data; safe on any thread.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -50,10 +51,12 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise TypeError(f"Config.{f.name} must be a number, got {type(v).__name__}")
-            if f.name.endswith("_s") and not v > 0:
-                raise ValueError(f"Config.{f.name} must be > 0, got {v}")
+            whole = f.type in ("int", int)
+            if isinstance(v, bool) or not isinstance(v, int if whole else int | float):
+                kind = "an int" if whole else "a number"
+                raise TypeError(f"Config.{f.name} must be {kind}, got {v!r}")
+            if f.name.endswith("_s") and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"Config.{f.name} must be a finite number > 0, got {v}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
         if not (4096 <= self.chunk_bytes <= (32 << 20)):

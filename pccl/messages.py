@@ -161,9 +161,13 @@ def decode(mtype: MsgType, body: bytes) -> Message:
     Raises:
         ProtocolError: not a control type, malformed msgpack, or any field out of bounds.
     """
+    try:
+        mtype = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype!r}") from None
     cls = MESSAGES.get(mtype)
     if cls is None:
-        raise ProtocolError(f"{MsgType(mtype).name} has no control body")
+        raise ProtocolError(f"{mtype.name} has no control body")
     if len(body) > MAX_CONTROL_FRAME:
         raise ProtocolError("control body too large")
     try:
@@ -175,7 +179,7 @@ def decode(mtype: MsgType, body: bytes) -> Message:
             max_str_len=65536,
             max_bin_len=65536,
             max_array_len=MAX_KEYS,
-            max_map_len=1024,
+            max_map_len=0,  # no message uses maps
             max_ext_len=0,
             ext_hook=_no_ext,
         )

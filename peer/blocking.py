@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -84,13 +85,13 @@ class Communicator:
         self._thread.start()
         self._closed = False
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed or not self._thread.is_alive():
             coro.close()
             raise RuntimeError("communicator is closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result()
+            return fut.result(timeout)
         except BaseException:
             fut.cancel()
             raise
@@ -156,7 +157,9 @@ class Communicator:
         if self._closed:
             return
         try:
-            self._run(self._aio.close())
+            self._run(self._aio.close(), timeout=10.0)
+        except (RuntimeError, TimeoutError):
+            pass  # the loop is gone or wedged: nothing left to release gracefully
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -171,7 +174,8 @@ class Communicator:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        # At interpreter exit the loop thread may already be frozen: never block there.
+        if not getattr(self, "_closed", True) and not sys.is_finalizing():
             try:
                 self.close()
             except Exception:

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -82,8 +82,7 @@ class _MasterLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -375,7 +374,8 @@ class Communicator:
             raise
         except Exception as e:  # report; the master evicts the unreachable peer and re-announces
             log.warning("cannot reach peer %d at %s:%d: %r", nid, host, port, e)
-            self._link.send(m.TopologyReady(topo.epoch, False, [nid], f"{type(e).__name__}: {e}"))
+            why = f"{type(e).__name__}: {e}"[:500]
+            self._link.send(m.TopologyReady(topo.epoch, False, [nid], why))
             return
         self._link.send(m.TopologyReady(topo.epoch, True))
 
@@ -613,8 +613,6 @@ class Communicator:
             if in_place:
                 backup = self._pool.get(sv.nbytes).view(sv.dtype)
                 np.copyto(backup, sv)
-            else:
-                np.copyto(rv, sv)
             node = self._node
             tx = node.tx
             nstreams = len(tx)
@@ -630,6 +628,7 @@ class Communicator:
                 tag=tag,
                 rank=self.rank,
                 world=self.group_world_size,
+                src=sv,
                 work=rv,
                 dtype=dt,
                 op=op,
@@ -649,7 +648,7 @@ class Communicator:
             if ring.future.exception() is None:
                 self._link.send(m.CollectiveComplete(tag, go.op_id, True))
             else:
-                reason = str(ring.future.exception())
+                reason = str(ring.future.exception())[:500]
                 if not st.verdict.done():
                     self._link.send(m.CollectiveComplete(tag, go.op_id, False, reason))
             # The master's verdict makes all survivors agree on success or abort.

@@ -21,7 +21,7 @@ import collections
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pccl import messages as m
 from pccl.config import MAX_CONTROL_FRAME, Config
@@ -86,8 +86,7 @@ class RxStream(asyncio.BufferedProtocol):
         self.writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_socket(transport.get_extra_info("socket"), self.node.config)
         self.node.pending_rx.add(self)
 
@@ -262,8 +261,7 @@ class TxStream(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_socket(transport.get_extra_info("socket"), self.node.config)
         transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
 

@@ -70,7 +70,9 @@ class RingOp:
     Args:
         op_id, tag: identity on the wire.
         rank, world: position in the group ring and its size.
-        work: flat storage view (numpy, storage dtype) holding the input; becomes the result.
+        src: flat storage view (numpy, storage dtype) of the input; never written unless it is
+            ``work`` (in place).
+        work: flat storage view receiving the result (may be ``src``).
         dtype, op, quant: what to compute and how to encode it.
         sub: sub-chunk size in elements.
         block: uint8 quantization block.
@@ -85,6 +87,7 @@ class RingOp:
         tag: int,
         rank: int,
         world: int,
+        src: np.ndarray,
         work: np.ndarray,
         dtype: DType,
         op: ReduceOp,
@@ -95,8 +98,14 @@ class RingOp:
         pool: BufferPool,
     ) -> None:
         self.op_id, self.tag, self.rank, self.world = op_id, tag, rank, world
+        self.src = src
         self.work = work
+        # Out of place, reduce-scatter data lands straight in ``work`` and is combined with
+        # ``src`` there (the ops are commutative, so the bits equal ``src op recv``): no copy
+        # of the input and no scratch. In place, ``src`` must survive, so data lands in scratch.
+        self.separate = src is not work and not np.shares_memory(src, work)
         self.wbytes = work.view(np.uint8)
+        self.sbytes = src.view(np.uint8)
         self.dtype, self.op, self.quant, self.block = dtype, op, quant, block
         self.kop = ReduceOp.SUM if op == ReduceOp.AVG else op
         self.send_frame = send_frame
@@ -127,7 +136,8 @@ class RingOp:
         itemsize = dtype.itemsize
         self._bufs: list[np.ndarray] = []
         if quant == Quantization.NONE:
-            self.scratch = self._alloc(n * itemsize).view(dtype.storage)
+            if not self.separate:
+                self.scratch = self._alloc(n * itemsize).view(dtype.storage)
             self.wire_off: list[int] = []
         else:
             # Wire layout: sub-chunks back to back in global order, one offset table.
@@ -140,7 +150,7 @@ class RingOp:
             self.rs_send = self._alloc(total)
             self.rs_recv = self._alloc(total)
             self.ag_wire = self._alloc(total)
-            if self.kop != ReduceOp.SUM:
+            if self.kop != ReduceOp.SUM and not self.separate:
                 self.scratch = self._alloc(n * 4).view(np.float32)
 
     # ------------------------------------------------------------ layout helpers
@@ -171,8 +181,8 @@ class RingOp:
 
     # ------------------------------------------------------------ encode / decode
 
-    def _encode(self, e0: int, n: int, slot: np.ndarray) -> None:
-        src = self.work[e0 : e0 + n]
+    def _encode(self, e0: int, n: int, slot: np.ndarray, own: bool = False) -> None:
+        src = (self.src if own else self.work)[e0 : e0 + n]
         if self.quant == Quantization.UINT8:
             meta, q = self._split(slot, n)
             K.quantize_u8(src, q, meta, self.block)
@@ -193,7 +203,10 @@ class RingOp:
 
     def _accumulate(self, slot: np.ndarray, e0: int, n: int) -> None:
         acc = self.work[e0 : e0 + n]
-        if self.kop != ReduceOp.SUM:
+        if self.separate:  # decode the partial into place, then combine with our input
+            self._decode(slot, acc)
+            K.reduce_inplace(acc, self.src[e0 : e0 + n], DType.FLOAT32, self.kop)
+        elif self.kop != ReduceOp.SUM:
             tmp = self.scratch[e0 : e0 + n]
             self._decode(slot, tmp)
             K.reduce_inplace(acc, tmp, DType.FLOAT32, self.kop)
@@ -219,28 +232,25 @@ class RingOp:
         return self.wbytes[e0 * isz : (e0 + n) * isz]
 
     def _send_partial(self, step: int, c: int, k: int) -> None:
+        """Send a reduce-scatter sub-chunk: our own input at step 0, the partial sum after."""
         e0, n = self.start[c] + k * self.sub, self._sublen(c, k)
+        own = step == 0
         if self.quant == Quantization.NONE:
-            self._send(step, c, k, self._work_bytes(e0, n))
+            isz = self.dtype.itemsize
+            buf = self.sbytes if own else self.wbytes
+            self._send(step, c, k, buf[e0 * isz : (e0 + n) * isz])
         else:
             slot = self._slot(self.rs_send, c, k)
-            self._encode(e0, n, slot)
+            self._encode(e0, n, slot, own)
             self._send(step, c, k, slot)
 
     def begin(self) -> None:
         """Send our own chunk (reduce-scatter step 0). Completes at once when W chunks are empty."""
         c = self.rank
-        if self.world == 1:
-            self._finalize_all()
-            return
+        assert self.world >= 2, "callers raise TooFewPeers first"
         for k in range(self.nsub[c]):
             self._send_partial(0, c, k)
         self._check_done()
-
-    def _finalize_all(self) -> None:
-        if self.op == ReduceOp.AVG:
-            K.divide_inplace(self.work, self.dtype, self.world)
-        self._complete()
 
     # ------------------------------------------------------------ receiving
 
@@ -276,7 +286,7 @@ class RingOp:
             raise ProtocolError(f"payload of {h.payload} bytes for {h.count} elements")
         e0 = self.start[c] + h.offset
         if self.quant == Quantization.NONE:
-            if s < W - 1:
+            if s < W - 1 and not self.separate:
                 buf = self.scratch.view(np.uint8)[e0 * isz : (e0 + h.count) * isz]
             else:
                 buf = self._work_bytes(e0, h.count)
@@ -299,8 +309,9 @@ class RingOp:
                 self.rs_got[g] = 1
                 self.rs_left -= 1
                 if self.quant == Quantization.NONE:
+                    other = self.src if self.separate else self.scratch
                     K.reduce_inplace(
-                        self.work[e0 : e0 + n], self.scratch[e0 : e0 + n], self.dtype, self.kop
+                        self.work[e0 : e0 + n], other[e0 : e0 + n], self.dtype, self.kop
                     )
                 else:
                     self._accumulate(self._slot(self.rs_recv, c, k), e0, n)

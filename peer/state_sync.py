@@ -14,6 +14,7 @@ Runs on the peer's event-loop thread (hashing is pushed to a worker thread).
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 import logging
 from dataclasses import dataclass, field
 
@@ -106,8 +107,7 @@ class _FetchStream(asyncio.BufferedProtocol):
         self.rx = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         transport.write(self.req.encode())
         if self.left == 0:
             self.done.set_result(None)
