@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from pccl import messages as m
+from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import FrameDecoder, MsgType
@@ -61,6 +62,8 @@ class _Conn(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.master.conns.add(self)
+        self.nonce = new_nonce()
+        transport.write(m.Challenge(self.nonce, self.master.token is not None).encode())
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -127,6 +130,10 @@ class _Conn(asyncio.Protocol):
             return
         if msg.p2p_port == 0:
             raise ProtocolError("hello without a p2p port")
+        token = self.master.token
+        if not verify(token, msg.auth, b"pccl-hello", self.nonce, msg.nonce):
+            self.kick("auth", "authentication failed: wrong or missing token proof")
+            return
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         host = msg.advertise_host or (peer[0] if peer else "")
@@ -140,7 +147,10 @@ class _Conn(asyncio.Protocol):
             return
         # Welcome must precede the topology message the registration itself may trigger.
         at_once = not state.accepted and state.phase is Phase.IDLE
-        self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once))
+        proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
+        self.send(
+            m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof)
+        )
         state.register(pid, msg.peer_group, host, msg.p2p_port)
 
     def on_heartbeat(self, msg: m.Message) -> None:
@@ -187,14 +197,22 @@ class Master:
         host: address to listen on.
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
         config: timeouts; defaults to ``Config.from_env()``.
+        token: shared secret peers must prove (HMAC challenge-response); None disables auth.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, config: Config | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: Config | None = None,
+        token: bytes | str | None = None,
+    ):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port!r}")
         self.host = host
         self._port = port
         self.config = config or Config.from_env()
+        self.token = check_token(token)
         self.conns: set[_Conn] = set()
         self.by_id: dict[int, _Conn] = {}
         self.state = MasterState(self._send, self._kick)

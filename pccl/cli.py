@@ -30,6 +30,7 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--token-file", help="shared token peers must prove (HMAC; never sent)")
     p.set_defaults(func=_cmd_master)
 
 
@@ -38,8 +39,18 @@ def _cmd_master(args: argparse.Namespace) -> int:
     from pccl.master import Master
     from pccl.peer.blocking import new_event_loop
 
+    token = None
+    if args.token_file:
+        from pccl.auth import load_token
+
+        try:
+            token = load_token(args.token_file)
+        except (OSError, ValueError) as e:
+            print(f"pccl master: {e}", file=sys.stderr)
+            return 2
+
     async def run() -> None:
-        master = Master(args.host, args.port)
+        master = Master(args.host, args.port, token=token)
         await master.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -44,7 +44,7 @@ class Config:
     connect_timeout_s: float = 10.0
     collective_timeout_s: float = 600.0
     progress_timeout_s: float = 10.0
-    chunk_bytes: int = 2 << 20
+    chunk_bytes: int = 4 << 20
     quant_block: int = 4096
     socket_buffer_bytes: int = 4 << 20
 

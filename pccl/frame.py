@@ -65,6 +65,7 @@ class MsgType(enum.IntEnum):
     M2P_KICK = 38
     M2P_SYNC_PLAN = 39
     M2P_SYNC_COMPLETE = 40
+    M2P_CHALLENGE = 41
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65
@@ -72,6 +73,7 @@ class MsgType(enum.IntEnum):
     P2P_STATE_REQUEST = 67
     P2P_STATE_DATA = 68
     P2P_STATE_ERROR = 69
+    P2P_CHALLENGE = 70
 
 
 _KNOWN = frozenset(int(t) for t in MsgType)

@@ -208,7 +208,8 @@ class Hello(Message):
     p2p_port: int = spec(u(U16))
     advertise_host: str = spec(s(255), "")  # empty: the master uses the connection's address
     resume_peer_id: int = spec(u(U64), 0)  # reconnect after a master restart (0: new peer)
-    auth: bytes = spec(y(64), b"")
+    nonce: bytes = spec(y(32), b"")  # the peer's challenge to the master
+    auth: bytes = spec(y(64), b"")  # HMAC over the master's challenge (see pccl.auth)
 
 
 @message(MsgType.P2M_HEARTBEAT)
@@ -282,6 +283,7 @@ class Welcome(Message):
     heartbeat_interval_s: float = spec(F)
     heartbeat_timeout_s: float = spec(F)
     accepted: bool = spec(B)  # True when admitted at once (first peer or master restart)
+    auth: bytes = spec(y(64), b"")  # the master's proof over the peer's nonce
 
 
 @message(MsgType.M2P_HEARTBEAT)
@@ -344,6 +346,14 @@ class SyncComplete(Message):
     revision: int = spec(u())
 
 
+@message(MsgType.M2P_CHALLENGE)
+class Challenge(Message):
+    """First frame of every master connection: a fresh nonce to prove the token over."""
+
+    nonce: bytes = spec(y(32))
+    auth_required: bool = spec(B)
+
+
 @message(MsgType.M2P_KICK)
 class Kick(Message):
     """The master is closing this connection, and why."""
@@ -376,6 +386,14 @@ class StateRequest(Message):
     peer_id: int = spec(u())
     sync_id: int = spec(u())
     ranges: list = spec(lst(tup(s(1024), u(), u()), MAX_KEYS))
+    auth: bytes = spec(y(64), b"")
+
+
+@message(MsgType.P2P_CHALLENGE)
+class P2PChallenge(Message):
+    """First frame of every p2p connection, from the acceptor."""
+
+    nonce: bytes = spec(y(32))
 
 
 @message(MsgType.P2P_STATE_ERROR)

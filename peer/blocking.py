@@ -68,6 +68,7 @@ class Communicator:
         advertise_host: str = "",
         p2p_port: int = 0,
         advertise_port: int = 0,
+        auth_token: bytes | str | None = None,
     ) -> None:
         self._aio = AioCommunicator(
             master,
@@ -77,6 +78,7 @@ class Communicator:
             advertise_host=advertise_host,
             p2p_port=p2p_port,
             advertise_port=advertise_port,
+            auth_token=auth_token,
         )
         self._loop = new_event_loop()
         self._thread = threading.Thread(

@@ -23,8 +23,10 @@ from typing import Any, cast
 import numpy as np
 
 from pccl import messages as m
+from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import (
+    AuthenticationFailed,
     CollectiveAborted,
     ConnectionLost,
     MasterUnreachable,
@@ -169,6 +171,8 @@ class Communicator:
         p2p_port: port for the p2p listener (0: any free port).
         advertise_port: port other peers should dial (default: the listener's; set it when a
             proxy or NAT forwards to the listener).
+        auth_token: shared secret (>= 16 bytes) proven to the master and to peers by HMAC
+            challenge-response; it never crosses the wire. None: no authentication.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class Communicator:
         advertise_host: str = "",
         p2p_port: int = 0,
         advertise_port: int = 0,
+        auth_token: bytes | str | None = None,
     ) -> None:
         self.master_host, self.master_port = parse_address(master)
         if not isinstance(peer_group, int) or not 0 <= peer_group <= 0xFFFF_FFFF:
@@ -204,11 +209,13 @@ class Communicator:
         self.ring: list[tuple[int, str, int]] = []
         self.rank = -1
         self._link: _MasterLink | None = None
-        self._node = P2PNode(self.config, streams)
+        self.token = check_token(auth_token)
+        self._node = P2PNode(self.config, streams, self.token)
         self._pool = BufferPool()
         self._tags: dict[int, _TagState] = {}
         self._cond: asyncio.Condition | None = None
         self._welcome: asyncio.Future[m.Welcome] | None = None
+        self._challenge: asyncio.Future[m.Challenge] | None = None
         self._announced: m.Topology | None = None
         self._done_epoch = 0
         self._wire_task: asyncio.Task[None] | None = None
@@ -241,6 +248,7 @@ class Communicator:
         self._cond = asyncio.Condition()
         deadline = loop.time() + timeout
         self._welcome = loop.create_future()
+        self._challenge = loop.create_future()
         try:
             async with asyncio.timeout(min(timeout, self.config.connect_timeout_s)):
                 transport, link = await loop.create_connection(
@@ -258,17 +266,32 @@ class Communicator:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         local = transport.get_extra_info("sockname")[0]
         await self._node.start(local, self.p2p_port)
-        link.send(
-            m.Hello(
-                PROTOCOL_VERSION,
-                self.peer_group,
-                self.advertise_port or self._node.port,
-                self.advertise_host,
-            )
-        )
+        my_nonce = new_nonce()
         try:
             async with asyncio.timeout_at(deadline):
+                challenge = await self._challenge
+                if challenge.auth_required and self.token is None:
+                    raise AuthenticationFailed(
+                        "the master requires a token (auth_token=...)", phase="connect"
+                    )
+                link.send(
+                    m.Hello(
+                        PROTOCOL_VERSION,
+                        self.peer_group,
+                        self.advertise_port or self._node.port,
+                        self.advertise_host,
+                        0,
+                        my_nonce,
+                        prove(self.token, b"pccl-hello", challenge.nonce, my_nonce),
+                    )
+                )
                 welcome = await self._welcome
+                if not verify(
+                    self.token, welcome.auth, b"pccl-welcome", my_nonce, challenge.nonce
+                ) or (self.token is not None and not welcome.auth):
+                    raise AuthenticationFailed(
+                        "the master could not prove the shared token", phase="connect"
+                    )
                 self.peer_id = welcome.peer_id
                 self._node.my_id = self.peer_id
                 self._tasks.append(asyncio.create_task(self._heartbeat(welcome)))
@@ -335,6 +358,12 @@ class Communicator:
         if handler is None:
             raise ProtocolError(f"unexpected {mtype.name} from the master")
         handler(self, msg)
+
+    def _on_challenge(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.Challenge)
+        if self._challenge is None or self._challenge.done():
+            raise ProtocolError("unexpected challenge from the master")
+        self._challenge.set_result(msg)
 
     def _on_welcome(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Welcome)
@@ -423,9 +452,11 @@ class Communicator:
 
     def _on_kick(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Kick)
-        self._lost(ConnectionLost(f"dropped by the master: {msg.code}: {msg.reason}"))
+        cls = AuthenticationFailed if msg.code == "auth" else ConnectionLost
+        self._lost(cls(f"dropped by the master: {msg.code}: {msg.reason}"))
 
     _handlers: dict[MsgType, Callable[[Communicator, m.Message], None]] = {
+        MsgType.M2P_CHALLENGE: _on_challenge,
         MsgType.M2P_WELCOME: _on_welcome,
         MsgType.M2P_HEARTBEAT: _on_heartbeat,
         MsgType.M2P_TOPOLOGY: _on_topology,
@@ -443,9 +474,10 @@ class Communicator:
         if not self._closed:
             log.warning("peer %d: %s", self.peer_id, err)
         self._error = err
-        if self._welcome is not None and not self._welcome.done():
-            self._welcome.set_exception(err)
-            self._welcome.exception()  # mark retrieved
+        for f0 in (self._welcome, self._challenge):
+            if f0 is not None and not f0.done():
+                f0.set_exception(err)
+                f0.exception()  # mark retrieved
         self._node.fail_ops(str(err))
         futs = [f for st in self._tags.values() for f in (st.commence, st.verdict)]
         if self._sync is not None:
@@ -780,6 +812,7 @@ class Communicator:
                             addresses=addresses,
                             state=state,
                             staging=staging,
+                            token=self.token,
                             connect_timeout=self.config.connect_timeout_s,
                         )
                         rx = res.rx_bytes

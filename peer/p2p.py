@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from pccl import messages as m
+from pccl.auth import new_nonce, prove, verify
 from pccl.config import MAX_CONTROL_FRAME, Config
 from pccl.errors import ProtocolError
 from pccl.frame import DATA_HEADER, HEADER, FrameDecoder, MsgType, parse_data_header, parse_header
@@ -89,6 +90,8 @@ class RxStream(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_socket(transport.get_extra_info("socket"), self.node.config)
         self.node.pending_rx.add(self)
+        self.nonce = new_nonce()
+        self.transport.write(m.P2PChallenge(self.nonce).encode())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.state == self.PAYLOAD and self.op is not None and self.op.finished:
@@ -141,6 +144,11 @@ class RxStream(asyncio.BufferedProtocol):
         elif st == self.HELLO_BODY and self.first_type == MsgType.P2P_STATE_REQUEST:
             req = m.decode(MsgType.P2P_STATE_REQUEST, bytes(self.target))
             assert isinstance(req, m.StateRequest)
+            token = self.node.token
+            if not verify(token, req.auth, b"pccl-state", self.nonce, req.peer_id, req.sync_id):
+                self.peer_id = req.peer_id
+                self.reject("state request failed authentication")
+                return
             self.state = self.SERVING
             self.target = memoryview(bytearray(1))  # the requester sends nothing more
             self.pos = 0
@@ -157,6 +165,10 @@ class RxStream(asyncio.BufferedProtocol):
             msg = m.decode(MsgType.P2P_HELLO, bytes(self.target))
             assert isinstance(msg, m.P2PHello)
             self.peer_id, self.epoch = msg.peer_id, msg.epoch
+            parts = (self.nonce, msg.peer_id, msg.epoch, msg.stream)
+            if not verify(self.node.token, msg.auth, b"pccl-p2p", *parts):
+                self.reject("hello failed authentication")
+                return
             self.node.on_hello(self, msg)
 
     def _expect_header(self) -> None:
@@ -222,7 +234,8 @@ class RxStream(asyncio.BufferedProtocol):
         self.transport.resume_reading()
 
     def reject(self, reason: str) -> None:
-        log.warning("rejecting p2p stream from peer %d: %s", self.peer_id, reason)
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.warning("rejecting p2p connection from %s (peer %d): %s", peer, self.peer_id, reason)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.P2PHelloAck(False, reason[:500]).encode())
             self.transport.close()
@@ -250,9 +263,12 @@ class RxStream(asyncio.BufferedProtocol):
 class TxStream(asyncio.Protocol):
     """Sending end of one stream to our ring successor, with flow control."""
 
-    def __init__(self, node: P2PNode, peer_id: int) -> None:
+    def __init__(self, node: P2PNode, peer_id: int, epoch: int, index: int) -> None:
         self.node = node
         self.peer_id = peer_id
+        self.epoch = epoch
+        self.index = index
+        self.challenged = False
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder()
         self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -268,7 +284,19 @@ class TxStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for mtype, body in self.decoder.feed(data):
-                if mtype != MsgType.P2P_HELLO_ACK or self.acked.done():
+                if mtype == MsgType.P2P_CHALLENGE and not self.challenged:
+                    ch = m.decode(mtype, body)
+                    assert isinstance(ch, m.P2PChallenge) and self.transport is not None
+                    self.challenged = True
+                    node = self.node
+                    proof = prove(
+                        node.token, b"pccl-p2p", ch.nonce, node.my_id, self.epoch, self.index
+                    )
+                    self.transport.write(
+                        m.P2PHello(node.my_id, self.epoch, self.index, proof).encode()
+                    )
+                    continue
+                if mtype != MsgType.P2P_HELLO_ACK or self.acked.done() or not self.challenged:
                     raise ProtocolError(f"unexpected {mtype.name} on a send stream")
                 ack = m.decode(mtype, body)
                 assert isinstance(ack, m.P2PHelloAck)
@@ -324,8 +352,9 @@ class TxStream(asyncio.Protocol):
 class P2PNode:
     """Listener, streams and the operation registry of one peer."""
 
-    def __init__(self, config: Config, streams: int) -> None:
+    def __init__(self, config: Config, streams: int, token: bytes | None = None) -> None:
         self.config = config
+        self.token = token
         self.nstreams = streams
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -407,10 +436,10 @@ class P2PNode:
         deadline = self.config.connect_timeout_s
 
         async def one(i: int) -> TxStream:
-            _, proto = await loop.create_connection(lambda: TxStream(self, next_id), host, port)
+            _, proto = await loop.create_connection(
+                lambda: TxStream(self, next_id, epoch, i), host, port
+            )
             assert isinstance(proto, TxStream)
-            assert proto.transport is not None
-            proto.transport.write(m.P2PHello(self.my_id, epoch, i).encode())
             await proto.acked
             return proto
 

@@ -22,6 +22,7 @@ import numpy as np
 import xxhash
 
 from pccl import messages as m
+from pccl.auth import prove
 from pccl.errors import ProtocolError, SharedStateError
 from pccl.frame import HEADER, MAGIC, STATE_HEADER, VERSION, FrameDecoder, MsgType, parse_header
 from pccl.shared_state import SharedState
@@ -92,15 +93,19 @@ class StateServer:
 class _FetchStream(asyncio.BufferedProtocol):
     """Requester side of one source connection."""
 
-    def __init__(self, req: m.StateRequest, staging: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, req: m.StateRequest, staging: dict[str, np.ndarray], token: bytes | None
+    ) -> None:
         self.req = req
+        self.token = token
         self.targets = [memoryview(staging[k])[s:e] for k, s, e in req.ranges]
         self.got = [0] * len(req.ranges)
         self.left = sum(e - s for _, s, e in req.ranges)
         self.hdr = bytearray(HEADER.size + STATE_HEADER.size)
         self.view: memoryview = memoryview(self.hdr)
         self.pos = 0
-        self.state = 0  # 0 header, 1 payload, 2 error body
+        self.state = 3  # 3 challenge header, 4 challenge body, 0 header, 1 payload, 2 error body
+        self.view = memoryview(self.hdr)[: HEADER.size]
         self.cur = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
@@ -108,9 +113,6 @@ class _FetchStream(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        transport.write(self.req.encode())
-        if self.left == 0:
-            self.done.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.view[self.pos :]
@@ -125,6 +127,26 @@ class _FetchStream(asyncio.BufferedProtocol):
             self._fail(e)
 
     def _advance(self) -> None:
+        if self.state == 3:
+            mtype, length = parse_header(self.hdr)
+            if mtype != MsgType.P2P_CHALLENGE or length > 256:
+                raise ProtocolError(f"expected a challenge, got {mtype.name}")
+            self.state = 4
+            self.view = memoryview(bytearray(length))
+            self.pos = 0
+            return
+        if self.state == 4:
+            ch = m.decode(MsgType.P2P_CHALLENGE, bytes(self.view))
+            assert isinstance(ch, m.P2PChallenge) and self.transport is not None
+            r = self.req
+            proof = prove(self.token, b"pccl-state", ch.nonce, r.peer_id, r.sync_id)
+            self.transport.write(m.StateRequest(r.peer_id, r.sync_id, r.ranges, proof).encode())
+            self.state = 0
+            self.view = memoryview(self.hdr)
+            self.pos = 0
+            if self.left == 0 and not self.done.done():
+                self.done.set_result(None)
+            return
         if self.state == 0:
             mtype, length = parse_header(self.hdr)
             if mtype == MsgType.P2P_STATE_ERROR:
@@ -205,6 +227,7 @@ async def fetch_entries(
     state: SharedState,
     staging: dict[str, np.ndarray],
     connect_timeout: float,
+    token: bytes | None = None,
 ) -> FetchResult:
     """Fetch, verify and commit the entries of ``fetch`` into ``state``.
 
@@ -229,7 +252,9 @@ async def fetch_entries(
         host, port = addresses[src]
         req = m.StateRequest(my_id, sync_id, ranges)
         async with asyncio.timeout(connect_timeout):
-            _, proto = await loop.create_connection(lambda: _FetchStream(req, staging), host, port)
+            _, proto = await loop.create_connection(
+                lambda: _FetchStream(req, staging, token), host, port
+            )
         assert isinstance(proto, _FetchStream)
         protos[src] = proto
         try:
