@@ -10,17 +10,18 @@ available); never touches tensor bytes.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
+
+from pccl.master.state import MasterState, Phase
 
 from pccl import messages as m
 from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import FrameDecoder, MsgType
-from pccl.master.state import MasterState, Phase
 from pccl.messages import MAX_PEERS
 
 log = logging.getLogger("pccl.master")
@@ -63,7 +64,7 @@ class _Conn(asyncio.Protocol):
         self.addr = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.master.conns.add(self)
         self.nonce = new_nonce()
-        transport.write(m.Challenge(self.nonce, self.master.token is not None).encode())
+        self.transport.write(m.Challenge(self.nonce, self.master.token is not None).encode())
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -139,7 +140,8 @@ class _Conn(asyncio.Protocol):
         host = msg.advertise_host or (peer[0] if peer else "")
         cfg = self.master.config
         state = self.master.state
-        pid = state.new_peer_id()
+        resume = msg.resume_peer_id
+        pid = state.new_peer_id(resume if resume and resume not in state.peers else 0)
         self.peer_id = pid
         self.master.by_id[pid] = self
         if len(state.peers) >= MAX_PEERS:
@@ -148,10 +150,8 @@ class _Conn(asyncio.Protocol):
         # Welcome must precede the topology message the registration itself may trigger.
         at_once = not state.accepted and state.phase is Phase.IDLE
         proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
-        self.send(
-            m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof)
-        )
-        state.register(pid, msg.peer_group, host, msg.p2p_port)
+        self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof))
+        state.register(pid, msg.peer_group, host, msg.p2p_port, resumed=bool(resume))
 
     def on_heartbeat(self, msg: m.Message) -> None:
         pass  # last_seen already updated
@@ -215,7 +215,7 @@ class Master:
         self.token = check_token(token)
         self.conns: set[_Conn] = set()
         self.by_id: dict[int, _Conn] = {}
-        self.state = MasterState(self._send, self._kick)
+        self.state = MasterState(self._send, self._kick, self.config.restart_grace_s)
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -255,6 +255,7 @@ class Master:
             now = time.monotonic()
             seq += 1
             hb = m.MasterHeartbeat(seq)
+            self.state.poll()
             for pid in self.state.stalled_epoch_members(now, cfg.connect_timeout_s * 2):
                 self._kick(pid, "p2p_timeout", "did not establish its p2p links in time")
             for conn in list(self.conns):
@@ -266,7 +267,8 @@ class Master:
                 elif now - conn.last_seen > cfg.heartbeat_timeout_s:
                     conn.kick(
                         "heartbeat_timeout",
-                        f"silent for {now - conn.last_seen:.1f}s (limit {cfg.heartbeat_timeout_s}s)",
+                        f"silent for {now - conn.last_seen:.1f}s "
+                        f"(limit {cfg.heartbeat_timeout_s}s)",
                     )
                 else:
                     conn.send(hb)

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pccl import messages as m
 from pccl.master.election import EntryVote, SyncVote, elect
+
+from pccl import messages as m
 from pccl.types import SyncStrategy
 
 log = logging.getLogger("pccl.master")
@@ -47,6 +48,10 @@ class PeerRecord:
     in_epoch: bool = False  # part of the epoch being established / current
     ready: bool = False
     ops: set[int] = field(default_factory=set)  # tags with an initiate or run outstanding
+    tx_bytes: int = 0  # payload sent in completed collectives (as reported)
+    last_gbps: float = 0.0  # send rate of its last completed collective
+    ops_done: int = 0
+    registered_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -87,29 +92,48 @@ class MasterState:
         self,
         send: Callable[[int, m.Message], None],
         kick: Callable[[int, str, str], None],
+        restart_grace_s: float = 2.0,
     ) -> None:
         self._send = send
+        self._restart_grace_s = restart_grace_s
+        self._hold_until = 0.0  # after a restart: wait for returning peers before the 1st epoch
+        self._formed = False
         self._kick = kick
         self.peers: dict[int, PeerRecord] = {}
         self.groups: dict[int, GroupState] = {}
         self.phase = Phase.IDLE
-        self.epoch = 0
+        # Epochs, operation and sync ids start from the wall clock so they keep increasing
+        # across a master restart: peers discard frames of older operations by id.
+        base = int(time.time() * 1000) << 20
+        self.epoch = base
         self._next_peer_id = 1
-        self._next_op_id = 1
-        self._next_sync_id = 1
+        self._next_op_id = base + 1
+        self._next_sync_id = base + 1
         self.epoch_started = 0.0
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
 
     # ------------------------------------------------------------------ membership
 
-    def new_peer_id(self) -> int:
-        """Reserve the id of a peer about to register."""
+    def new_peer_id(self, wanted: int = 0) -> int:
+        """Reserve the id of a peer about to register (``wanted``: its id before a restart)."""
+        if wanted and wanted not in self.peers:
+            self._next_peer_id = max(self._next_peer_id, wanted + 1)
+            return wanted
         pid = self._next_peer_id
         self._next_peer_id += 1
         return pid
 
-    def register(self, pid: int, group: int, host: str, port: int) -> PeerRecord:
-        """Record a new peer; admit it at once when nobody is accepted (first peer)."""
+    def register(
+        self, pid: int, group: int, host: str, port: int, resumed: bool = False
+    ) -> PeerRecord:
+        """Record a new peer; admit it at once when nobody is accepted (first peer).
+
+        A peer resuming after a master restart, arriving before any ring was formed, starts a
+        grace period so its former ring-mates can rejoin into the same first epoch.
+        """
+        if resumed and not self._formed and not self._hold_until:
+            self._hold_until = time.monotonic() + self._restart_grace_s
+            log.info("peers are resuming: waiting %.1fs for the rest", self._restart_grace_s)
         rec = PeerRecord(pid, group, host, port)
         self.peers[pid] = rec
         log.info("peer %d registered (group %d, p2p %s:%d)", pid, group, host, port)
@@ -191,7 +215,7 @@ class MasterState:
             return
         acc = self.accepted
         if not acc:
-            if self.pending:
+            if self.pending and time.monotonic() >= self._hold_until:
                 self._start_epoch()  # nobody to vote: admit whoever waits (first peer(s))
             return
         if all(p.voted_update for p in acc):
@@ -241,8 +265,14 @@ class MasterState:
             for q in grp.ring:
                 self._send(q, msg)
 
+    def poll(self) -> None:
+        """Periodic re-evaluation (deadlines such as the restart grace period)."""
+        if self.phase is Phase.IDLE and not self.accepted and self.pending:
+            self._reevaluate()
+
     def _complete_epoch(self, members: list[PeerRecord]) -> None:
         self.phase = Phase.IDLE
+        self._formed = True
         for p in members:
             if not p.accepted:
                 log.info("peer %d accepted into the run (epoch %d)", p.peer_id, self.epoch)
@@ -263,9 +293,7 @@ class MasterState:
             self._kick(pid, "out_of_state", f"tag {msg.tag} initiated twice")
             return
         grp = self.groups[rec.group]
-        reason = grp.broken or (
-            "topology is changing" if self.phase is not Phase.IDLE else ""
-        )
+        reason = grp.broken or ("topology is changing" if self.phase is not Phase.IDLE else "")
         if reason:
             self._send(
                 pid,
@@ -313,6 +341,10 @@ class MasterState:
             self._finish(rec.group, op, False, f"peer {pid}: {msg.reason}")
             return
         op.completed.add(pid)
+        rec.ops_done += 1
+        rec.tx_bytes += msg.tx_bytes
+        if msg.seconds > 0:
+            rec.last_gbps = msg.tx_bytes / msg.seconds / 1e9
         if all(q in op.completed for q in op.members):
             self._finish(rec.group, op, True, "")
 
@@ -373,8 +405,9 @@ class MasterState:
             addr = {q: (q, self.peers[q].host, self.peers[q].port) for q in rnd.votes}
             for q, plan in sorted(plans.items()):
                 if not plan.ok:
-                    log.warning("group %d sync %d: peer %d rejected: %s", gid, rnd.sync_id, q,
-                                plan.reason)
+                    log.warning(
+                        "group %d sync %d: peer %d rejected: %s", gid, rnd.sync_id, q, plan.reason
+                    )
                     self._send(q, m.SyncPlan(rnd.sync_id, False, plan.reason[:1000], 0, [], []))
                     continue
                 srcs = sorted({s for _, ids in plan.fetch.values() for s in ids})
@@ -407,7 +440,8 @@ class MasterState:
         if grp is None or rnd is None or rnd.sync_id != msg.sync_id or pid not in rnd.waiting:
             return
         if not msg.ok:
-            log.warning("group %d sync %d: peer %d failed: %s", rec.group, rnd.sync_id, pid,
-                        msg.reason)
+            log.warning(
+                "group %d sync %d: peer %d failed: %s", rec.group, rnd.sync_id, pid, msg.reason
+            )
         rnd.waiting.discard(pid)  # failed peers stay members: they serve until all are done
         self._check_sync(rec.group, grp)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-__all__ = ["Config", "MAX_CONTROL_FRAME", "MAX_DATA_FRAME"]
+__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "Config"]
 
 #: Largest control (msgpack) frame body either side accepts; larger closes the connection.
 MAX_CONTROL_FRAME = 1 << 20
@@ -36,6 +36,10 @@ class Config:
         chunk_bytes: ring sub-chunk size; operations are pipelined and striped at this grain.
         quant_block: elements per uint8 quantization block (one fp32 min and scale each).
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF requested for p2p sockets (0 = kernel default).
+        reconnect_timeout_s: how long a peer keeps reconnecting to a lost master (restart)
+            before giving up with ``ConnectionLost``.
+        restart_grace_s: a restarted master waits this long for its previous peers to
+            reconnect before forming the first ring.
     """
 
     heartbeat_interval_s: float = 0.5
@@ -47,6 +51,8 @@ class Config:
     chunk_bytes: int = 4 << 20
     quant_block: int = 4096
     socket_buffer_bytes: int = 4 << 20
+    reconnect_timeout_s: float = 60.0
+    restart_grace_s: float = 2.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,7 +1,7 @@
 """``pccl demo``: a local cluster doing real work, with progress.
 
 Starts the real master daemon and N peer processes on loopback. Every peer loops
-``update_topology() -> all_reduce`` over a gradient-sized float32 buffer (exact and uint8-quantized),
+``update_topology() -> all_reduce`` over a gradient-sized float32 buffer (exact and uint8),
 checks the mean it received against what it can compute itself, and reports the hash of its result
 so the launcher can show that every peer holds identical bytes. Midway one peer is SIGKILLed and
 a fresh one joins: the survivors see ``CollectiveAborted``, re-wire, retry and carry on.
@@ -34,8 +34,18 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
 def _spawn_master() -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", "0",
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "pccl.cli",
+            "master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -50,8 +60,16 @@ def _spawn_master() -> tuple[subprocess.Popen[str], int]:
 
 def _spawn_peer(port: int, idx: int, args: argparse.Namespace) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pccl.demo", "--worker", str(port), str(idx), str(args.steps),
-         str(args.mib)],
+        [
+            sys.executable,
+            "-m",
+            "pccl.demo",
+            "--worker",
+            str(port),
+            str(idx),
+            str(args.steps),
+            str(args.mib),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -165,8 +183,9 @@ def _worker(port: int, idx: int, steps: int, mib: int) -> int:
             grad.fill(step + 1.0)
             grad[::97] += np.float32(comm.peer_id % 7)
             info = comm.all_reduce(grad, out, op=pccl.ReduceOp.AVG)
-            comm.all_reduce(grad, q, op=pccl.ReduceOp.AVG, quantization=pccl.Quantization.UINT8,
-                            tag=1)
+            comm.all_reduce(
+                grad, q, op=pccl.ReduceOp.AVG, quantization=pccl.Quantization.UINT8, tag=1
+            )
         except pccl.CollectiveAborted as e:
             emit(event="retry", error=type(e).__name__)
             continue
@@ -190,7 +209,8 @@ def _worker(port: int, idx: int, steps: int, mib: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        return _worker(*(int(a) for a in argv[1:5]))  # type: ignore[arg-type]
+        port, idx, steps, mib = (int(a) for a in argv[1:5])
+        return _worker(port, idx, steps, mib)
     from pccl.cli import main as cli_main
 
     return cli_main(["demo", *argv])

@@ -61,7 +61,7 @@ class PCCLError(Exception):
         return (_rebuild, (type(self), self.message, self.peer, self.tag, self.phase))
 
 
-def _rebuild(cls, message, peer, tag, phase):  # type: ignore[no-untyped-def]
+def _rebuild(cls, message, peer, tag, phase):
     return cls(message, peer=peer, tag=tag, phase=phase)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
@@ -62,7 +63,7 @@ F = Spec("float")
 B = Spec("bool")
 
 
-def spec(sp: Spec, default: Any = dataclasses.MISSING) -> Any:
+def spec(sp: Spec, *, default: Any = dataclasses.MISSING) -> Any:
     if default is dataclasses.MISSING:
         return field(metadata={"spec": sp})
     if isinstance(default, list | tuple):
@@ -116,14 +117,16 @@ class Message:
 
 
 MESSAGES: dict[MsgType, type[Message]] = {}
+_M = TypeVar("_M", bound=Message)
 
 
-def message(mtype: MsgType):  # type: ignore[no-untyped-def]
+@dataclass_transform(frozen_default=True, field_specifiers=(spec, field))
+def message(mtype: MsgType) -> Callable[[type[_M]], type[_M]]:
     """Class decorator: make a frozen dataclass and register it for ``mtype``."""
 
-    def wrap(cls):  # type: ignore[no-untyped-def]
+    def wrap(cls: type[_M]) -> type[_M]:
         cls = dataclass(frozen=True)(cls)
-        fs = dataclasses.fields(cls)
+        fs = dataclasses.fields(cls)  # type: ignore[arg-type]
         cls.TYPE = mtype
         cls._fields = tuple((f.name, f.metadata["spec"]) for f in fs)
         cls._required = sum(
@@ -190,8 +193,7 @@ def decode(mtype: MsgType, body: bytes) -> Message:
     if type(obj) is not list or not (cls._required <= len(obj) <= len(cls._fields)):
         raise ProtocolError(f"{mtype.name}: expected an array of {cls._required}+ fields")
     kwargs = {
-        name: _check(v, sp, f"{mtype.name}.{name}")
-        for (name, sp), v in zip(cls._fields, obj)
+        name: _check(v, sp, f"{mtype.name}.{name}") for (name, sp), v in zip(cls._fields, obj)
     }
     return cls(**kwargs)
 
@@ -206,22 +208,24 @@ class Hello(Message):
     version: int = spec(u(U16))
     peer_group: int = spec(u(U32))
     p2p_port: int = spec(u(U16))
-    advertise_host: str = spec(s(255), "")  # empty: the master uses the connection's address
-    resume_peer_id: int = spec(u(U64), 0)  # reconnect after a master restart (0: new peer)
-    nonce: bytes = spec(y(32), b"")  # the peer's challenge to the master
-    auth: bytes = spec(y(64), b"")  # HMAC over the master's challenge (see pccl.auth)
+    advertise_host: str = spec(
+        s(255), default=""
+    )  # empty: the master uses the connection's address
+    resume_peer_id: int = spec(u(U64), default=0)  # reconnect after a master restart (0: new peer)
+    nonce: bytes = spec(y(32), default=b"")  # the peer's challenge to the master
+    auth: bytes = spec(y(64), default=b"")  # HMAC over the master's challenge (see pccl.auth)
 
 
 @message(MsgType.P2M_HEARTBEAT)
 class Heartbeat(Message):
-    seq: int = spec(u(), 0)
+    seq: int = spec(u(), default=0)
 
 
 @message(MsgType.P2M_UPDATE_TOPOLOGY)
 class UpdateTopology(Message):
     """Vote to admit pending peers and re-wire the rings."""
 
-    want_epoch: int = spec(u(), 0)
+    want_epoch: int = spec(u(), default=0)
 
 
 @message(MsgType.P2M_TOPOLOGY_READY)
@@ -230,8 +234,8 @@ class TopologyReady(Message):
 
     epoch: int = spec(u())
     ok: bool = spec(B)
-    unreachable: list = spec(lst(u(), MAX_PEERS), [])
-    reason: str = spec(s(512), "")
+    unreachable: list = spec(lst(u(), MAX_PEERS), default=[])
+    reason: str = spec(s(512), default="")
 
 
 @message(MsgType.P2M_COLLECTIVE_INITIATE)
@@ -248,30 +252,30 @@ class CollectiveComplete(Message):
     tag: int = spec(u(U32))
     op_id: int = spec(u())
     ok: bool = spec(B)
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
+    tx_bytes: int = spec(u(), default=0)  # payload this peer sent (for the master's bandwidth view)
+    seconds: float = spec(F, default=0.0)
 
 
 @message(MsgType.P2M_SYNC_SHARED_STATE)
 class SyncSharedState(Message):
-    """A peer's shared-state vote: revision, strategy and (key, dtype, nbytes, shape, hash, loose)."""
+    """A peer's shared-state vote: revision, strategy, (key, dtype, nbytes, shape, hash, loose)."""
 
     revision: int = spec(u())
     strategy: int = spec(u(2))
-    entries: list = spec(
-        lst(tup(s(1024), u(U8), u(), lst(u(), MAX_DIMS), y(16), B), MAX_KEYS)
-    )
+    entries: list = spec(lst(tup(s(1024), u(U8), u(), lst(u(), MAX_DIMS), y(16), B), MAX_KEYS))
 
 
 @message(MsgType.P2M_SYNC_DONE)
 class SyncDone(Message):
     sync_id: int = spec(u())
     ok: bool = spec(B)
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
 
 
 @message(MsgType.P2M_LEAVE)
 class Leave(Message):
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
 
 
 # --------------------------------------------------------------------------- master -> peer
@@ -283,12 +287,12 @@ class Welcome(Message):
     heartbeat_interval_s: float = spec(F)
     heartbeat_timeout_s: float = spec(F)
     accepted: bool = spec(B)  # True when admitted at once (first peer or master restart)
-    auth: bytes = spec(y(64), b"")  # the master's proof over the peer's nonce
+    auth: bytes = spec(y(64), default=b"")  # the master's proof over the peer's nonce
 
 
 @message(MsgType.M2P_HEARTBEAT)
 class MasterHeartbeat(Message):
-    seq: int = spec(u(), 0)
+    seq: int = spec(u(), default=0)
 
 
 @message(MsgType.M2P_TOPOLOGY)
@@ -299,14 +303,14 @@ class Topology(Message):
     world_size: int = spec(u(MAX_PEERS))
     group_world_size: int = spec(u(MAX_PEERS))
     num_groups: int = spec(u(MAX_PEERS))
-    ring: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))  # (peer_id, host, port)
+    ring: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))  # (peer_id, host, default=port)
 
 
 @message(MsgType.M2P_TOPOLOGY_DONE)
 class TopologyDone(Message):
     epoch: int = spec(u())
     ok: bool = spec(B)
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
 
 
 @message(MsgType.M2P_COLLECTIVE_COMMENCE)
@@ -323,8 +327,8 @@ class CollectiveDone(Message):
     tag: int = spec(u(U32))
     op_id: int = spec(u())
     ok: bool = spec(B)
-    reason: str = spec(s(512), "")
-    kind: str = spec(s(32), "aborted")  # aborted | mismatch | stale_topology | too_few
+    reason: str = spec(s(512), default="")
+    kind: str = spec(s(32), default="aborted")  # aborted | mismatch | stale_topology | too_few
 
 
 @message(MsgType.M2P_SYNC_PLAN)
@@ -359,7 +363,7 @@ class Kick(Message):
     """The master is closing this connection, and why."""
 
     code: str = spec(s(64))
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
 
 
 # --------------------------------------------------------------------------- peer -> peer
@@ -370,13 +374,13 @@ class P2PHello(Message):
     peer_id: int = spec(u())
     epoch: int = spec(u())
     stream: int = spec(u(U16))
-    auth: bytes = spec(y(64), b"")
+    auth: bytes = spec(y(64), default=b"")
 
 
 @message(MsgType.P2P_HELLO_ACK)
 class P2PHelloAck(Message):
     ok: bool = spec(B)
-    reason: str = spec(s(512), "")
+    reason: str = spec(s(512), default="")
 
 
 @message(MsgType.P2P_STATE_REQUEST)
@@ -386,7 +390,7 @@ class StateRequest(Message):
     peer_id: int = spec(u())
     sync_id: int = spec(u())
     ranges: list = spec(lst(tup(s(1024), u(), u()), MAX_KEYS))
-    auth: bytes = spec(y(64), b"")
+    auth: bytes = spec(y(64), default=b"")
 
 
 @message(MsgType.P2P_CHALLENGE)

@@ -39,7 +39,7 @@ class Entry:
         return int(self.array.nbytes)
 
     def raw(self) -> memoryview:
-        return memoryview(self.array).cast("B")
+        return self.array.data.cast("B")
 
     def hash(self) -> bytes:
         """XXH3-128 of the canonical little-endian bytes (16 bytes)."""

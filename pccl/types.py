@@ -71,14 +71,14 @@ class DType(enum.IntEnum):
     @property
     def storage(self) -> np.dtype:
         """numpy dtype of the raw storage (bfloat16 is stored as uint16)."""
-        return _STORAGE[self]
+        return _STORAGE[DType(self)]
 
     @property
     def is_float(self) -> bool:
         return self in (DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16)
 
 
-_ITEMSIZE = {
+_ITEMSIZE: dict[DType, int] = {
     DType.FLOAT32: 4,
     DType.FLOAT64: 8,
     DType.FLOAT16: 2,
@@ -89,7 +89,7 @@ _ITEMSIZE = {
     DType.INT64: 8,
     DType.UINT8: 1,
 }
-_STORAGE = {
+_STORAGE: dict[DType, np.dtype] = {
     DType.FLOAT32: np.dtype(np.float32),
     DType.FLOAT64: np.dtype(np.float64),
     DType.FLOAT16: np.dtype(np.float16),

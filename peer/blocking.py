@@ -15,9 +15,10 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from pccl.config import Config
 from pccl.peer.communicator import Communicator as AioCommunicator
 from pccl.peer.communicator import ReduceHandle
+
+from pccl.config import Config
 from pccl.shared_state import SharedState
 from pccl.types import Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
+from pccl.peer.p2p import P2PNode
+from pccl.peer.ring import BufferPool, RingOp
+from pccl.peer.state_sync import fetch_entries
 
 from pccl import messages as m
 from pccl.auth import check_token, new_nonce, prove, verify
@@ -38,9 +41,6 @@ from pccl.errors import (
     TopologyUpdateFailed,
 )
 from pccl.frame import FrameDecoder, MsgType
-from pccl.peer.p2p import P2PNode
-from pccl.peer.ring import BufferPool, RingOp
-from pccl.peer.state_sync import fetch_entries
 from pccl.shared_state import SharedState
 from pccl.types import (
     DType,
@@ -96,7 +96,9 @@ class _MasterLink(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.comm._lost(ConnectionLost(f"connection to the master lost ({exc or 'closed'})"))
+        self.comm._link_lost(
+            self, ConnectionLost(f"connection to the master lost ({exc or 'closed'})")
+        )
 
     def send(self, msg: m.Message) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -225,6 +227,9 @@ class Communicator:
         self._closed = False
         self._connected = False
         self._sync: tuple[asyncio.Future[m.SyncPlan], asyncio.Future[m.SyncComplete]] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._link_gen = 0
+        self._link_dead = False
 
     # ================================================================ connection
 
@@ -237,6 +242,7 @@ class Communicator:
 
         Raises:
             MasterUnreachable: the master could not be reached.
+            AuthenticationFailed: the token was refused, or the master could not prove it.
             TopologyUpdateFailed: not admitted before the deadline.
             ConnectionLost: the master dropped us (the reason is in the message).
         """
@@ -247,57 +253,21 @@ class Communicator:
         loop = asyncio.get_running_loop()
         self._cond = asyncio.Condition()
         deadline = loop.time() + timeout
-        self._welcome = loop.create_future()
-        self._challenge = loop.create_future()
-        try:
-            async with asyncio.timeout(min(timeout, self.config.connect_timeout_s)):
-                transport, link = await loop.create_connection(
-                    lambda: _MasterLink(self), self.master_host, self.master_port
-                )
-        except (OSError, TimeoutError) as e:
-            raise MasterUnreachable(
-                f"cannot reach the master at {self.master_host}:{self.master_port}: {e}",
-                phase="connect",
-            ) from None
-        assert isinstance(link, _MasterLink)
-        self._link = link
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local = transport.get_extra_info("sockname")[0]
-        await self._node.start(local, self.p2p_port)
-        my_nonce = new_nonce()
         try:
             async with asyncio.timeout_at(deadline):
-                challenge = await self._challenge
-                if challenge.auth_required and self.token is None:
-                    raise AuthenticationFailed(
-                        "the master requires a token (auth_token=...)", phase="connect"
-                    )
-                link.send(
-                    m.Hello(
-                        PROTOCOL_VERSION,
-                        self.peer_group,
-                        self.advertise_port or self._node.port,
-                        self.advertise_host,
-                        0,
-                        my_nonce,
-                        prove(self.token, b"pccl-hello", challenge.nonce, my_nonce),
-                    )
-                )
-                welcome = await self._welcome
-                if not verify(
-                    self.token, welcome.auth, b"pccl-welcome", my_nonce, challenge.nonce
-                ) or (self.token is not None and not welcome.auth):
-                    raise AuthenticationFailed(
-                        "the master could not prove the shared token", phase="connect"
-                    )
+                welcome = await self._open_link(resume_id=0)
                 self.peer_id = welcome.peer_id
                 self._node.my_id = self.peer_id
-                self._tasks.append(asyncio.create_task(self._heartbeat(welcome)))
+                self._tasks.append(asyncio.create_task(self._heartbeat()))
                 await self._wait(lambda: self._done_epoch > 0)
         except TimeoutError:
             await self._shutdown("admission timeout")
+            if self._link is None:
+                raise MasterUnreachable(
+                    f"cannot reach the master at {self.master_host}:{self.master_port} "
+                    f"within {timeout}s",
+                    phase="connect",
+                ) from None
             raise TopologyUpdateFailed(
                 f"not admitted within {timeout}s: running peers admit newcomers when they call "
                 "update_topology()",
@@ -314,6 +284,149 @@ class Communicator:
             self.peer_group,
             self.group_world_size,
         )
+
+    async def _open_link(self, resume_id: int) -> m.Welcome:
+        """Connect to the master, answer its challenge, say hello; return its welcome.
+
+        Raises:
+            MasterUnreachable: TCP connect failed.
+            AuthenticationFailed, ConnectionLost: refused by the master.
+        """
+        loop = asyncio.get_running_loop()
+        self._welcome = loop.create_future()
+        self._challenge = loop.create_future()
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                transport, link = await loop.create_connection(
+                    lambda: _MasterLink(self), self.master_host, self.master_port
+                )
+        except (OSError, TimeoutError) as e:
+            raise MasterUnreachable(
+                f"cannot reach the master at {self.master_host}:{self.master_port}: {e}",
+                phase="connect",
+            ) from None
+        assert isinstance(link, _MasterLink)
+        self._link = link
+        self._link_gen += 1
+        self._link_dead = False
+        self._last_master = time.monotonic()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._node.server is None:
+            await self._node.start(transport.get_extra_info("sockname")[0], self.p2p_port)
+        my_nonce = new_nonce()
+        challenge = await self._challenge
+        if challenge.auth_required and self.token is None:
+            raise AuthenticationFailed(
+                "the master requires a token (auth_token=...)", phase="connect"
+            )
+        link.send(
+            m.Hello(
+                PROTOCOL_VERSION,
+                self.peer_group,
+                self.advertise_port or self._node.port,
+                self.advertise_host,
+                resume_id,
+                my_nonce,
+                prove(self.token, b"pccl-hello", challenge.nonce, my_nonce),
+            )
+        )
+        welcome = await self._welcome
+        if not verify(self.token, welcome.auth, b"pccl-welcome", my_nonce, challenge.nonce) or (
+            self.token is not None and not welcome.auth
+        ):
+            raise AuthenticationFailed(
+                "the master could not prove the shared token", phase="connect"
+            )
+        return welcome
+
+    def _link_lost(self, link: _MasterLink, err: ConnectionLost) -> None:
+        """The master link closed: terminal before admission or after a kick; else reconnect."""
+        if link is not self._link or self._error is not None or self._closed:
+            return
+        self._link_dead = True
+        if not self._connected:
+            self._lost(err)
+            return
+        if self._reconnect_task is not None:  # an attempt failed: the reconnect loop retries
+            self._notify()
+            return
+        log.warning("peer %d: %s; reconnecting", self.peer_id, err)
+        self._fail_inflight(f"master connection lost ({err}); reconnecting")
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _fail_inflight(self, reason: str) -> None:
+        self._node.fail_ops(reason)
+        for tag, st in self._tags.items():
+            for f in (st.commence, st.verdict):
+                if not f.done():
+                    f.set_exception(CollectiveAborted(reason, tag=tag))
+                    f.exception()
+        if self._sync is not None:
+            for f2 in self._sync:
+                if not f2.done():
+                    f2.set_exception(SharedStateError(reason, phase="sync"))
+                    f2.exception()
+        self._notify()
+
+    async def _reconnect(self) -> None:
+        """Reconnect with exponential backoff and rejoin under our id (master restart)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.reconnect_timeout_s
+        delay = 0.1
+        last: Exception | None = None
+        while loop.time() < deadline and not self._closed and self._error is None:
+            old = self._link
+            try:
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    welcome = await self._open_link(resume_id=self.peer_id)
+                    if welcome.peer_id != self.peer_id:
+                        log.warning(
+                            "peer %d rejoined as %d (id was taken)", self.peer_id, welcome.peer_id
+                        )
+                        self.peer_id = self._node.my_id = welcome.peer_id
+                    before = self._done_epoch
+
+                    def rejoined(b: int = before) -> bool:
+                        return self._done_epoch > b or self._link_dead
+
+                    await self._wait(rejoined)
+                    if self._link_dead:
+                        raise ConnectionLost("master link dropped while rejoining")
+                log.info(
+                    "peer %d reconnected to the master (world %d)", self.peer_id, self.world_size
+                )
+                self._reconnect_task = None
+                self._notify()
+                return
+            except AuthenticationFailed as e:
+                self._lost(e)
+                return
+            except (PCCLError, OSError, TimeoutError) as e:
+                last = e
+                if self._link is not old and self._link is not None:
+                    tr = self._link.transport
+                    if tr is not None:
+                        tr.abort()
+                self._link = old if self._link is None else self._link
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                delay = min(delay * 2, 2.0)
+        self._reconnect_task = None
+        self._lost(
+            ConnectionLost(
+                f"master unreachable for {self.config.reconnect_timeout_s}s ({last})",
+                phase="reconnect",
+            )
+        )
+
+    async def _await_link(self) -> None:
+        """Wait (bounded) while a reconnection is in progress."""
+        task = self._reconnect_task
+        if task is not None:
+            await asyncio.shield(task)
+        if self._error is not None:
+            raise self._error
 
     async def _wait(self, pred: Callable[[], bool]) -> None:
         """Wait until ``pred()`` (re-checked on every state change) or the link fails."""
@@ -334,20 +447,20 @@ class Communicator:
 
         asyncio.get_running_loop().create_task(poke())
 
-    async def _heartbeat(self, welcome: m.Welcome) -> None:
-        assert self._link is not None
+    async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        limit = self.config.heartbeat_timeout_s
         seq = 0
-        interval = min(welcome.heartbeat_interval_s, self.config.heartbeat_interval_s)
-        limit = max(welcome.heartbeat_timeout_s, self.config.heartbeat_timeout_s)
         while self._error is None:
-            seq += 1
-            self._link.send(m.Heartbeat(seq))
+            link = self._link
+            if link is not None and self._reconnect_task is None:
+                seq += 1
+                link.send(m.Heartbeat(seq))
+                if time.monotonic() - self._last_master > limit:
+                    self._link_lost(link, ConnectionLost(f"master silent for more than {limit}s"))
+                    if link.transport is not None:
+                        link.transport.abort()
             self._node.expire_parked(self.config.progress_timeout_s)
-            if time.monotonic() - self._last_master > limit:
-                self._lost(ConnectionLost(f"master silent for more than {limit}s"))
-                assert self._link.transport is not None
-                self._link.transport.abort()
-                return
             await asyncio.sleep(interval)
 
     # ================================================================ master messages
@@ -452,6 +565,9 @@ class Communicator:
 
     def _on_kick(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Kick)
+        if msg.code == "shutdown" and self._link is not None:  # a restart: reconnect
+            self._link_lost(self._link, ConnectionLost(f"master shutting down: {msg.reason}"))
+            return
         cls = AuthenticationFailed if msg.code == "auth" else ConnectionLost
         self._lost(cls(f"dropped by the master: {msg.code}: {msg.reason}"))
 
@@ -479,7 +595,9 @@ class Communicator:
                 f0.set_exception(err)
                 f0.exception()  # mark retrieved
         self._node.fail_ops(str(err))
-        futs = [f for st in self._tags.values() for f in (st.commence, st.verdict)]
+        futs: list[asyncio.Future[Any]] = [
+            f for st in self._tags.values() for f in (st.commence, st.verdict)
+        ]
         if self._sync is not None:
             futs.extend(self._sync)
         if futs:
@@ -513,12 +631,20 @@ class Communicator:
             raise PendingOperations(
                 f"{len(self._tags)} collective(s) in flight", phase="update_topology"
             )
-        assert self._link is not None
-        start_epoch = self._done_epoch
-        self._link.send(m.UpdateTopology(start_epoch))
         try:
             async with asyncio.timeout(timeout or 60.0):
-                await self._wait(lambda: self._done_epoch > start_epoch)
+                if self._reconnect_task is not None:
+                    await self._await_link()  # a restarted master re-forms the ring itself
+                    return
+                assert self._link is not None
+                start_epoch = self._done_epoch
+                gen = self._link_gen
+                self._link.send(m.UpdateTopology(start_epoch))
+                await self._wait(
+                    lambda: self._done_epoch > start_epoch or self._reconnect_task is not None
+                )
+                if self._done_epoch <= start_epoch or gen != self._link_gen:
+                    await self._await_link()
         except TimeoutError:
             raise TopologyUpdateFailed(
                 "topology update did not complete in time (does every peer call "
@@ -596,6 +722,12 @@ class Communicator:
         self._check_usable()
         if tag in self._tags:
             raise ValueError(f"tag {tag} is already in flight")
+        if self._reconnect_task is not None:
+            raise CollectiveAborted(
+                "reconnecting to the master; call update_topology() and retry",
+                tag=tag,
+                phase="all_reduce",
+            )
         if self.group_world_size < 2:
             raise TooFewPeers(
                 f"group {self.peer_group} has {self.group_world_size} peer(s); "
@@ -624,8 +756,9 @@ class Communicator:
         deadline = loop.time() + cfg.collective_timeout_s
         try:
             self._link.send(m.CollectiveInitiate(tag, sv.size, int(dt), int(op), int(quant)))
+            first: list[asyncio.Future[Any]] = [st.commence, st.verdict]
             done, _ = await asyncio.wait(
-                [st.commence, st.verdict],
+                first,
                 timeout=cfg.collective_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -678,7 +811,8 @@ class Communicator:
                 ring.begin()
             await self._watch(ring, st, deadline)
             if ring.future.exception() is None:
-                self._link.send(m.CollectiveComplete(tag, go.op_id, True))
+                secs = time.perf_counter() - t0
+                self._link.send(m.CollectiveComplete(tag, go.op_id, True, "", ring.tx_bytes, secs))
             else:
                 reason = str(ring.future.exception())[:500]
                 if not st.verdict.done():
@@ -773,6 +907,7 @@ class Communicator:
         self._check_usable()
         if self._tags or self._sync is not None:
             raise PendingOperations("collectives or a sync are in flight", phase="sync")
+        await self._await_link()
         assert self._link is not None
         loop = asyncio.get_running_loop()
         plan_f: asyncio.Future[m.SyncPlan] = loop.create_future()
@@ -789,8 +924,14 @@ class Communicator:
                     lambda: [(k, e.hash()) for k, e in entries.items()]
                 )
                 vote = [
-                    (k, int(entries[k].dtype), entries[k].nbytes, list(entries[k].shape), h,
-                     entries[k].allow_content_inequality)
+                    (
+                        k,
+                        int(entries[k].dtype),
+                        entries[k].nbytes,
+                        list(entries[k].shape),
+                        h,
+                        entries[k].allow_content_inequality,
+                    )
                     for k, h in digests
                 ]
                 self._link.send(m.SyncSharedState(state.revision, int(strategy), vote))
@@ -849,6 +990,8 @@ class Communicator:
         self._lost(ConnectionLost(f"communicator {why}"))
         for t in self._tasks:
             t.cancel()
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
         if self._wire_task is not None:
             self._wire_task.cancel()
         if self._link is not None and self._link.transport is not None:

@@ -23,13 +23,21 @@ import socket
 import time
 from typing import TYPE_CHECKING, cast
 
+from pccl.peer.state_sync import StateServer
+
 from pccl import messages as m
 from pccl.auth import new_nonce, prove, verify
 from pccl.config import MAX_CONTROL_FRAME, Config
 from pccl.errors import ProtocolError
-from pccl.frame import DATA_HEADER, HEADER, FrameDecoder, MsgType, parse_data_header, parse_header
-
-from pccl.peer.state_sync import StateServer
+from pccl.frame import (
+    DATA_HEADER,
+    HEADER,
+    DataHeader,
+    FrameDecoder,
+    MsgType,
+    parse_data_header,
+    parse_header,
+)
 
 if TYPE_CHECKING:
     from pccl.peer.ring import RingOp
@@ -41,6 +49,7 @@ __all__ = ["P2PNode", "RxStream", "TxStream"]
 _FULL_HEADER = HEADER.size + DATA_HEADER.size
 _MAX_HELLO = 4096
 _DISCARD = memoryview(bytearray(1 << 20))
+_NO_HEADER = DataHeader(0, 0, 0, 0, 0, 0, 0)
 
 
 def tune_socket(sock: socket.socket | None, cfg: Config) -> None:
@@ -72,7 +81,7 @@ class RxStream(asyncio.BufferedProtocol):
         self.peer_id = 0
         self.epoch = 0
         self.op: RingOp | None = None
-        self.header: object = None
+        self.header: DataHeader = _NO_HEADER
         self.opened = time.monotonic()
         self.parked_since = 0.0
         self.closed = False
@@ -126,7 +135,7 @@ class RxStream(asyncio.BufferedProtocol):
             self.op = None
             self._expect_header()
             if op is not None and not op.finished:
-                op.on_frame(h)  # type: ignore[arg-type]
+                op.on_frame(h)
         elif st == self.DISCARD:
             self.remaining -= self.pos
             self._discard_next()
@@ -186,10 +195,7 @@ class RxStream(asyncio.BufferedProtocol):
 
     def _route(self) -> None:
         """Decide where the payload of the frame whose header we hold goes."""
-        from pccl.frame import DataHeader
-
         h = self.header
-        assert isinstance(h, DataHeader)
         node = self.node
         op = node.ops.get(h.op_id)
         if op is not None and not op.finished:
@@ -215,7 +221,7 @@ class RxStream(asyncio.BufferedProtocol):
         if self.state != self.PARKED or self.closed:
             return
         h = self.header
-        if h.op_id not in self.node.ops and h.op_id > self.node.max_op_id:  # type: ignore[attr-defined]
+        if h.op_id not in self.node.ops and h.op_id > self.node.max_op_id:
             return  # still not ours
         self.node.parked.discard(self)
         try:
@@ -279,7 +285,7 @@ class TxStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_socket(transport.get_extra_info("socket"), self.node.config)
-        transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
+        self.transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -426,9 +432,9 @@ class P2PNode:
             ConnectionError, OSError, TimeoutError: the successor could not be reached.
         """
         healthy = all(not s.closed for s in self.tx) and len(self.tx) == self.nstreams
-        if next_id == self.next_id and (host, port) == self.next_addr and healthy:
-            if not self.tx_broken:
-                return
+        same = next_id == self.next_id and (host, port) == self.next_addr
+        if same and healthy and not self.tx_broken:
+            return
         self.close_tx()
         self.next_id, self.next_addr = next_id, (host, port)
         self.tx_broken = False

@@ -225,7 +225,7 @@ class RingOp:
         n = self._sublen(c, k)
         hdr = encode_data_header(self.op_id, self.tag, step, c, off, n, payload.nbytes)
         self.tx_bytes += payload.nbytes
-        self.send_frame(hdr, memoryview(payload).cast("B"))
+        self.send_frame(hdr, payload.data.cast("B"))
 
     def _work_bytes(self, e0: int, n: int) -> np.ndarray:
         isz = self.dtype.itemsize
@@ -292,7 +292,7 @@ class RingOp:
                 buf = self._work_bytes(e0, h.count)
         else:
             buf = self._slot(self.rs_recv if s < W - 1 else self.ag_wire, c, k)
-        return memoryview(buf).cast("B")
+        return buf.data.cast("B")
 
     def on_frame(self, h: DataHeader) -> None:
         """A frame's payload has fully arrived at the memory :meth:`recv_target` named."""

@@ -14,9 +14,9 @@ Runs on the peer's event-loop thread (hashing is pushed to a worker thread).
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import xxhash
@@ -24,7 +24,7 @@ import xxhash
 from pccl import messages as m
 from pccl.auth import prove
 from pccl.errors import ProtocolError, SharedStateError
-from pccl.frame import HEADER, MAGIC, STATE_HEADER, VERSION, FrameDecoder, MsgType, parse_header
+from pccl.frame import HEADER, MAGIC, STATE_HEADER, VERSION, MsgType, parse_header
 from pccl.shared_state import SharedState
 
 log = logging.getLogger("pccl.peer")
@@ -58,14 +58,15 @@ class StateServer:
     def close(self) -> None:
         self.snapshot = None
 
-    async def serve(self, transport: asyncio.Transport, writable: asyncio.Event,
-                    req: m.StateRequest) -> None:
+    async def serve(
+        self, transport: asyncio.Transport, writable: asyncio.Event, req: m.StateRequest
+    ) -> None:
         """Stream the requested ranges; errors are reported to the requester, then close."""
         snap = self.snapshot
         try:
             if snap is None or (snap.sync_id and snap.sync_id != req.sync_id):
                 raise SharedStateError(f"not serving sync {req.sync_id}")
-            for i, (key, start, end) in enumerate(req.ranges):
+            for key, start, end in req.ranges:
                 raw = snap.entries.get(key)
                 if raw is None or not 0 <= start < end <= len(raw):
                     raise SharedStateError(f"bad range {key!r}[{start}:{end}]")
@@ -98,7 +99,7 @@ class _FetchStream(asyncio.BufferedProtocol):
     ) -> None:
         self.req = req
         self.token = token
-        self.targets = [memoryview(staging[k])[s:e] for k, s, e in req.ranges]
+        self.targets = [staging[k].data[s:e] for k, s, e in req.ranges]
         self.got = [0] * len(req.ranges)
         self.left = sum(e - s for _, s, e in req.ranges)
         self.hdr = bytearray(HEADER.size + STATE_HEADER.size)
@@ -293,12 +294,16 @@ async def fetch_entries(
 
     # Verify every entry before committing any of them.
     for key, digest, _ in fetch:
-        got = await asyncio.to_thread(lambda b=staging[key]: xxhash.xxh3_128(b).digest())
+        got = await asyncio.to_thread(_digest, staging[key])
         if got != digest:
             raise SharedStateError(f"entry {key!r} does not match the elected hash; retry")
     for key, _, _ in fetch:
         np.copyto(entries[key].array.view(np.uint8), staging[key])
     return result
+
+
+def _digest(buf: np.ndarray) -> bytes:
+    return xxhash.xxh3_128(buf.data).digest()
 
 
 def _stripe_range(
