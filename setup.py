@@ -6,6 +6,8 @@ native = Extension(
     "pccl._native",
     sources=["native/module.c", "native/kernels.c"],
     include_dirs=["native"],
+    # Rebuild when the header changes, and ship it in the sdist.
+    depends=["native/kernels.h"],
     # No -march=native in what users install. -ffp-contract=off keeps a*b+c as two rounded
     # operations so results match the numpy reference byte for byte.
     extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-strict-aliasing"],

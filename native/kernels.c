@@ -63,6 +63,15 @@ K float canon_f32(float r) { return r != r ? u2f(F32_CANON) : r; }
 
 K double canon_f64(double r) { return r != r ? u2d(F64_CANON) : r; }
 
+/* The conversions below are branch-free selections between values computed
+ * unconditionally: the compiler will not speculate a floating-point operation out of a
+ * branch (-ftrapping-math), so a ternary around one stops the loop from vectorising. */
+
+K uint32_t select_u32(int c, uint32_t a, uint32_t b) {
+    uint32_t m = 0u - (uint32_t)(c != 0);
+    return (a & m) | (b & ~m);
+}
+
 /* fp16 word -> fp32, exact; NaN -> canonical fp32 NaN. */
 K float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -71,9 +80,8 @@ K float f16_to_f32(uint16_t h) {
     /* Subnormal halves are m * 2^-24: exact in fp32 (m < 2^10) and normal there. */
     uint32_t sub = f2u((float)(int32_t)m * 0x1p-24f);
     uint32_t norm = ((e + 112u) << 23) | (m << 13);
-    uint32_t special = m ? F32_CANON : 0x7F800000u;
-    uint32_t r = e == 0 ? sub : (e == 31 ? special : norm);
-    return u2f(e == 31 && m ? r : (r | sign));
+    uint32_t r = select_u32(e == 0, sub, select_u32(e == 31, 0x7F800000u, norm)) | sign;
+    return u2f(select_u32(e == 31 && m != 0, F32_CANON, r));
 }
 
 /* fp32 -> fp16 word, round to nearest even, overflow -> inf; NaN -> 0x7E00. */
@@ -84,18 +92,19 @@ K uint16_t f32_to_f16(float f) {
     /* |x| >= 2^-14 (normal half): rebias the exponent, round the 13 dropped bits to nearest
      * even; a carry runs into the exponent and, at the top, into 0x7C00 (inf). */
     uint32_t norm = (a - 0x38000000u + 0x0FFFu + ((a >> 13) & 1u)) >> 13;
-    norm = norm > 0x7C00u ? 0x7C00u : norm;
+    norm = select_u32(norm > 0x7C00u, 0x7C00u, norm);
     /* |x| < 2^-14: adding 0.5 (ulp 2^-24 = the half subnormal step) rounds to nearest even
      * in hardware; the low bits of the sum are the half's bits (0x400 when it rounds up to
-     * the smallest normal). */
-    uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3F000000u;
-    uint32_t r = (a < 0x38800000u ? sub : norm) | sign;
-    return (uint16_t)(a > 0x7F800000u ? F16_CANON : r);
+     * the smallest normal). a is clamped so the addition never sees inf or NaN. */
+    float small = u2f(select_u32(a < 0x38800000u, a, 0));
+    uint32_t sub = f2u(small + 0.5f) - 0x3F000000u;
+    uint32_t r = select_u32(a < 0x38800000u, sub, norm) | sign;
+    return (uint16_t)select_u32(a > 0x7F800000u, F16_CANON, r);
 }
 
 /* bf16 word -> fp32: exact (shift); NaN -> canonical fp32 NaN. */
 K float bf16_to_f32(uint16_t w) {
-    return u2f((w & 0x7FFFu) > 0x7F80u ? F32_CANON : (uint32_t)w << 16);
+    return u2f(select_u32((w & 0x7FFFu) > 0x7F80u, F32_CANON, (uint32_t)w << 16));
 }
 
 /* fp32 -> bf16 word, round to nearest even (subnormals included), overflow -> inf;
@@ -103,14 +112,14 @@ K float bf16_to_f32(uint16_t w) {
 K uint16_t f32_to_bf16(float f) {
     uint32_t u = f2u(f);
     uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? BF16_CANON : r);
+    return (uint16_t)select_u32((u & 0x7FFFFFFFu) > 0x7F800000u, BF16_CANON, r);
 }
 
 /* ---- reduce ----------------------------------------------------------------------------- */
 
 /* Floats: SUM/PROD as IEEE ops; MIN/MAX pick src only when strictly smaller/larger (ties,
  * including -0/+0, keep dst); any NaN operand or result gives the canonical NaN. */
-#define FLOAT_REDUCE(NAME, T, TU, CANON)                                                   \
+#define FLOAT_REDUCE(NAME, T, TU, CANON, NANV)                                             \
     K void sum_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
         for (size_t i = 0; i < n; i++) d[i] = CANON(d[i] + s[i]);                          \
     }                                                                                      \
@@ -121,19 +130,19 @@ K uint16_t f32_to_bf16(float f) {
         for (size_t i = 0; i < n; i++) {                                                   \
             T a = d[i], b = s[i];                                                          \
             T r = b < a ? b : a;                                                           \
-            d[i] = (a != a) | (b != b) ? CANON(a + b) : r;                                 \
+            d[i] = (a != a) | (b != b) ? NANV : r;                                         \
         }                                                                                  \
     }                                                                                      \
     K void max_##NAME(TU *restrict d, const TU *restrict s, size_t n) {                    \
         for (size_t i = 0; i < n; i++) {                                                   \
             T a = d[i], b = s[i];                                                          \
             T r = b > a ? b : a;                                                           \
-            d[i] = (a != a) | (b != b) ? CANON(a + b) : r;                                 \
+            d[i] = (a != a) | (b != b) ? NANV : r;                                         \
         }                                                                                  \
     }
 
-FLOAT_REDUCE(f32, float, f32u, canon_f32)
-FLOAT_REDUCE(f64, double, f64u, canon_f64)
+FLOAT_REDUCE(f32, float, f32u, canon_f32, u2f(F32_CANON))
+FLOAT_REDUCE(f64, double, f64u, canon_f64, u2d(F64_CANON))
 
 /* fp16/bf16: widen to fp32, combine, round back. MIN/MAX return one input word unchanged
  * (the widening is exact), or the canonical NaN. */
@@ -148,16 +157,16 @@ FLOAT_REDUCE(f64, double, f64u, canon_f64)
         for (size_t i = 0; i < n; i++) {                                                   \
             uint16_t wa = d[i], wb = s[i];                                                 \
             float a = TO32(wa), b = TO32(wb);                                              \
-            uint16_t r = b < a ? wb : wa;                                                  \
-            d[i] = (a != a) | (b != b) ? (uint16_t)CANON16 : r;                            \
+            uint32_t r = select_u32(b < a, wb, wa);                                        \
+            d[i] = (uint16_t)select_u32((a != a) | (b != b), CANON16, r);                  \
         }                                                                                  \
     }                                                                                      \
     K void max_##NAME(u16u *restrict d, const u16u *restrict s, size_t n) {                \
         for (size_t i = 0; i < n; i++) {                                                   \
             uint16_t wa = d[i], wb = s[i];                                                 \
             float a = TO32(wa), b = TO32(wb);                                              \
-            uint16_t r = b > a ? wb : wa;                                                  \
-            d[i] = (a != a) | (b != b) ? (uint16_t)CANON16 : r;                            \
+            uint32_t r = select_u32(b > a, wb, wa);                                        \
+            d[i] = (uint16_t)select_u32((a != a) | (b != b), CANON16, r);                  \
         }                                                                                  \
     }
 
@@ -225,15 +234,15 @@ K int reduce_body(void *dst, const void *src, size_t n, int dtype, int op) {
 /* Integers up to 32 bits divide in double: for |x| < 2^53 the double quotient truncates to
  * the exact C quotient (its rounding error is below the distance 1/divisor to the next
  * integer), and the loop vectorises. int64 needs real integer division. */
-#define INT_DIVIDE(NAME, TU)                                                               \
+#define INT_DIVIDE(NAME, T, TU)                                                            \
     K void div_##NAME(TU *restrict d, size_t n, double dd) {                               \
-        for (size_t i = 0; i < n; i++) d[i] = (int32_t)((double)d[i] / dd);                \
+        for (size_t i = 0; i < n; i++) d[i] = (T)((double)d[i] / dd);                      \
     }
 
-INT_DIVIDE(i8, i8u)
-INT_DIVIDE(i16, i16u)
-INT_DIVIDE(i32, i32u)
-INT_DIVIDE(u8, u8u)
+INT_DIVIDE(i8, int8_t, i8u)
+INT_DIVIDE(i16, int16_t, i16u)
+INT_DIVIDE(i32, int32_t, i32u)
+INT_DIVIDE(u8, uint8_t, u8u)
 
 K void div_i64(i64u *restrict d, size_t n, int64_t v) {
     for (size_t i = 0; i < n; i++) d[i] = d[i] / v;
@@ -307,9 +316,10 @@ K void quantize_block(const f32u *restrict x, u8u *restrict q, f32u *restrict me
             }
             for (size_t i = 0; i < m; i++) {
                 float t = (x[i] - mn) / scale;
-                t = t < 255.0f ? t : 255.0f;
-                /* t is in [0, 255]: adding 2^23 rounds it to an integer, nearest-even. */
-                q[i] = (uint8_t)(int32_t)((t + 0x1p23f) - 0x1p23f);
+                t = u2f(select_u32(t < 255.0f, f2u(t), f2u(255.0f)));
+                /* t is in [0, 255]: adding 2^23 rounds it to an integer, nearest-even, which
+                 * then sits in the low mantissa bits. */
+                q[i] = (uint8_t)f2u(t + 0x1p23f);
             }
             return;
         }

@@ -1,0 +1,392 @@
+/* pccl._native: CPython binding of the kernels in kernels.c.
+ *
+ * Argument parsing, buffer-protocol checks and GIL release live here; kernels.c knows
+ * nothing of Python. Every entry point validates what memory safety needs on its own
+ * (element sizes and kinds, lengths, writability, overlap, codes) because it may be called
+ * directly, bypassing pccl/kernels.py; bad input raises TypeError or ValueError, never
+ * crashes. Kernels run with the GIL released, on buffers held for the whole call.
+ *
+ * The environment variable PCCL_SIMD (generic, avx2 or avx512) caps the instruction-set
+ * level chosen at import; the tests use it to check every level against the reference.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* Element kinds a buffer may have, as a set of letters: 'f' float, 'i' signed int,
+ * 'u' unsigned int. */
+static char format_kind(const char *fmt) {
+    if (fmt == NULL) return 'u'; /* PyBUF_FORMAT not honoured: plain bytes */
+    if (*fmt == '@' || *fmt == '=') fmt++;
+#if PY_LITTLE_ENDIAN
+    else if (*fmt == '<') fmt++;
+#else
+    else if (*fmt == '>' || *fmt == '!') fmt++;
+#endif
+    if (fmt[0] == '\0' || fmt[1] != '\0') return '?';
+    if (strchr("efd", fmt[0])) return 'f';
+    if (strchr("bhilqn", fmt[0])) return 'i';
+    if (strchr("BHILQNc", fmt[0])) return 'u';
+    return '?';
+}
+
+/* Acquire a C-contiguous buffer of itemsize-byte elements whose kind is one of `kinds`.
+ * Sets *n to the element count. On failure raises and holds nothing. */
+static int get_buf(PyObject *obj, Py_buffer *view, const char *name, Py_ssize_t itemsize,
+                   const char *kinds, int writable, Py_ssize_t *n) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous buffer, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    char kind = format_kind(view->format);
+    if (view->itemsize != itemsize || strchr(kinds, kind) == NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected %zd-byte elements of kind '%s', got format '%s' (%zd bytes)",
+                     name, itemsize, kinds, view->format ? view->format : "B",
+                     view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (writable && view->readonly) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer is read-only", name);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *n = view->len / itemsize;
+    return 0;
+}
+
+static int overlap(const Py_buffer *a, const Py_buffer *b) {
+    uintptr_t a0 = (uintptr_t)a->buf, b0 = (uintptr_t)b->buf;
+    if (a->len == 0 || b->len == 0) return 0;
+    return a0 < b0 + (uintptr_t)b->len && b0 < a0 + (uintptr_t)a->len;
+}
+
+static int check_disjoint(const Py_buffer *a, const char *an, const Py_buffer *b,
+                          const char *bn) {
+    if (overlap(a, b)) {
+        PyErr_Format(PyExc_ValueError, "%s and %s overlap in memory", an, bn);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t want) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", fname, want,
+                     nargs);
+        return -1;
+    }
+    return 0;
+}
+
+static int get_block(PyObject *obj, Py_ssize_t *block) {
+    *block = PyLong_AsSsize_t(obj);
+    if (*block == -1 && PyErr_Occurred()) return -1;
+    if (*block < 1) {
+        PyErr_SetString(PyExc_ValueError, "block must be >= 1");
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t num_blocks(Py_ssize_t n, Py_ssize_t block) {
+    return n == 0 ? 0 : (n - 1) / block + 1;
+}
+
+/* Kinds accepted per dtype code; fp16 storage may also be viewed as uint16. */
+static const char *dtype_kinds(int dtype) {
+    switch (dtype) {
+    case PCCL_F32: case PCCL_F64: return "f";
+    case PCCL_F16: return "fu";
+    case PCCL_BF16: case PCCL_U8: return "u";
+    default: return "i";
+    }
+}
+
+static int get_dtype(PyObject *obj, int *dtype) {
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v >= PCCL_NDTYPES) {
+        PyErr_Format(PyExc_ValueError, "unknown dtype code %ld", v);
+        return -1;
+    }
+    *dtype = (int)v;
+    return 0;
+}
+
+PyDoc_STRVAR(reduce_doc,
+             "reduce(dst, src, dtype, op)\n--\n\n"
+             "dst[i] = dst[i] (op) src[i]; dtype and op are DType/ReduceOp codes\n"
+             "(SUM, MIN, MAX, PROD).");
+
+static PyObject *py_reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer d, s;
+    Py_ssize_t nd, ns;
+    int dtype;
+    long op;
+    (void)self;
+    if (check_nargs("reduce", nargs, 4) < 0 || get_dtype(args[2], &dtype) < 0) return NULL;
+    op = PyLong_AsLong(args[3]);
+    if (op == -1 && PyErr_Occurred()) return NULL;
+    if (op != PCCL_SUM && op != PCCL_MIN && op != PCCL_MAX && op != PCCL_PROD) {
+        PyErr_Format(PyExc_ValueError,
+                     "unsupported op code %ld (AVG is SUM followed by divide)", op);
+        return NULL;
+    }
+    Py_ssize_t isz = (Py_ssize_t)pccl_itemsize(dtype);
+    const char *kinds = dtype_kinds(dtype);
+    if (get_buf(args[0], &d, "dst", isz, kinds, 1, &nd) < 0) return NULL;
+    if (get_buf(args[1], &s, "src", isz, kinds, 0, &ns) < 0) {
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    if (nd != ns) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd elements, src %zd", nd, ns);
+    } else if (check_disjoint(&d, "dst", &s, "src") == 0) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pccl_reduce(d.buf, s.buf, (size_t)nd, dtype, (int)op);
+        Py_END_ALLOW_THREADS
+        if (rc == 0) ret = Py_NewRef(Py_None);
+        else PyErr_SetString(PyExc_ValueError, "unsupported dtype/op");
+    }
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&d);
+    return ret;
+}
+
+PyDoc_STRVAR(divide_doc,
+             "divide(dst, dtype, divisor)\n--\n\n"
+             "dst[i] /= divisor (floats: IEEE division; integers: truncate toward zero).");
+
+static PyObject *py_divide(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer d;
+    Py_ssize_t n;
+    int dtype, overflow = 0;
+    (void)self;
+    if (check_nargs("divide", nargs, 3) < 0 || get_dtype(args[1], &dtype) < 0) return NULL;
+    long long divisor = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+    if (divisor == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || divisor < 1) {
+        PyErr_SetString(PyExc_ValueError, "divisor must be in [1, 2**63 - 1]");
+        return NULL;
+    }
+    if (get_buf(args[0], &d, "dst", (Py_ssize_t)pccl_itemsize(dtype), dtype_kinds(dtype), 1,
+                &n) < 0)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pccl_divide(d.buf, (size_t)n, dtype, (int64_t)divisor);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&d);
+    if (rc != 0) {
+        PyErr_SetString(PyExc_ValueError, "unsupported dtype/divisor");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(quantize_doc,
+             "quantize_u8(src, q_out, meta_out, block)\n--\n\n"
+             "Block-wise min-max uint8 quantisation of float32 src; meta_out holds\n"
+             "(min, scale) float32 pairs, one per block.");
+
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer s, q, m;
+    Py_ssize_t ns, nq, nm, block;
+    PyObject *ret = NULL;
+    (void)self;
+    if (check_nargs("quantize_u8", nargs, 4) < 0 || get_block(args[3], &block) < 0)
+        return NULL;
+    if (get_buf(args[0], &s, "src", 4, "f", 0, &ns) < 0) return NULL;
+    if (get_buf(args[1], &q, "q_out", 1, "u", 1, &nq) < 0) goto release_s;
+    if (get_buf(args[2], &m, "meta_out", 4, "f", 1, &nm) < 0) goto release_q;
+    if (nq != ns) {
+        PyErr_Format(PyExc_ValueError, "q_out has %zd elements, src %zd", nq, ns);
+    } else if (nm != 2 * num_blocks(ns, block)) {
+        PyErr_Format(PyExc_ValueError, "meta_out has %zd elements, expected %zd", nm,
+                     2 * num_blocks(ns, block));
+    } else if (check_disjoint(&s, "src", &q, "q_out") == 0 &&
+               check_disjoint(&s, "src", &m, "meta_out") == 0 &&
+               check_disjoint(&q, "q_out", &m, "meta_out") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pccl_quantize_u8(s.buf, q.buf, m.buf, (size_t)ns, (size_t)block);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+release_s:
+    PyBuffer_Release(&s);
+    return ret;
+}
+
+/* dequantize_u8 and dequantize_accumulate_u8 share their checks. */
+static PyObject *dequant_common(PyObject *const *args, Py_ssize_t nargs, const char *fname,
+                                const char *outname, int accumulate) {
+    Py_buffer q, m, o;
+    Py_ssize_t nq, nm, no, block;
+    PyObject *ret = NULL;
+    if (check_nargs(fname, nargs, 4) < 0 || get_block(args[3], &block) < 0) return NULL;
+    if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
+    if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
+    if (get_buf(args[2], &o, outname, 4, "f", 1, &no) < 0) goto release_m;
+    if (no != nq) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements, q %zd", outname, no, nq);
+    } else if (nm != 2 * num_blocks(nq, block)) {
+        PyErr_Format(PyExc_ValueError, "meta has %zd elements, expected %zd", nm,
+                     2 * num_blocks(nq, block));
+    } else if (check_disjoint(&o, outname, &q, "q") == 0 &&
+               check_disjoint(&o, outname, &m, "meta") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (accumulate)
+            pccl_dequantize_accumulate_u8(q.buf, m.buf, o.buf, (size_t)nq, (size_t)block);
+        else
+            pccl_dequantize_u8(q.buf, m.buf, o.buf, (size_t)nq, (size_t)block);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&o);
+release_m:
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+    return ret;
+}
+
+PyDoc_STRVAR(dequantize_doc,
+             "dequantize_u8(q, meta, out, block)\n--\n\n"
+             "out[i] = min + q[i] * scale of q's block (two fp32 roundings).");
+
+static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return dequant_common(args, nargs, "dequantize_u8", "out", 0);
+}
+
+PyDoc_STRVAR(dequantize_accumulate_doc,
+             "dequantize_accumulate_u8(q, meta, acc, block)\n--\n\n"
+             "acc[i] += dequantize_u8(q, meta)[i], without a temporary.");
+
+static PyObject *py_dequantize_accumulate(PyObject *self, PyObject *const *args,
+                                          Py_ssize_t nargs) {
+    (void)self;
+    return dequant_common(args, nargs, "dequantize_accumulate_u8", "acc", 1);
+}
+
+/* Element-wise kernels from one array into (or onto) another of the same length. */
+struct unary {
+    const char *name;
+    void (*fn)(const void *, void *, size_t);
+    Py_ssize_t in_size;
+    const char *in_kinds;
+    Py_ssize_t out_size;
+    const char *out_kinds;
+};
+
+static const struct unary unaries[] = {
+    {"encode_f16", pccl_encode_f16, 4, "f", 2, "fu"},
+    {"decode_f16", pccl_decode_f16, 2, "fu", 4, "f"},
+    {"encode_bf16", pccl_encode_bf16, 4, "f", 2, "u"},
+    {"decode_bf16", pccl_decode_bf16, 2, "u", 4, "f"},
+    {"accumulate_f16", pccl_accumulate_f16, 2, "fu", 4, "f"},
+    {"accumulate_bf16", pccl_accumulate_bf16, 2, "u", 4, "f"},
+};
+
+static PyObject *unary_common(const struct unary *u, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer s, o;
+    Py_ssize_t ns, no;
+    PyObject *ret = NULL;
+    const char *outname = strncmp(u->name, "accumulate", 10) == 0 ? "acc" : "out";
+    if (check_nargs(u->name, nargs, 2) < 0) return NULL;
+    if (get_buf(args[0], &s, "src", u->in_size, u->in_kinds, 0, &ns) < 0) return NULL;
+    if (get_buf(args[1], &o, outname, u->out_size, u->out_kinds, 1, &no) < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    if (ns != no) {
+        PyErr_Format(PyExc_ValueError, "src has %zd elements, %s %zd", ns, outname, no);
+    } else if (check_disjoint(&s, "src", &o, outname) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        u->fn(s.buf, o.buf, (size_t)ns);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&s);
+    return ret;
+}
+
+#define UNARY_ENTRY(IDX, NAME, DOC)                                                        \
+    PyDoc_STRVAR(NAME##_doc, DOC);                                                         \
+    static PyObject *py_##NAME(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {  \
+        (void)self;                                                                        \
+        return unary_common(&unaries[IDX], args, nargs);                                   \
+    }
+
+UNARY_ENTRY(0, encode_f16, "encode_f16(src, out)\n--\n\nfloat32 -> float16 bits, RNE.")
+UNARY_ENTRY(1, decode_f16, "decode_f16(src, out)\n--\n\nfloat16 bits -> float32, exact.")
+UNARY_ENTRY(2, encode_bf16, "encode_bf16(src, out)\n--\n\nfloat32 -> bfloat16 bits, RNE.")
+UNARY_ENTRY(3, decode_bf16, "decode_bf16(src, out)\n--\n\nbfloat16 bits -> float32, exact.")
+UNARY_ENTRY(4, accumulate_f16, "accumulate_f16(src, acc)\n--\n\nacc += decode_f16(src).")
+UNARY_ENTRY(5, accumulate_bf16, "accumulate_bf16(src, acc)\n--\n\nacc += decode_bf16(src).")
+
+#define FASTCALL(NAME) {#NAME, (PyCFunction)(void (*)(void))py_##NAME, METH_FASTCALL, NAME##_doc}
+
+static PyMethodDef methods[] = {
+    FASTCALL(reduce),
+    FASTCALL(divide),
+    {"quantize_u8", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, quantize_doc},
+    {"dequantize_u8", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL,
+     dequantize_doc},
+    {"dequantize_accumulate_u8", (PyCFunction)(void (*)(void))py_dequantize_accumulate,
+     METH_FASTCALL, dequantize_accumulate_doc},
+    FASTCALL(encode_f16),
+    FASTCALL(decode_f16),
+    FASTCALL(encode_bf16),
+    FASTCALL(decode_bf16),
+    FASTCALL(accumulate_f16),
+    FASTCALL(accumulate_bf16),
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *mod) {
+    int cap = PCCL_SIMD_AVX512;
+    const char *env = getenv("PCCL_SIMD");
+    if (env != NULL && *env != '\0') {
+        if (strcmp(env, "generic") == 0) cap = PCCL_SIMD_GENERIC;
+        else if (strcmp(env, "avx2") == 0) cap = PCCL_SIMD_AVX2;
+        else if (strcmp(env, "avx512") == 0) cap = PCCL_SIMD_AVX512;
+        else {
+            PyErr_Format(PyExc_ImportError,
+                         "PCCL_SIMD=%.50s: expected generic, avx2 or avx512", env);
+            return -1;
+        }
+    }
+    int level = pccl_simd_select(cap);
+    return PyModule_AddStringConstant(mod, "SIMD", pccl_simd_name(level));
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pccl._native",
+    .m_doc = "Native pccl kernels; see pccl/kernels.py for the documented front-end.",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModuleDef_Init(&moduledef); }

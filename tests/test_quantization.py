@@ -1,0 +1,199 @@
+"""Block-wise uint8 quantisation: error bound, golden vectors, NaN/inf blocks.
+
+Every test runs against the numpy reference (the specification) and through
+:mod:`pccl.kernels` on the live backend, so with ``PCCL_FORCE_NUMPY=1`` the whole file still
+checks the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pccl import _reference as ref
+from pccl import kernels
+from pccl.types import DType, ReduceOp
+
+BACKENDS = [pytest.param(ref, id="reference"), pytest.param(kernels, id="frontend")]
+
+F32_NAN = 0x7FC00000
+U = 2.0**-24  # unit roundoff of float32
+
+
+def quantize(mod: ModuleType, x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    q = np.empty(x.size, np.uint8)
+    meta = np.empty(2 * ref.num_blocks(x.size, block), np.float32)
+    mod.quantize_u8(x, q, meta, block)
+    return q, meta
+
+
+def dequantize(mod: ModuleType, q: np.ndarray, meta: np.ndarray, block: int) -> np.ndarray:
+    out = np.empty(q.size, np.float32)
+    mod.dequantize_u8(q, meta, out, block)
+    return out
+
+
+def bits(a: np.ndarray) -> list[int]:
+    return np.asarray(a, np.float32).view(np.uint32).tolist()
+
+
+def check_error_bound(x: np.ndarray, meta: np.ndarray, y: np.ndarray, block: int) -> None:
+    """|y - x| <= scale / 2 per element, plus float32 rounding slack.
+
+    Slack, per block with M = max(|min|, |max|) and d = max - min:
+      * 2^-21 * (d + M): 8 units of float32 roundoff on the block's magnitude, covering the
+        roundings of x - min, of the division by scale, of q * scale and of min + that
+        (each at most 1 unit of the value it rounds; 8 leaves margin);
+      * 2^-141 (256 subnormal steps): when scale itself is subnormal it is only known to
+        2^-150 absolutely, and up to 255 of those errors add up in q * scale.
+    A block whose range overflows float32 is NaN by the spec and checked elsewhere.
+    """
+    for b in range(ref.num_blocks(x.size, block)):
+        xs = x[b * block : (b + 1) * block].astype(np.float64)
+        ys = y[b * block : (b + 1) * block].astype(np.float64)
+        mn, scale = float(meta[2 * b]), float(meta[2 * b + 1])
+        if math.isnan(scale):
+            with np.errstate(over="ignore"):
+                assert not math.isfinite(np.float32(xs.max()) - np.float32(xs.min()))
+            assert np.isnan(ys).all()
+            continue
+        assert mn == xs.min()
+        d = xs.max() - xs.min()
+        allowed = scale / 2 + 2.0**-21 * (d + np.abs(xs).max()) + 2.0**-141
+        err = np.abs(ys - xs)
+        assert err.max() <= allowed, (b, err.max(), allowed, scale)
+
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+moderate_f32 = st.floats(-(2.0**100), 2.0**100, width=32)
+tiny_f32 = st.floats(-(2.0**-123), 2.0**-123, width=32)  # subnormal ranges and scales
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+@settings(max_examples=400, deadline=None)
+@given(
+    x=st.one_of(
+        hnp.arrays(np.float32, st.integers(0, 60), elements=moderate_f32),
+        hnp.arrays(np.float32, st.integers(0, 60), elements=finite_f32),
+        hnp.arrays(np.float32, st.integers(0, 60), elements=tiny_f32),
+    ),
+    block=st.integers(1, 17),
+)
+def test_roundtrip_error_within_half_step(mod: ModuleType, x: np.ndarray, block: int) -> None:
+    q, meta = quantize(mod, x, block)
+    check_error_bound(x, meta, dequantize(mod, q, meta, block), block)
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+@pytest.mark.parametrize("scale_exp", [-30, -5, 0, 10, 30])
+def test_roundtrip_error_gaussian(mod: ModuleType, scale_exp: int) -> None:
+    """Realistic gradients: large arrays, default block, several magnitudes, odd length."""
+    rng = np.random.default_rng(scale_exp + 100)
+    x = (rng.standard_normal(3 * 4096 + 5) * 2.0**scale_exp).astype(np.float32)
+    q, meta = quantize(mod, x, kernels.DEFAULT_BLOCK)
+    y = dequantize(mod, q, meta, kernels.DEFAULT_BLOCK)
+    check_error_bound(x, meta, y, kernels.DEFAULT_BLOCK)
+    # Each block's min lands on code 0 exactly, its max on 255.
+    for b in range(len(meta) // 2):
+        xs, qs = x[b * 4096 : (b + 1) * 4096], q[b * 4096 : (b + 1) * 4096]
+        assert qs[np.argmin(xs)] == 0 and qs[np.argmax(xs)] == 255
+        assert y[b * 4096 + np.argmin(xs)] == xs.min()
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_golden_minus_one_zero_one(mod: ModuleType) -> None:
+    # scale = fl32(2/255) = 0x3C008081 (0.0078431377...); (0 - -1) / scale = 127.4999924
+    # rounds to 127; -1 + 127 * scale = -0.003921509 (0xBB808000); 255 * scale rounds to
+    # exactly 2.0, so the max comes back exactly.
+    q, meta = quantize(mod, np.array([-1.0, 0.0, 1.0], np.float32), 4096)
+    assert q.tolist() == [0, 127, 255]
+    assert bits(meta) == [0xBF800000, 0x3C008081]
+    assert bits(dequantize(mod, q, meta, 4096)) == [0xBF800000, 0xBB808000, 0x3F800000]
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_golden_constant_and_zero_blocks(mod: ModuleType) -> None:
+    x = np.array([2.5, 2.5, 2.5, -0.0, -0.0, 0.0, 7.0], np.float32)
+    q, meta = quantize(mod, x, 3)
+    assert q.tolist() == [0] * 7
+    # -0.0 as a block min/max is stored as +0.0; a one-element block is constant.
+    assert bits(meta) == [0x40200000, 0, 0, 0, 0x40E00000, 0]
+    assert bits(dequantize(mod, q, meta, 3)) == bits(np.array([2.5] * 3 + [0.0] * 3 + [7.0]))
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_block_dequantizes_to_nan(mod: ModuleType, bad: float) -> None:
+    x = np.arange(12, dtype=np.float32)
+    x[5] = bad
+    q, meta = quantize(mod, x, 4)
+    assert bits(meta[2:4]) == [F32_NAN, F32_NAN]
+    assert q[4:8].tolist() == [0, 0, 0, 0]
+    y = dequantize(mod, q, meta, 4)
+    assert bits(y[4:8]) == [F32_NAN] * 4  # the whole block, canonical NaN
+    # Neighbouring blocks are unaffected.
+    assert y[:4].tolist() == [0, 1, 2, 3] and y[8:].tolist() == [8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_range_overflow_block_is_nan(mod: ModuleType) -> None:
+    """max - min beyond FLT_MAX cannot be written as (min, scale): the block becomes NaN."""
+    q, meta = quantize(mod, np.array([3e38, -3e38, 1e38, -1e38], np.float32), 2)
+    assert bits(meta[:2]) == [F32_NAN, F32_NAN]
+    big = np.float32(1e38)
+    assert meta[2] == -big and meta[3] == (big + big) / np.float32(255)
+    y = dequantize(mod, q, meta, 2)
+    assert np.isnan(y[:2]).all() and np.isfinite(y[2:]).all()
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_subnormal_block(mod: ModuleType) -> None:
+    tiny = np.array([0.0, 1e-45, 5e-45, 1e-40, 3e-39], np.float32)
+    q, meta = quantize(mod, tiny, 8)
+    check_error_bound(tiny, meta, dequantize(mod, q, meta, 8), 8)
+    # A range of 2 subnormal steps has a scale of 2/255 step: it underflows to 0, so q = 0.
+    q, meta = quantize(mod, np.array([0.0, 3e-45], np.float32), 8)
+    assert q.tolist() == [0, 0] and bits(meta) == [0, 0]
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_dequantize_accumulate_equals_two_step(mod: ModuleType) -> None:
+    rng = np.random.default_rng(11)
+    n, block = 10_000, 1000
+    q = rng.integers(0, 256, n, dtype=np.uint8)
+    meta = rng.standard_normal(2 * ref.num_blocks(n, block)).astype(np.float32)
+    meta[4:6] = np.nan
+    meta[7] = np.inf
+    acc = rng.standard_normal(n).astype(np.float32)
+    acc[::97] = np.nan
+    fused = acc.copy()
+    mod.dequantize_accumulate_u8(q, meta, fused, block)
+    two_step = acc.copy()
+    kernels.reduce_inplace(two_step, dequantize(mod, q, meta, block), DType.FLOAT32, ReduceOp.SUM)
+    assert fused.tobytes() == two_step.tobytes()
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+def test_empty_input(mod: ModuleType) -> None:
+    q, meta = quantize(mod, np.empty(0, np.float32), 4096)
+    assert q.size == 0 and meta.size == 0
+    assert dequantize(mod, q, meta, 4096).size == 0
+
+
+def test_unaligned_views_through_frontend() -> None:
+    x = np.linspace(-3, 5, 4099, dtype=np.float32)
+    buf = bytearray(x.nbytes + 1)
+    xv = np.frombuffer(buf, np.float32, x.size, offset=1)
+    xv[...] = x
+    qbuf, mbuf = bytearray(x.size + 3), bytearray(4 * 4 + 2)
+    qv = np.frombuffer(qbuf, np.uint8, x.size, offset=3)
+    mv = np.frombuffer(mbuf, np.float32, 4, offset=2)
+    kernels.quantize_u8(xv, qv, mv)
+    q, meta = quantize(ref, x, kernels.DEFAULT_BLOCK)
+    assert qv.tobytes() == q.tobytes() and mv.tobytes() == meta.tobytes()
