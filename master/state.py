@@ -92,7 +92,7 @@ class MasterState:
         self,
         send: Callable[[int, m.Message], None],
         kick: Callable[[int, str, str], None],
-        restart_grace_s: float = 2.0,
+        restart_grace_s: float = 3.0,
     ) -> None:
         self._send = send
         self._restart_grace_s = restart_grace_s

@@ -52,7 +52,7 @@ class Config:
     quant_block: int = 4096
     socket_buffer_bytes: int = 4 << 20
     reconnect_timeout_s: float = 60.0
-    restart_grace_s: float = 2.0
+    restart_grace_s: float = 3.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -350,6 +350,10 @@ class Communicator:
             self._lost(err)
             return
         if self._reconnect_task is not None:  # an attempt failed: the reconnect loop retries
+            for f in (self._challenge, self._welcome):
+                if f is not None and not f.done():
+                    f.set_exception(err)
+                    f.exception()
             self._notify()
             return
         log.warning("peer %d: %s; reconnecting", self.peer_id, err)
@@ -378,8 +382,10 @@ class Communicator:
         last: Exception | None = None
         while loop.time() < deadline and not self._closed and self._error is None:
             old = self._link
+            # One attempt: connect + handshake + admission, bounded well below the whole budget.
+            attempt = self.config.connect_timeout_s + 2 * self.config.restart_grace_s
             try:
-                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                async with asyncio.timeout(max(0.1, min(attempt, deadline - loop.time()))):
                     welcome = await self._open_link(resume_id=self.peer_id)
                     if welcome.peer_id != self.peer_id:
                         log.warning(
@@ -411,7 +417,7 @@ class Communicator:
                         tr.abort()
                 self._link = old if self._link is None else self._link
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)  # stays below the master's restart grace
         self._reconnect_task = None
         self._lost(
             ConnectionLost(
@@ -453,9 +459,9 @@ class Communicator:
         seq = 0
         while self._error is None:
             link = self._link
-            if link is not None and self._reconnect_task is None:
+            if link is not None and not self._link_dead:
                 seq += 1
-                link.send(m.Heartbeat(seq))
+                link.send(m.Heartbeat(seq))  # also while rejoining: the new master counts them
                 if time.monotonic() - self._last_master > limit:
                     self._link_lost(link, ConnectionLost(f"master silent for more than {limit}s"))
                     if link.transport is not None:
