@@ -16,13 +16,13 @@ from collections.abc import Callable
 from typing import cast
 
 from pccl.master.state import MasterState, Phase
+from pccl.master.status import StatusServer
 
 from pccl import messages as m
 from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import FrameDecoder, MsgType
-from pccl.messages import MAX_PEERS
 
 log = logging.getLogger("pccl.master")
 
@@ -144,9 +144,6 @@ class _Conn(asyncio.Protocol):
         pid = state.new_peer_id(resume if resume and resume not in state.peers else 0)
         self.peer_id = pid
         self.master.by_id[pid] = self
-        if len(state.peers) >= MAX_PEERS:
-            self.kick("full", f"the master already serves {MAX_PEERS} peers")
-            return
         # Welcome must precede the topology message the registration itself may trigger.
         at_once = not state.accepted and state.phase is Phase.IDLE
         proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
@@ -198,6 +195,9 @@ class Master:
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
         config: timeouts; defaults to ``Config.from_env()``.
         token: shared secret peers must prove (HMAC challenge-response); None disables auth.
+        status_port: serve ``GET /status`` and ``/metrics`` over HTTP on this port (0: any
+            free port, read it back from ``status_server.port``); None disables it.
+        status_host: address of the status endpoint; defaults to ``host``.
     """
 
     def __init__(
@@ -206,6 +206,8 @@ class Master:
         port: int = 0,
         config: Config | None = None,
         token: bytes | str | None = None,
+        status_port: int | None = None,
+        status_host: str | None = None,
     ):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port!r}")
@@ -219,6 +221,9 @@ class Master:
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.status_server: StatusServer | None = None
+        if status_port is not None:
+            self.status_server = StatusServer(self, status_host or host, status_port)
 
     @property
     def port(self) -> int:
@@ -244,6 +249,12 @@ class Master:
         )
         sock = self._server.sockets[0]
         self._port = sock.getsockname()[1]
+        if self.status_server is not None:
+            try:
+                await self.status_server.start()
+            except OSError:
+                self._server.close()
+                raise
         self._ticker = asyncio.create_task(self._tick(), name="pccl-master-heartbeat")
         log.info("pccl master listening on %s:%d", self.host, self._port)
 
@@ -277,6 +288,8 @@ class Master:
         """Stop accepting, close every connection (peers see ConnectionLost)."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.status_server is not None:
+            await self.status_server.stop()
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):

@@ -111,6 +111,8 @@ class MasterState:
         self._next_sync_id = base + 1
         self.epoch_started = 0.0
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
+        self.collectives_completed = 0  # lifetime totals (status / metrics)
+        self.aborts_total = 0
 
     # ------------------------------------------------------------------ membership
 
@@ -131,6 +133,9 @@ class MasterState:
         A peer resuming after a master restart, arriving before any ring was formed, starts a
         grace period so its former ring-mates can rejoin into the same first epoch.
         """
+        if len(self.peers) >= m.MAX_PEERS:  # Topology.world_size is bounded on the wire
+            self._kick(pid, "full", f"the master already serves {m.MAX_PEERS} peers")
+            return PeerRecord(pid, group, host, port)
         if resumed and not self._formed and not self._hold_until:
             self._hold_until = time.monotonic() + self._restart_grace_s
             log.info("peers are resuming: waiting %.1fs for the rest", self._restart_grace_s)
@@ -351,6 +356,10 @@ class MasterState:
     def _finish(self, gid: int, op: OpState, ok: bool, reason: str, kind: str = "aborted") -> None:
         grp = self.groups[gid]
         grp.ops.pop(op.tag, None)
+        if ok:
+            self.collectives_completed += 1
+        else:
+            self.aborts_total += 1
         if not ok:
             log.warning("group %d tag %d op %d aborted: %s", gid, op.tag, op.op_id, reason)
             self.aborts.insert(0, (gid, op.tag, reason))

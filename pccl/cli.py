@@ -31,6 +31,18 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--token-file", help="shared token peers must prove (HMAC; never sent)")
+    p.add_argument(
+        "--status-host",
+        default="127.0.0.1",
+        help="address of the status endpoint (default 127.0.0.1: it lists peer addresses)",
+    )
+    p.add_argument(
+        "--status-port",
+        type=int,
+        default=None,
+        help="serve HTTP GET /status (JSON) and /metrics (Prometheus) on this port "
+        "(0: any free port; default: off)",
+    )
     p.set_defaults(func=_cmd_master)
 
 
@@ -49,13 +61,32 @@ def _cmd_master(args: argparse.Namespace) -> int:
             print(f"pccl master: {e}", file=sys.stderr)
             return 2
 
+    if not 0 <= args.port <= 65535:
+        print(f"pccl master: --port {args.port} is not within 0..65535", file=sys.stderr)
+        return 2
+    if args.status_port is not None and not 0 <= args.status_port <= 65535:
+        print(
+            f"pccl master: --status-port {args.status_port} is not within 0..65535", file=sys.stderr
+        )
+        return 2
+
     async def run() -> None:
-        master = Master(args.host, args.port, token=token)
+        master = Master(
+            args.host,
+            args.port,
+            token=token,
+            status_port=args.status_port,
+            status_host=args.status_host,
+        )
         await master.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(master.stop()))
         print(f"pccl master listening on {args.host}:{master.port}", flush=True)
+        if master.status_server is not None:
+            print(
+                f"pccl master status on {args.status_host}:{master.status_server.port}", flush=True
+            )
         await master.serve_forever()
         logging.getLogger("pccl.master").info("master stopped")
 
@@ -104,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         from pccl import demo
 
         demo.add_arguments(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from pccl import status
+
+        status.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
     return parser

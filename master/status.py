@@ -1,0 +1,649 @@
+"""The master's read-only HTTP status endpoint: ``GET /status`` (JSON) and ``GET /metrics``.
+
+A deliberately tiny HTTP/1.1 server on the master's own event loop (no new dependencies, no
+thread): one request per connection, ``GET`` only, the response is written and the connection
+closed. Everything a client sends is untrusted: the request head is bounded
+(:data:`MAX_HEAD_BYTES`) and must arrive whole within :data:`REQUEST_READ_TIMEOUT_S` (so a
+slowloris client is dropped), the response must drain within :data:`RESPONSE_WRITE_TIMEOUT_S`,
+and at most :data:`MAX_CLIENTS` connections are open at once (the oldest one still sending its
+request is evicted for a newcomer). A bad request gets a 4xx and closes only its own
+connection; no request can raise into the master. Rendering runs on the master's loop, so a
+rendered document is reused for a while proportional to its cost
+(:data:`RENDER_REUSE_FACTOR`): a request flood cannot starve the control plane.
+
+Documents are built from :class:`~pccl.master.state.MasterState` and the daemon's connections
+at request time; the functions that build them (:func:`status_document`,
+:func:`metrics_text`) are pure and need no sockets. Completed collectives (one per group
+operation) and aborts are ``MasterState``'s own lifetime counters. Never touches tensor bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pccl.master.state import MasterState, Phase
+
+if TYPE_CHECKING:
+    from pccl.master.daemon import Master
+
+log = logging.getLogger("pccl.master.status")
+
+__all__ = [
+    "BadRequest",
+    "Counters",
+    "StatusServer",
+    "metrics_text",
+    "parse_request",
+    "status_document",
+]
+
+#: Largest request head (request line and headers) accepted; larger gets 431.
+MAX_HEAD_BYTES = 8192
+#: The whole request head must arrive within this; a slower client gets 408 and is closed.
+REQUEST_READ_TIMEOUT_S = 5.0
+#: A client that does not read its response within this is dropped.
+RESPONSE_WRITE_TIMEOUT_S = 10.0
+#: After answering, how long the server keeps reading (and discarding) until the client closes.
+LINGER_S = 1.0
+#: ... and at most this many bytes.
+LINGER_MAX_BYTES = 1 << 20
+#: Connections served at once; beyond it the oldest one still sending its request is closed.
+MAX_CLIENTS = 64
+#: How often :class:`Counters` samples the state between requests.
+SAMPLE_INTERVAL_S = 0.25
+#: A rendered document is served again while younger than this many times what rendering it
+#: cost: a flood of requests then takes at most about 1/N of the master's loop per document
+#: (rendering 4096 peers takes tens of milliseconds), while small runs always get fresh ones.
+RENDER_REUSE_FACTOR = 20
+#: How many recent aborts ``/status`` lists (``MasterState`` itself keeps 64).
+STATUS_ABORTS = 32
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+
+# ---------------------------------------------------------------------------------- counters
+
+
+class Counters:
+    """Lifetime totals, read from ``MasterState`` (exact: it counts every verdict)."""
+
+    def __init__(self, state: MasterState) -> None:
+        self.collectives_completed = 0
+        self.aborts = 0
+        self.first_epoch = state.epoch
+
+    def sample(self, state: MasterState) -> None:
+        """Refresh the totals from ``state``."""
+        self.collectives_completed = state.collectives_completed
+        self.aborts = state.aborts_total
+
+    def topology_changes(self, state: MasterState) -> int:
+        """Epochs announced since this master started."""
+        return max(state.epoch - self.first_epoch, 0)
+
+
+# ---------------------------------------------------------------------------------- documents
+
+
+def _round(x: float, digits: int = 3) -> float:
+    return round(x, digits) if math.isfinite(x) else 0.0
+
+
+def status_document(master: Master, counters: Counters, now: float) -> dict[str, Any]:
+    """The ``/status`` JSON object.
+
+    Args:
+        master: the daemon (its state and connections are read, never changed).
+        counters: lifetime totals, already sampled.
+        now: ``time.monotonic()`` of the request.
+
+    Returns:
+        A JSON-serialisable dict: ``master``, ``peers``, ``groups``, ``aborts``, ``totals``.
+    """
+    state = master.state
+    server = master.status_server
+    started = server.started if server is not None else now
+    peers = []
+    for pid, rec in sorted(state.peers.items()):
+        conn = master.by_id.get(pid)
+        peers.append(
+            {
+                "id": pid,
+                "group": rec.group,
+                "address": f"{rec.host}:{rec.port}",
+                "control_address": conn.addr if conn is not None else None,
+                "accepted": rec.accepted,
+                "registered_s_ago": _round(now - rec.registered_at),
+                "last_seen_s_ago": _round(now - conn.last_seen) if conn is not None else None,
+                "ops_done": rec.ops_done,
+                "tx_bytes": rec.tx_bytes,
+                "last_gbps": _round(rec.last_gbps, 6),
+                "ops_in_flight": sorted(rec.ops),
+            }
+        )
+    groups = []
+    for gid, grp in sorted(state.groups.items()):
+        ops = [
+            {
+                "tag": op.tag,
+                "op_id": op.op_id,  # 0 until every ring member has initiated it
+                "initiated": sorted(op.params),
+                "members": list(op.members),
+                "completed": sorted(op.completed),
+            }
+            for op in sorted(grp.ops.values(), key=lambda o: o.tag)
+        ]
+        sync = None
+        if grp.sync is not None:
+            rnd = grp.sync
+            sync = {
+                "sync_id": rnd.sync_id,
+                "phase": "voting" if rnd.target < 0 else "transferring",
+                "voted": sorted(rnd.votes),
+                "waiting": sorted(rnd.waiting),
+                "target_revision": rnd.target if rnd.target >= 0 else None,
+            }
+        groups.append(
+            {
+                "id": gid,
+                "ring": list(grp.ring),
+                "world_size": len(grp.ring),
+                "departed": [q for q in grp.ring if q not in state.peers],
+                "broken": grp.broken or None,
+                "ops_in_flight": ops,
+                "next_revision": grp.next_revision,
+                "sync": sync,
+            }
+        )
+    return {
+        "master": {
+            "host": master.host,
+            "port": master.port,
+            "uptime_s": _round(now - started),
+            "phase": state.phase.value,
+            "epoch": state.epoch,
+            "topology_changes": counters.topology_changes(state),
+            "connections": len(master.conns),
+        },
+        "peers": peers,
+        "groups": groups,
+        "aborts": [{"group": g, "tag": t, "reason": r} for g, t, r in state.aborts[:STATUS_ABORTS]],
+        "totals": {
+            "collectives_completed": counters.collectives_completed,
+            "aborts": counters.aborts,
+        },
+    }
+
+
+def _label_value(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+class _Exposition:
+    """Builds Prometheus text exposition (format 0.0.4), one family at a time."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        samples: list[tuple[dict[str, object], float]],
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+                self.lines.append(f"{name}{{{inner}}} {_sample_value(value)}")
+            else:
+                self.lines.append(f"{name} {_sample_value(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def metrics_text(master: Master, counters: Counters, now: float) -> str:
+    """The ``/metrics`` body in Prometheus text exposition format 0.0.4.
+
+    Args:
+        master: the daemon (read only).
+        counters: lifetime totals, already sampled.
+        now: ``time.monotonic()`` of the request.
+    """
+    state = master.state
+    server = master.status_server
+    started = server.started if server is not None else now
+    e = _Exposition()
+    e.family(
+        "pccl_master_uptime_seconds",
+        "gauge",
+        "Seconds since the master started.",
+        [({}, _round(now - started))],
+    )
+    accepted = sum(1 for p in state.peers.values() if p.accepted)
+    e.family(
+        "pccl_peers",
+        "gauge",
+        "Registered peers by admission state.",
+        [({"state": "accepted"}, accepted), ({"state": "pending"}, len(state.peers) - accepted)],
+    )
+    e.family(
+        "pccl_connections",
+        "gauge",
+        "Open control connections, registered or not.",
+        [({}, len(master.conns))],
+    )
+    e.family(
+        "pccl_phase",
+        "gauge",
+        "1 for the master's current topology phase, 0 for the others.",
+        [({"phase": ph.value}, int(state.phase is ph)) for ph in Phase],
+    )
+    e.family(
+        "pccl_epoch",
+        "gauge",
+        "Current topology epoch id (a large integer; float64 scrapers lose its low digits).",
+        [({}, state.epoch)],
+    )
+    e.family(
+        "pccl_topology_changes_total",
+        "counter",
+        "Topology epochs announced since start.",
+        [({}, counters.topology_changes(state))],
+    )
+    e.family(
+        "pccl_collectives_completed_total",
+        "counter",
+        "Collective completions reported by peers since start (a collective of N peers "
+        "counts N), including peers that have left.",
+        [({}, counters.collectives_completed)],
+    )
+    e.family(
+        "pccl_aborts_total",
+        "counter",
+        "Collectives aborted since start.",
+        [({}, counters.aborts)],
+    )
+    groups = sorted(state.groups.items())
+    e.family(
+        "pccl_group_world_size",
+        "gauge",
+        "Peers in the group's current ring.",
+        [({"group": g}, len(grp.ring)) for g, grp in groups],
+    )
+    e.family(
+        "pccl_group_broken",
+        "gauge",
+        "1 when a ring member left and the ring awaits an update.",
+        [({"group": g}, int(bool(grp.broken))) for g, grp in groups],
+    )
+    e.family(
+        "pccl_group_ops_in_flight",
+        "gauge",
+        "Collectives initiated and not yet decided.",
+        [({"group": g}, len(grp.ops)) for g, grp in groups],
+    )
+    e.family(
+        "pccl_group_sync_in_progress",
+        "gauge",
+        "1 while a shared-state sync is running.",
+        [({"group": g}, int(grp.sync is not None)) for g, grp in groups],
+    )
+    peers = sorted(state.peers.items())
+
+    def per_peer(value: Any) -> list[tuple[dict[str, object], float]]:
+        return [({"peer": pid, "group": rec.group}, value(pid, rec)) for pid, rec in peers]
+
+    e.family(
+        "pccl_peer_tx_bytes_total",
+        "counter",
+        "Payload bytes the peer sent in completed collectives (as it reported).",
+        per_peer(lambda _pid, rec: rec.tx_bytes),
+    )
+    e.family(
+        "pccl_peer_last_gbps",
+        "gauge",
+        "Send rate of the peer's last completed collective, in GB/s.",
+        per_peer(lambda _pid, rec: rec.last_gbps if math.isfinite(rec.last_gbps) else 0.0),
+    )
+    e.family(
+        "pccl_peer_collectives_completed_total",
+        "counter",
+        "Collectives the peer completed.",
+        per_peer(lambda _pid, rec: rec.ops_done),
+    )
+    e.family(
+        "pccl_peer_ops_in_flight",
+        "gauge",
+        "Collectives the peer initiated, not yet decided.",
+        per_peer(lambda _pid, rec: len(rec.ops)),
+    )
+    e.family(
+        "pccl_peer_accepted",
+        "gauge",
+        "1 once the peer is admitted into the run.",
+        per_peer(lambda _pid, rec: int(rec.accepted)),
+    )
+    last_seen = []
+    for pid, rec in peers:
+        conn = master.by_id.get(pid)
+        if conn is not None:
+            last_seen.append(({"peer": pid, "group": rec.group}, _round(now - conn.last_seen)))
+    e.family(
+        "pccl_peer_last_seen_seconds",
+        "gauge",
+        "Seconds since the master last heard from the peer.",
+        last_seen,
+    )
+    return e.text()
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+class BadRequest(Exception):
+    """A request this server will not serve; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def parse_request(head: bytes) -> tuple[str, str]:
+    """Parse a request head (request line and headers, without the blank line).
+
+    Args:
+        head: the bytes before the first empty line; at most :data:`MAX_HEAD_BYTES`.
+
+    Returns:
+        ``(method, path)`` with any query string removed from the path.
+
+    Raises:
+        BadRequest: (400) anything that is not an HTTP/1.0 or HTTP/1.1 request head.
+    """
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest(400, "request head is not ASCII") from None
+    lines = text.split("\n")
+    parts = lines[0].rstrip("\r").split(" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if not method or not set(method) <= _TOKEN_CHARS:
+        raise BadRequest(400, "malformed method")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadRequest(400, "unsupported HTTP version")
+    if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
+        raise BadRequest(400, "malformed request target")
+    for raw in lines[1:]:
+        line = raw.rstrip("\r")
+        name, sep, _ = line.partition(":")
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+            raise BadRequest(400, "malformed header line")
+    return method, target.split("?", 1)[0]
+
+
+def _find_head_end(buf: bytearray) -> tuple[int, int] | None:
+    """``(end of head, start of body)`` once an empty line arrived (CRLF or bare LF)."""
+    best: tuple[int, int] | None = None
+    for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        i = buf.find(sep)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, i + len(sep))
+    return best
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+@dataclass
+class _Client:
+    writer: asyncio.StreamWriter
+    reading: bool = True  # still receiving its request head (evictable)
+
+
+class StatusServer:
+    """Serves ``/status`` and ``/metrics`` for one :class:`~pccl.master.daemon.Master`.
+
+    Args:
+        master: the daemon to report on.
+        host: address to listen on.
+        port: TCP port; 0 picks a free one (read it back from :attr:`port`).
+    """
+
+    def __init__(self, master: Master, host: str, port: int = 0) -> None:
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"status port must be within 0..65535, got {port!r}")
+        self.master = master
+        self.host = host
+        self.port = port
+        self.started = time.monotonic()
+        self.counters = Counters(master.state)
+        self._server: asyncio.AbstractServer | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._clients: dict[asyncio.Task[Any], _Client] = {}
+        self._rendered: dict[str, tuple[float, float, str]] = {}  # path -> (at, cost, body)
+
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            OSError: the address cannot be bound (the message names the status endpoint).
+        """
+        self.started = time.monotonic()
+        self.counters = Counters(self.master.state)
+        try:
+            self._server = await asyncio.start_server(
+                self._on_client, self.host, self.port, reuse_address=True, backlog=128
+            )
+        except OSError as e:
+            raise OSError(
+                e.errno, f"status endpoint {self.host}:{self.port}: {e.strerror or e}"
+            ) from e
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sampler = asyncio.create_task(self._sample_forever(), name="pccl-master-status")
+        log.info("pccl master status on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every open status connection."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._server is not None:
+            self._server.close()
+        for task, client in list(self._clients.items()):
+            client.writer.transport.abort()
+            task.cancel()
+        if self._server is not None:
+            try:  # uvloop waits for every connection here; never let that hold the master up
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("status endpoint: connections still closing at shutdown")
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            self.counters.sample(self.master.state)
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= MAX_CLIENTS:
+            oldest = next((t for t, c in self._clients.items() if c.reading), None)
+            if oldest is None:  # every slot is writing a response: refuse the newcomer
+                writer.transport.abort()
+                return
+            self._clients.pop(oldest).writer.transport.abort()
+            oldest.cancel()
+        client = _Client(writer)
+        self._clients[task] = client
+        try:
+            await self._serve(reader, writer, client)
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away or would not read its response
+        except asyncio.CancelledError:
+            # Evicted or server stopping. Not re-raised: Python 3.11's start_server callback
+            # calls task.exception(), which raises on a cancelled task.
+            pass
+        except Exception:
+            log.exception("status request failed")  # a bug here must not reach the master
+        finally:
+            self._clients.pop(task, None)
+            if not writer.transport.is_closing():
+                writer.transport.abort()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
+    ) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_READ_TIMEOUT_S):
+                head = await self._read_head(reader)
+        except TimeoutError:
+            client.reading = False
+            await self._respond(reader, writer, 408, "request head not received in time\n")
+            return
+        except BadRequest as e:
+            client.reading = False
+            await self._respond(reader, writer, e.status, f"{e}\n")
+            return
+        client.reading = False
+        if head is None:
+            return  # closed before sending a request
+        try:
+            method, path = parse_request(head)
+        except BadRequest as e:
+            await self._respond(reader, writer, e.status, f"{e}\n")
+            return
+        if path not in ("/status", "/metrics"):
+            await self._respond(reader, writer, 404, "not found: try /status or /metrics\n")
+            return
+        if method != "GET":
+            await self._respond(reader, writer, 405, "only GET is served\n", [("Allow", "GET")])
+            return
+        ctype = JSON_CONTENT_TYPE if path == "/status" else PROMETHEUS_CONTENT_TYPE
+        try:
+            body = self._render(path)
+        except Exception:
+            log.exception("building %s failed", path)
+            await self._respond(reader, writer, 500, "internal error\n")
+            return
+        await self._respond(reader, writer, 200, body, [("Content-Type", ctype)])
+
+    def _render(self, path: str) -> str:
+        """The document at ``path``, reused while younger than its cost allows."""
+        now = time.monotonic()
+        cached = self._rendered.get(path)
+        if cached is not None and now - cached[0] < cached[1] * RENDER_REUSE_FACTOR:
+            return cached[2]
+        self.counters.sample(self.master.state)
+        if path == "/status":
+            doc = status_document(self.master, self.counters, now)
+            body = json.dumps(doc, separators=(",", ":")) + "\n"
+        else:
+            body = metrics_text(self.master, self.counters, now)
+        self._rendered[path] = (now, time.monotonic() - now, body)
+        return body
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+        buf = bytearray()
+        while True:
+            chunk = await reader.read(4096)
+            if not chunk:
+                if buf.strip():
+                    raise BadRequest(400, "connection closed inside the request head")
+                return None
+            buf += chunk
+            end = _find_head_end(buf)
+            if end is not None and end[0] <= MAX_HEAD_BYTES:
+                return bytes(buf[: end[0]]).lstrip(b"\r\n")
+            if len(buf) > MAX_HEAD_BYTES:
+                raise BadRequest(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
+
+    @staticmethod
+    async def _respond(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Write the response, then close gracefully within :data:`RESPONSE_WRITE_TIMEOUT_S`.
+
+        Raises:
+            TimeoutError: the client did not take the response in time.
+            ConnectionError: the client reset the connection.
+        """
+        payload = body.encode()
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        hdrs = headers or []
+        if not any(k == "Content-Type" for k, _ in hdrs):
+            hdrs = [*hdrs, ("Content-Type", "text/plain; charset=utf-8")]
+        for k, v in hdrs:
+            lines.append(f"{k}: {v}")
+        lines += [
+            f"Content-Length: {len(payload)}",
+            "Cache-Control: no-store",
+            "Connection: close",
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        # drain() then returns only once everything reached the kernel, so closing below
+        # never leaves a response in a transport buffer that a non-reading client would pin.
+        writer.transport.set_write_buffer_limits(high=0)
+        writer.write(head + payload)
+        async with asyncio.timeout(RESPONSE_WRITE_TIMEOUT_S):
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        # Lingering close: closing with unread request bytes in the socket would reset the
+        # connection and could destroy the response before the client read it (a 431 after an
+        # oversized head, say). So read and discard until the client closes, bounded.
+        try:
+            async with asyncio.timeout(LINGER_S):
+                discarded = 0
+                while discarded < LINGER_MAX_BYTES:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    discarded += len(chunk)
+        except TimeoutError:
+            pass
+        writer.close()

@@ -1,0 +1,236 @@
+"""``pccl.Config``: defaults, validation, ``PCCL_<FIELD>`` environment parsing.
+
+A bad value must fail at construction with ``ValueError``/``TypeError`` naming the field (or the
+environment variable), never later inside a collective. Pure; no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import pccl
+from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, Config
+
+pytestmark = pytest.mark.timeout(30)
+
+FIELDS = [f.name for f in dataclasses.fields(Config)]
+TIMEOUTS = [n for n in FIELDS if n.endswith("_s")]
+INTS = ["chunk_bytes", "quant_block", "socket_buffer_bytes"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No ``PCCL_*`` variable from the outer environment leaks into a test."""
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("PCCL_"):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_valid_and_documented_values() -> None:
+    c = Config()
+    assert pccl.Config is Config
+    assert c.heartbeat_interval_s == 0.5
+    assert c.heartbeat_timeout_s == 3.0
+    assert c.handshake_timeout_s == 5.0
+    assert c.heartbeat_timeout_s > c.heartbeat_interval_s
+    assert all(getattr(c, n) > 0 for n in TIMEOUTS)
+    assert 4096 <= c.chunk_bytes <= 32 << 20
+    assert 64 <= c.quant_block <= 1 << 20
+    assert c.socket_buffer_bytes >= 0
+    assert all(type(getattr(c, n)) is int for n in INTS)
+    assert set(FIELDS) == set(TIMEOUTS) | set(INTS)
+
+
+def test_frame_bounds_are_sane() -> None:
+    assert MAX_CONTROL_FRAME == 1 << 20
+    assert Config().chunk_bytes <= MAX_DATA_FRAME
+    assert MAX_DATA_FRAME >= 32 << 20  # the largest chunk_bytes Config accepts fits one frame
+
+
+def test_config_is_frozen_and_hashable() -> None:
+    c = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.heartbeat_timeout_s = 1.0  # type: ignore[misc]
+    assert hash(c) == hash(Config())
+    assert c == Config()
+
+
+def test_replace_validates_and_leaves_the_original() -> None:
+    c = Config()
+    d = c.replace(heartbeat_timeout_s=10.0, chunk_bytes=1 << 20)
+    assert (d.heartbeat_timeout_s, d.chunk_bytes) == (10.0, 1 << 20)
+    assert c == Config()
+    with pytest.raises(ValueError, match="heartbeat_timeout_s"):
+        c.replace(heartbeat_interval_s=5.0)  # interval above the 3 s timeout
+    with pytest.raises(TypeError):
+        c.replace(no_such_field=1)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("name", TIMEOUTS)
+@pytest.mark.parametrize("value", [0, 0.0, -1, -0.001, math.nan])
+def test_timeouts_must_be_positive(name: str, value: float) -> None:
+    kw = {name: value}
+    if name == "heartbeat_interval_s":
+        kw["heartbeat_timeout_s"] = 3.0
+    with pytest.raises(ValueError, match=name):
+        Config(**kw)
+
+
+@pytest.mark.parametrize("name", FIELDS)
+@pytest.mark.parametrize("value", ["5", None, True, False, [1], b"1", 1j])
+def test_non_numbers_are_type_errors(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=name):
+        Config(**{name: value})
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [(1.0, 1.0), (2.0, 1.0), (0.5, 0.5), (0.5, 0.49)])
+def test_heartbeat_timeout_must_exceed_interval(interval: float, timeout: float) -> None:
+    with pytest.raises(ValueError, match="heartbeat_timeout_s"):
+        Config(heartbeat_interval_s=interval, heartbeat_timeout_s=timeout)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "good"),
+    [
+        ("chunk_bytes", [0, 4095, (32 << 20) + 1, -4096], [4096, 32 << 20, 65536]),
+        ("quant_block", [0, 63, (1 << 20) + 1, -64], [64, 1 << 20, 256]),
+        ("socket_buffer_bytes", [-1, -(1 << 20)], [0, 1, 64 << 20]),
+    ],
+)
+def test_integer_ranges(name: str, bad: list[int], good: list[int]) -> None:
+    for v in bad:
+        with pytest.raises(ValueError, match=name):
+            Config(**{name: v})
+    for v in good:
+        assert getattr(Config(**{name: v}), name) == v
+
+
+@pytest.mark.parametrize("name", INTS)
+@pytest.mark.parametrize("value", [4096.5, 65536.25, math.nan, math.inf])
+def test_integer_fields_refuse_non_integral_numbers(name: str, value: float) -> None:
+    """``chunk_bytes=4096.5`` is meaningless; it must fail here, not inside a collective."""
+    with pytest.raises((TypeError, ValueError), match=name):
+        Config(**{name: value})
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_from_env_without_variables_is_the_default(clean_env: pytest.MonkeyPatch) -> None:
+    assert Config.from_env() == Config()
+
+
+def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
+    values = {
+        "heartbeat_interval_s": "0.25",
+        "heartbeat_timeout_s": "7",
+        "handshake_timeout_s": "1.5",
+        "connect_timeout_s": "2e1",
+        "collective_timeout_s": "120",
+        "progress_timeout_s": " 4.5 ",
+        "chunk_bytes": "65536",
+        "quant_block": "256",
+        "socket_buffer_bytes": "0",
+        "reconnect_timeout_s": "30",
+        "restart_grace_s": "1.5",
+    }
+    assert set(values) == set(FIELDS)
+    for k, v in values.items():
+        clean_env.setenv(f"PCCL_{k.upper()}", v)
+    c = Config.from_env()
+    assert c.heartbeat_interval_s == 0.25
+    assert c.heartbeat_timeout_s == 7.0
+    assert c.handshake_timeout_s == 1.5
+    assert c.connect_timeout_s == 20.0
+    assert c.collective_timeout_s == 120.0
+    assert c.progress_timeout_s == 4.5
+    assert (c.chunk_bytes, c.quant_block, c.socket_buffer_bytes) == (65536, 256, 0)
+    assert (c.reconnect_timeout_s, c.restart_grace_s) == (30.0, 1.5)
+    assert all(type(getattr(c, n)) is int for n in INTS)
+    assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
+
+
+def test_from_env_overrides_win(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("PCCL_HEARTBEAT_TIMEOUT_S", "9")
+    clean_env.setenv("PCCL_CHUNK_BYTES", "8192")
+    c = Config.from_env(heartbeat_timeout_s=4.0)
+    assert c.heartbeat_timeout_s == 4.0
+    assert c.chunk_bytes == 8192
+
+
+def test_from_env_ignores_unrelated_pccl_variables(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("PCCL_FORCE_NUMPY", "1")
+    clean_env.setenv("PCCL_NOT_A_FIELD", "banana")
+    clean_env.setenv("HEARTBEAT_TIMEOUT_S", "banana")  # no prefix: not ours
+    assert Config.from_env() == Config()
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "fast"),
+        ("PCCL_HEARTBEAT_TIMEOUT_S", ""),
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "3s"),
+        ("PCCL_HANDSHAKE_TIMEOUT_S", "1,5"),
+        ("PCCL_CHUNK_BYTES", "64KiB"),
+        ("PCCL_CHUNK_BYTES", "1.5"),
+        ("PCCL_QUANT_BLOCK", "0x100"),
+        ("PCCL_SOCKET_BUFFER_BYTES", "four"),
+    ],
+)
+def test_from_env_unparsable_names_the_variable(
+    clean_env: pytest.MonkeyPatch, var: str, raw: str
+) -> None:
+    clean_env.setenv(var, raw)
+    with pytest.raises(ValueError) as ei:
+        Config.from_env()
+    assert var in str(ei.value)
+    assert repr(raw) in str(ei.value)
+    assert "not a number" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "field"),
+    [
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "0", "heartbeat_timeout_s"),
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "-3", "heartbeat_timeout_s"),
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "nan", "heartbeat_timeout_s"),
+        ("PCCL_HEARTBEAT_TIMEOUT_S", "0.1", "heartbeat_timeout_s"),  # below the interval
+        ("PCCL_PROGRESS_TIMEOUT_S", "0", "progress_timeout_s"),
+        ("PCCL_CHUNK_BYTES", "1024", "chunk_bytes"),
+        ("PCCL_QUANT_BLOCK", "2", "quant_block"),
+        ("PCCL_SOCKET_BUFFER_BYTES", "-1", "socket_buffer_bytes"),
+    ],
+)
+def test_from_env_out_of_range_is_a_value_error(
+    clean_env: pytest.MonkeyPatch, var: str, raw: str, field: str
+) -> None:
+    clean_env.setenv(var, raw)
+    with pytest.raises(ValueError, match=field):
+        Config.from_env()
+
+
+def test_master_and_communicator_read_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    from pccl.master import Master
+
+    clean_env.setenv("PCCL_HEARTBEAT_TIMEOUT_S", "11")
+    clean_env.setenv("PCCL_HANDSHAKE_TIMEOUT_S", "0.75")
+    assert Master("127.0.0.1", 0).config.heartbeat_timeout_s == 11.0
+    assert Master("127.0.0.1", 0).config.handshake_timeout_s == 0.75
+    cfg = Config(heartbeat_timeout_s=4.0)
+    assert Master("127.0.0.1", 0, config=cfg).config is cfg
+    clean_env.setenv("PCCL_HEARTBEAT_TIMEOUT_S", "zero")
+    with pytest.raises(ValueError, match="PCCL_HEARTBEAT_TIMEOUT_S"):
+        Master("127.0.0.1", 0)

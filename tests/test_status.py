@@ -1,0 +1,820 @@
+"""The master's HTTP status endpoint (``/status``, ``/metrics``) and ``pccl status``.
+
+End-to-end: a real ``pccl master --port 0 --status-port 0`` and real peer processes (this file
+doubles as the peer: ``python tests/test_status.py peer MASTER JSON``; it joins, all-reduces,
+prints JSON events and then obeys ``pending`` / ``exit`` lines on stdin). We check that what the
+endpoint reports matches what the peers themselves saw (ids, groups, rings, bytes sent), that
+``/metrics`` is valid Prometheus text, that ``pccl status`` prints the peers, and that garbage,
+oversized and slowloris requests neither crash nor block the master. Unit tests of the pure
+parts (request parser, counters, exposition) need no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pccl import messages as m
+
+START_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 5.0
+
+
+# ---------------------------------------------------------------------------------- peer side
+
+
+def _emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _peer_main(addr: str, p: dict[str, Any]) -> None:
+    """Join a run of ``p["world"]`` peers, all-reduce, then obey stdin commands."""
+    import numpy as np
+
+    import pccl
+
+    comm = pccl.Communicator(addr, peer_group=p["group"], streams=1)
+    deadline = time.monotonic() + 60
+    comm.connect(timeout=30)
+    while comm.world_size < p["world"]:
+        comm.update_topology(timeout=max(deadline - time.monotonic(), 0.1))
+    _emit(
+        "joined",
+        peer_id=comm.peer_id,
+        group=comm.peer_group,
+        world=comm.world_size,
+        group_world=comm.group_world_size,
+    )
+    tx = 0
+    for step in range(p["reduces"]):
+        x = np.full(4096, float(p["idx"] + step), dtype=np.float32)
+        info = comm.all_reduce(x)
+        tx += info.tx_bytes
+    if p.get("mismatch"):  # peers of the group pass different counts: the master aborts it
+        try:
+            comm.all_reduce(np.ones(8 + p["idx"], dtype=np.float32), tag=9)
+        except pccl.PCCLError as e:
+            _emit("mismatch", type=type(e).__name__, message=str(e))
+        else:
+            raise AssertionError("an all-reduce with mismatched counts succeeded")
+    _emit("ready", peer_id=comm.peer_id, tx_bytes=tx)
+    pending = None
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "pending":  # initiate tag 5 alone: it stays in flight until the others join
+            pending = comm.all_reduce_async(np.ones(16, dtype=np.float32), tag=5)
+            _emit("pending")
+        elif cmd == "exit":
+            break
+    if p.get("finish_tag5"):
+        if pending is not None:
+            pending.wait(30)
+        else:
+            comm.all_reduce(np.ones(16, dtype=np.float32), tag=5)
+    comm.close()
+    _emit("result")
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+def _kill(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
+    if proc.poll() is None:
+        if grace_s > 0:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+        pass
+
+
+@dataclass
+class StatusMaster:
+    proc: subprocess.Popen[bytes]
+    port: int
+    status_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text("utf-8", "replace")
+
+
+def _read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float) -> list[str]:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while buf.count(b"\n") < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"master printed {buf!r} within {timeout}s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"master exited after printing {buf!r}")
+            buf += chunk
+    return buf.decode().splitlines()[:n]
+
+
+@pytest.fixture
+def status_master(tmp_path: Path) -> Iterator[StatusMaster]:
+    """``pccl master --port 0 --status-port 0``; fails the test if it died meanwhile."""
+    log = tmp_path / "master.log"
+    with log.open("wb") as err:
+        argv = ["master", "--host", "127.0.0.1", "--port", "0", "--status-port", "0"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pccl.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        lines = _read_lines(proc, 2, START_TIMEOUT_S)
+        m1 = re.fullmatch(r"pccl master listening on 127\.0\.0\.1:(\d+)", lines[0])
+        m2 = re.fullmatch(r"pccl master status on 127\.0\.0\.1:(\d+)", lines[1])
+        assert m1 and m2, lines
+        master = StatusMaster(proc, int(m1.group(1)), int(m2.group(1)), log)
+    except BaseException:
+        _kill(proc)
+        raise
+    yield master
+    rc = proc.poll()
+    stopped_rc: int | None = None
+    if rc is None:  # SIGTERM stops it promptly even with a status client mid-request
+        idle = socket.create_connection(("127.0.0.1", master.status_port), timeout=5)
+        idle.sendall(b"GET /sta")
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stopped_rc = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            stopped_rc = None
+        idle.close()
+    _kill(proc)
+    if rc is not None:
+        pytest.fail(f"the master exited (rc={rc}) during the test\n{master.log_text()[-3000:]}")
+    assert stopped_rc == 0, f"SIGTERM: rc={stopped_rc}\n{master.log_text()[-3000:]}"
+    text = master.log_text()
+    leaked = [k for k in ("Traceback", "Unhandled exception", "Exception in callback") if k in text]
+    assert not leaked, f"master logged {leaked}:\n{master.log_text()[-3000:]}"
+
+
+@dataclass
+class Peer:
+    name: str
+    proc: subprocess.Popen[bytes]
+    stderr: Path
+    events: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def wait(self, event: str, timeout: float) -> dict[str, Any]:
+        """The first event named ``event`` (already printed or within ``timeout`` seconds)."""
+        for old in self.seen:
+            if old.get("event") == event:
+                return old
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                ev = self.events.get(timeout=max(left, 0.0))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{self.name}: no {event!r} within {timeout}s\n{self.stderr_tail()}"
+                ) from None
+            if ev is None:
+                raise AssertionError(f"{self.name} exited before {event!r}\n{self.stderr_tail()}")
+            self.seen.append(ev)
+            if ev.get("event") == "error":
+                raise AssertionError(f"{self.name} failed: {ev}\n{self.stderr_tail()}")
+            if ev.get("event") == event:
+                return ev
+
+    def send(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def stderr_tail(self) -> str:
+        return self.stderr.read_text("utf-8", "replace")[-3000:]
+
+
+@pytest.fixture
+def spawn_peer(tmp_path: Path) -> Iterator[Any]:
+    """``spawn(master, **params)`` starts a peer process; all are killed at teardown."""
+    peers: list[Peer] = []
+
+    def spawn(master: StatusMaster, **params: Any) -> Peer:
+        name = f"peer{len(peers)}"
+        log = tmp_path / f"{name}.stderr"
+        with log.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "peer", master.address, json.dumps(params)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        peer = Peer(name, proc, log)
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                try:
+                    peer.events.put(json.loads(raw))
+                except ValueError:
+                    peer.events.put({"event": "text", "line": raw.decode("utf-8", "replace")})
+            peer.events.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        peers.append(peer)
+        return peer
+
+    yield spawn
+    for p in peers:
+        _kill(p.proc)
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+
+def http_get(port: int, path: str) -> tuple[int, str, str]:
+    """``(status, content type, body)`` of one GET."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), resp.read().decode()
+    finally:
+        conn.close()
+
+
+def get_status(port: int) -> dict[str, Any]:
+    code, ctype, body = http_get(port, "/status")
+    assert code == 200 and ctype == "application/json", (code, ctype, body)
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = HTTP_TIMEOUT_S) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return _read_to_eof(s, timeout)
+
+
+def _read_to_eof(s: socket.socket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def status_code(response: bytes) -> int:
+    m = re.match(rb"HTTP/1\.1 (\d{3}) ", response)
+    assert m, response[:200]
+    return int(m.group(1))
+
+
+_SAMPLE = re.compile(
+    r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*=\"(?:[^\"\\\n]|\\[\\\"n])*\",?)*)\})?"
+    r" (?P<value>[^ ]+)(?: -?\d+)?"
+)
+_LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)=\"((?:[^\"\\\n]|\\[\\\"n])*)\"")
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Strictly parse text exposition 0.0.4: ``{family: [(labels, value)]}``.
+
+    Every sample must be ``name{labels} value`` of a family whose HELP and TYPE came first;
+    no series may repeat.
+    """
+    assert text.endswith("\n"), "exposition must end with a newline"
+    families: dict[str, list[tuple[dict[str, str], float]]] = {}
+    helped: set[str] = set()
+    typed: dict[str, str] = {}
+    series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in helped, f"HELP repeated for {name}"
+            helped.add(name)
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert name not in typed, f"TYPE repeated for {name}"
+            assert name in helped, f"TYPE before HELP for {name}"
+            typed[name] = kind
+            families[name] = []
+            continue
+        assert not line.startswith("#") and line.strip(), f"unexpected line {line!r}"
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"not a sample line: {line!r}"
+        name = m.group("name")
+        assert name in typed, f"sample {name} before its TYPE"
+        labels = dict(_LABEL.findall(m.group("labels") or ""))
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in series, f"series repeated: {line!r}"
+        series.add(key)
+        raw = m.group("value")
+        value = float(raw.replace("Inf", "inf"))  # raises on anything that is not a number
+        if typed[name] == "counter":
+            assert name.endswith("_total") and value >= 0, line
+        families[name].append((labels, value))
+    return families
+
+
+def one(families: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: Any) -> float:
+    want = {k: str(v) for k, v in labels.items()}
+    hits = [v for lab, v in families[name] if all(lab.get(k) == x for k, x in want.items())]
+    assert len(hits) == 1, (name, labels, families[name])
+    return hits[0]
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pccl.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def table_rows(text: str, section: str) -> list[list[str]]:
+    """Data rows (split on whitespace) of the table under the heading ``section (N)``."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"{section} ("))
+    rows = []
+    for ln in lines[start + 2 :]:  # skip the heading and the column names
+        if not ln.strip() or ln.strip() == "(none)":
+            break
+        rows.append(ln.split())
+    return rows
+
+
+def wait_until(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------- e2e
+
+
+REDUCES = 3
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+def test_status_metrics_and_cli_reflect_a_live_run(status_master, spawn_peer):
+    # Two groups of two: group 0 peers later hold a collective in flight, group 3 peers
+    # produce one abort (counts that disagree).
+    params = [
+        {"idx": 0, "group": 0, "finish_tag5": True},
+        {"idx": 1, "group": 0, "finish_tag5": True},
+        {"idx": 2, "group": 3, "mismatch": True},
+        {"idx": 3, "group": 3, "mismatch": True},
+    ]
+    peers = [spawn_peer(status_master, world=4, reduces=REDUCES, **p) for p in params]
+    joined = [p.wait("joined", 90) for p in peers]
+    ready = [p.wait("ready", 60) for p in peers]
+    for p in peers[2:]:
+        assert p.wait("mismatch", 1)["type"] == "ProtocolError"
+    ids = [ev["peer_id"] for ev in joined]
+    assert len(set(ids)) == 4
+    assert [ev["group"] for ev in joined] == [0, 0, 3, 3]
+    assert all(ev["world"] == 4 and ev["group_world"] == 2 for ev in joined)
+
+    # ------------------------------------------------------------------ /status
+    doc = get_status(status_master.status_port)
+    ms = doc["master"]
+    assert ms["port"] == status_master.port and ms["phase"] == "idle"
+    assert ms["uptime_s"] > 0 and ms["topology_changes"] >= 1 and ms["connections"] == 4
+    by_id = {p["id"]: p for p in doc["peers"]}
+    assert sorted(by_id) == sorted(ids)
+    for i, (pid, ev) in enumerate(zip(ids, ready)):
+        rec = by_id[pid]
+        assert rec["group"] == params[i]["group"]
+        assert rec["accepted"] is True
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", rec["address"]), rec
+        assert 0 <= rec["last_seen_s_ago"] < 5.0
+        # The master's byte count is exactly what the peer's ReduceInfo said it sent.
+        assert rec["tx_bytes"] == ev["tx_bytes"] > 0
+        assert rec["ops_done"] == REDUCES and rec["last_gbps"] > 0
+        assert rec["ops_in_flight"] == []
+    groups = {g["id"]: g for g in doc["groups"]}
+    assert sorted(groups) == [0, 3]
+    for gid, members in ((0, ids[:2]), (3, ids[2:])):
+        g = groups[gid]
+        assert sorted(g["ring"]) == sorted(members) and g["world_size"] == 2
+        assert g["broken"] is None and g["departed"] == [] and g["ops_in_flight"] == []
+        assert g["sync"] is None and g["next_revision"] is None
+    assert len(doc["aborts"]) == 1
+    abort = doc["aborts"][0]
+    assert abort["group"] == 3 and abort["tag"] == 9 and "disagree" in abort["reason"]
+    assert doc["totals"] == {"collectives_completed": 2 * REDUCES, "aborts": 1}  # 2 groups
+
+    # ------------------------------------------------------------------ /metrics
+    code, ctype, text = http_get(status_master.status_port, "/metrics")
+    assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
+    fam = parse_prometheus(text)
+    assert one(fam, "pccl_peers", state="accepted") == 4
+    assert one(fam, "pccl_peers", state="pending") == 0
+    assert one(fam, "pccl_group_world_size", group=0) == 2
+    assert one(fam, "pccl_group_world_size", group=3) == 2
+    assert one(fam, "pccl_phase", phase="idle") == 1
+    assert one(fam, "pccl_aborts_total") == 1
+    assert one(fam, "pccl_collectives_completed_total") == 2 * REDUCES
+    assert one(fam, "pccl_epoch") > 0
+    for pid, ev in zip(ids, ready):
+        assert one(fam, "pccl_peer_tx_bytes_total", peer=pid) == ev["tx_bytes"]
+        assert one(fam, "pccl_peer_last_gbps", peer=pid) > 0
+        assert one(fam, "pccl_peer_collectives_completed_total", peer=pid) == REDUCES
+    assert len(fam["pccl_peer_last_seen_seconds"]) == 4
+
+    # ------------------------------------------------------------------ ops in flight
+    peers[0].send("pending")
+    peers[0].wait("pending", 10)
+
+    def in_flight() -> list[dict[str, Any]]:
+        g0 = next(g for g in get_status(status_master.status_port)["groups"] if g["id"] == 0)
+        return g0["ops_in_flight"]
+
+    op = wait_until(in_flight, 10, "tag 5 in flight")[0]
+    assert op == {"tag": 5, "op_id": 0, "initiated": [ids[0]], "members": [], "completed": []}
+    doc = get_status(status_master.status_port)
+    assert {p["id"]: p["ops_in_flight"] for p in doc["peers"]}[ids[0]] == [5]
+
+    # ------------------------------------------------------------------ pccl status
+    where = f"127.0.0.1:{status_master.status_port}"
+    res = run_cli("status", "--master", where)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    peer_rows = table_rows(out, "PEERS")
+    assert sorted(int(r[0]) for r in peer_rows) == sorted(ids)
+    assert {int(r[0]): (int(r[1]), r[2]) for r in peer_rows} == {
+        pid: (params[i]["group"], "accepted") for i, pid in enumerate(ids)
+    }
+    group_rows = {int(r[0]): r for r in table_rows(out, "GROUPS")}
+    assert sorted(group_rows) == [0, 3] and all(r[1] == "2" for r in group_rows.values())
+    ring0 = " ".join(group_rows[0][2:5])
+    assert ring0 in (f"{ids[0]} -> {ids[1]}", f"{ids[1]} -> {ids[0]}"), out
+    ops_rows = table_rows(out, "OPS IN FLIGHT")
+    assert [r[:4] for r in ops_rows] == [["0", "5", "(waiting)", str(ids[0])]], out
+    abort_rows = table_rows(out, "RECENT ABORTS")
+    assert len(abort_rows) == 1 and abort_rows[0][:2] == ["3", "9"], out
+    res = run_cli("status", "--master", where, "--json")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p["id"] for p in json.loads(res.stdout)["peers"]) == sorted(ids)
+
+    # ------------------------------------------------------------------ departures
+    before = get_status(status_master.status_port)["totals"]["collectives_completed"]
+    for p in peers:
+        p.send("exit")
+    for p in peers:
+        p.wait("result", 60)
+        assert p.proc.wait(30) == 0, p.stderr_tail()
+    doc = wait_until(
+        lambda: (d := get_status(status_master.status_port))["peers"] == [] and d,
+        15,
+        "every peer to be gone",
+    )
+    # Lifetime totals survive departures (completions of tag 5 may or may not be sampled).
+    assert before <= doc["totals"]["collectives_completed"] <= before + 2
+    assert doc["totals"]["aborts"] == 1 and doc["master"]["connections"] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_bad_and_slow_clients_never_hurt_the_master(status_master, spawn_peer):
+    from pccl.master.status import MAX_CLIENTS, MAX_HEAD_BYTES, REQUEST_READ_TIMEOUT_S
+
+    port = status_master.status_port
+    cases: list[tuple[bytes, int]] = [
+        (b"garbage\r\n\r\n", 400),
+        (b"\x00\xff\xfe binary \x80\r\n\r\n", 400),
+        (b"GET /status\r\n\r\n", 400),  # HTTP/0.9
+        (b"GET /status HTTP/2.0\r\n\r\n", 400),
+        (b"GET status HTTP/1.1\r\n\r\n", 400),
+        (b"GET /status HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET /status/../metrics HTTP/1.1\r\n\r\n", 404),
+        (b"POST /status HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
+        (b"GET /status?x=1 HTTP/1.0\n\n", 200),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+        # Header bytes beyond the bound, whether or not a blank line ever comes.
+        (b"GET /status HTTP/1.1\r\nX-Pad: " + b"a" * (MAX_HEAD_BYTES + 800), 431),
+        (b"GET /status HTTP/1.1\r\n" + b"X-Header: bbbbbbbbbbbbbbbb\r\n" * 320 + b"\r\n", 431),
+    ]
+    for data, want in cases:
+        assert status_code(raw_exchange(port, data)) == want, data[:60]
+    # Clients that connect and vanish, or stop half way.
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /sta")
+        s.shutdown(socket.SHUT_WR)
+        assert status_code(_read_to_eof(s, 5)) == 400
+
+    # Slowloris: one client trickles header lines, one sends nothing; both are dropped once
+    # the request deadline passes, and the endpoint answers others meanwhile.
+    results: dict[str, Any] = {}
+
+    def trickle() -> None:
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /status HTTP/1.1\r\n")
+            try:
+                while time.monotonic() - t0 < 30:
+                    s.sendall(b"X-Slow: 1\r\n")
+                    r, _, _ = select.select([s], [], [], 0.3)
+                    if r:
+                        results["trickle"] = (_read_to_eof(s, 5), time.monotonic() - t0)
+                        return
+            except OSError as e:  # reset by the server
+                results["trickle"] = (repr(e).encode(), time.monotonic() - t0)
+
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+    t_silent = time.monotonic()
+    th = threading.Thread(target=trickle, daemon=True)
+    th.start()
+    time.sleep(0.5)  # let the slow clients occupy their slots first
+    t0 = time.monotonic()
+    get_status(port)
+    assert time.monotonic() - t0 < 2.0, "a slow client delayed another request"
+    th.join(REQUEST_READ_TIMEOUT_S + 10)
+    body, took = results["trickle"]
+    assert REQUEST_READ_TIMEOUT_S - 0.5 <= took <= REQUEST_READ_TIMEOUT_S + 3, took
+    assert not body.startswith(b"HTTP/") or status_code(body) == 408
+    got = _read_to_eof(silent, REQUEST_READ_TIMEOUT_S + 5)
+    assert time.monotonic() - t_silent <= REQUEST_READ_TIMEOUT_S + 3
+    assert not got or status_code(got) == 408
+    silent.close()
+
+    # More idle connections than the server keeps: the oldest are evicted, requests still served.
+    idle = [
+        socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CLIENTS + 8)
+    ]
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        assert get_status(port)["peers"] == []
+        assert time.monotonic() - t0 < 2.0
+        dropped = 0
+        for s in idle[:8]:  # the oldest idle ones were closed to make room
+            s.settimeout(2)
+            try:
+                dropped += s.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                dropped += 1  # reset counts as closed; a timeout means still open
+    finally:
+        for s in idle:
+            s.close()
+    assert dropped >= 1
+
+    # Still serving: both documents, and the control plane admits a peer.
+    parse_prometheus(http_get(port, "/metrics")[2])
+    peer = spawn_peer(status_master, idx=0, group=0, world=1, reduces=0)
+    pid = peer.wait("ready", 60)["peer_id"]
+    assert [p["id"] for p in get_status(port)["peers"]] == [pid]
+    peer.send("exit")
+    peer.wait("result", 30)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_cli_reports_unreachable_and_bad_usage():
+    with socket.socket() as s:  # a port nobody listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        res = run_cli("status", "--master", f"127.0.0.1:{port}")
+    assert res.returncode == 1 and "cannot reach" in res.stderr and not res.stdout
+    with socket.socket() as s:  # listens but never answers: the timeout applies
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        t0 = time.monotonic()
+        res = run_cli("status", "--master", f"127.0.0.1:{s.getsockname()[1]}", "--timeout", "1")
+        assert res.returncode == 1 and "cannot reach" in res.stderr
+        assert time.monotonic() - t0 < 15
+    for bad in ("nohost", "127.0.0.1:", "127.0.0.1:99999", ":80"):
+        res = run_cli("status", "--master", bad)
+        assert res.returncode == 2 and "HOST:PORT" in res.stderr, bad
+    res = run_cli("master", "--port", "0", "--status-port", "70000")
+    assert res.returncode == 2 and "--status-port" in res.stderr
+
+
+# ---------------------------------------------------------------------------------- units
+
+
+@pytest.mark.timeout(30)
+async def test_in_process_master_serves_status_and_frees_ports_on_failure():
+    from pccl.master.daemon import Master
+
+    async with Master("127.0.0.1", 0, status_port=0, status_host="127.0.0.1") as master:
+        assert master.status_server is not None
+        port = master.status_server.port
+        assert port > 0 and port != master.port
+        code, _, body = await asyncio.to_thread(http_get, port, "/status")
+        assert code == 200 and json.loads(body)["master"]["port"] == master.port
+    with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        master = Master("127.0.0.1", 0, status_port=taken)
+        with pytest.raises(OSError, match="status endpoint"):
+            await master.start()
+        # The control port bound before the failure is released again.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", master.port), timeout=5).close()
+    with pytest.raises(ValueError):
+        Master(status_port=70000)
+
+
+def test_parse_request_accepts_http1_and_rejects_the_rest():
+    from pccl.master.status import BadRequest, parse_request
+
+    assert parse_request(b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: */*") == ("GET", "/status")
+    assert parse_request(b"GET /metrics?name=x HTTP/1.0") == ("GET", "/metrics")
+    assert parse_request(b"HEAD /status HTTP/1.1") == ("HEAD", "/status")
+    for bad in [
+        b"",
+        b"GET",
+        b"GET /status",
+        b"GET  /status HTTP/1.1",
+        b"GET /status HTTP/1.1 extra",
+        b"GET /status HTTP/3",
+        b"GET http://x/status HTTP/1.1",
+        b"G\xc3\xa9T /status HTTP/1.1",
+        b"GET /st\x01tus HTTP/1.1",
+        b"GET /status HTTP/1.1\r\n: empty name",
+        b"GET /status HTTP/1.1\r\nbad name: x",
+    ]:
+        with pytest.raises(BadRequest) as e:
+            parse_request(bad)
+        assert e.value.status == 400, bad
+
+
+def _state_master() -> Any:
+    from pccl.master.daemon import Master
+
+    master = Master(status_port=0)
+    assert master.status_server is not None
+    return master
+
+
+def test_counters_mirror_the_master_state_verdicts():
+    from pccl.master.status import Counters
+
+    master = _state_master()
+    st = master.state
+    c = Counters(st)
+    a, b = st.new_peer_id(), st.new_peer_id()
+    st.register(a, 0, "h", 1)
+    for pid in (a,):
+        st.on_topology_ready(pid, m.TopologyReady(st.epoch, True))
+    st.register(b, 0, "h", 2)
+    st.on_update_topology(a)
+    for pid in (a, b):
+        st.on_topology_ready(pid, m.TopologyReady(st.epoch, True))
+    for tag, ok in ((1, True), (2, True), (3, False)):
+        for pid in (a, b):
+            st.on_initiate(pid, m.CollectiveInitiate(tag, 10, 0, 0, 0))
+        op_id = st._next_op_id - 1
+        for pid in (a, b):
+            st.on_complete(pid, m.CollectiveComplete(tag, op_id, ok, "" if ok else "boom"))
+    c.sample(st)
+    assert (c.collectives_completed, c.aborts) == (2, 1)  # one per group operation
+    st.remove(b, "test")  # departures do not lose history
+    c.sample(st)
+    assert (c.collectives_completed, c.aborts) == (2, 1)
+    assert c.topology_changes(st) >= 2
+
+
+def test_metrics_escape_labels_and_format_values():
+    from pccl.master.status import Counters, metrics_text, status_document
+
+    master = _state_master()
+    st = master.state
+    st.register(st.new_peer_id(), 7, "h", 1)
+    rec = st.peers[1]
+    rec.tx_bytes = 10**15
+    rec.last_gbps = float("nan")  # a bogus report must not break the exposition
+    st.aborts.insert(0, (7, 1, 'quote " backslash \\ newline \n'))
+    c = Counters(st)
+    c.sample(st)
+    now = time.monotonic()
+    fam = parse_prometheus(metrics_text(master, c, now))
+    assert one(fam, "pccl_peer_tx_bytes_total", peer=1, group=7) == 10**15
+    assert one(fam, "pccl_peer_last_gbps", peer=1) == 0.0
+    assert one(fam, "pccl_peers", state="pending") == 1
+    assert one(fam, "pccl_phase", phase="connecting") == 1
+    doc = status_document(master, c, now)
+    json.dumps(doc, allow_nan=False)  # strict JSON: no NaN leaks into the document
+    assert doc["aborts"][0]["reason"].endswith("newline \n")
+    assert doc["peers"][0]["last_seen_s_ago"] is None  # no connection behind this record
+
+    from pccl.master.status import _label_value
+
+    assert _label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_format_status_renders_every_section():
+    from pccl.status import format_status, parse_address
+
+    doc = {
+        "master": {"host": "h", "port": 1, "uptime_s": 2.0, "phase": "idle", "epoch": 9},
+        "peers": [
+            {
+                "id": 4,
+                "group": 1,
+                "accepted": True,
+                "address": "a:1",
+                "last_seen_s_ago": 0.1,
+                "ops_done": 2,
+                "tx_bytes": 3 << 20,
+                "last_gbps": 1.5,
+                "ops_in_flight": [7],
+            },
+        ],
+        "groups": [
+            {
+                "id": 1,
+                "world_size": 1,
+                "ring": [4],
+                "next_revision": 3,
+                "broken": "peer 5 left",
+                "ops_in_flight": [
+                    {"tag": 7, "op_id": 11, "initiated": [4], "members": [4], "completed": []}
+                ],
+                "sync": {"phase": "transferring", "waiting": [4]},
+            },
+        ],
+        "aborts": [{"group": 1, "tag": 2, "reason": "multi\nline"}],
+        "totals": {"collectives_completed": 2, "aborts": 1},
+    }
+    out = format_status(doc)
+    assert table_rows(out, "PEERS")[0][:3] == ["4", "1", "accepted"]
+    assert (
+        "3.0 MiB" in out
+        and " 1.5 " in out
+        and "transferring (waiting 4)" in out
+        and "peer 5 left" in out
+    )
+    assert table_rows(out, "OPS IN FLIGHT") == [["1", "7", "11", "4", "4", "-"]]
+    assert table_rows(out, "RECENT ABORTS") == [["1", "2", "multi", "line"]]
+    assert parse_address("[::1]:80") == ("::1", 80)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "peer":
+        try:
+            _peer_main(sys.argv[2], json.loads(sys.argv[3]))
+        except BaseException as e:
+            _emit("error", type=type(e).__name__, message=str(e))
+            sys.stdout.flush()
+            os._exit(1)
+        sys.exit(0)
+    sys.exit(f"usage: {sys.argv[0]} peer MASTER JSON")
