@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pccl.types import SyncStrategy
+from pccl.types import DType, SyncStrategy
 
 __all__ = ["EntryVote", "Plan", "SyncVote", "elect"]
 
@@ -63,6 +63,13 @@ class Plan:
     fetch: dict[str, tuple[bytes, list[int]]] = field(default_factory=dict)  # key -> hash, srcs
 
 
+def _dt(code: int) -> str:
+    try:
+        return DType(code).name.lower()
+    except ValueError:
+        return f"dtype#{code}"
+
+
 def _layout_diff(mine: SyncVote, want: SyncVote) -> str:
     a, b = set(mine.entries), set(want.entries)
     parts = []
@@ -74,8 +81,8 @@ def _layout_diff(mine: SyncVote, want: SyncVote) -> str:
         x, y = mine.entries[k], want.entries[k]
         if (x.dtype, x.nbytes, x.shape, x.loose) != (y.dtype, y.nbytes, y.shape, y.loose):
             parts.append(
-                f"{k!r}: dtype/shape/opt-out ({x.dtype}, {x.shape}, {x.loose}) "
-                f"vs elected ({y.dtype}, {y.shape}, {y.loose})"
+                f"{k!r}: dtype/shape/opt-out ({_dt(x.dtype)}, {x.shape}, {x.loose}) "
+                f"vs elected ({_dt(y.dtype)}, {y.shape}, {y.loose})"
             )
             if len(parts) > 8:
                 break
@@ -121,6 +128,14 @@ def elect(votes: dict[int, SyncVote], next_revision: int | None) -> tuple[dict[i
         return plans, target
     if not any(v.revision == target for v in competing):
         target = max(v.revision for v in competing)
+        for pid, v in list(live.items()):  # never move a peer's revision backwards
+            if v.revision > target:
+                plans[pid] = Plan(
+                    False,
+                    f"revision {v.revision} is ahead of every peer offering content "
+                    f"(highest {target})",
+                )
+                del live[pid]
     holders = [v for v in competing if v.revision == target]
     counts = Counter((v.layout(), v.content()) for v in holders)
     first_holder: dict[tuple, int] = {}
