@@ -190,11 +190,6 @@ def test_up_to_date_peers_gone_highest_remaining_revision_becomes_target():
     assert plans[2].fetch == {"a": (h("old"), [1])}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: election.elect's fallback target (no competing peer at the target) moves a "
-    "RECEIVE_ONLY peer that is already ahead backwards instead of rejecting it",
-)
 @pytest.mark.parametrize("next_revision", [None, 6])
 def test_no_plan_moves_a_revision_backwards(next_revision):
     # The only offering peer never bumped (5); the RECEIVE_ONLY peer did (6).
@@ -242,10 +237,6 @@ def test_dtype_mismatch_with_equal_size_is_rejected():
     assert "'a'" in plans[3].reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: election._layout_diff prints wire dtype codes (6 vs 0), not dtype names",
-)
 def test_dtype_mismatch_reason_names_both_dtypes():
     plans, _ = _mismatch(a={"dtype": DType.INT32})
     r = plans[3].reason.lower()
