@@ -384,6 +384,11 @@ class MasterState:
             grp.sync = SyncRound(self._next_sync_id)
             self._next_sync_id += 1
         rnd = grp.sync
+        if rnd.target >= 0 and pid not in rnd.members:
+            # Rejected from the running sync (or arrived late): retryable, not a violation.
+            why = "the group is still completing a sync; retry"
+            self._send(pid, m.SyncPlan(rnd.sync_id, False, why, 0, [], []))
+            return
         if rnd.target >= 0 or pid in rnd.votes:
             self._kick(pid, "out_of_state", "shared-state vote while a sync is in progress")
             return
