@@ -23,6 +23,7 @@ from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import FrameDecoder, MsgType
+from pccl.tls import TLSConfig
 
 log = logging.getLogger("pccl.master")
 
@@ -195,6 +196,7 @@ class Master:
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
         config: timeouts; defaults to ``Config.from_env()``.
         token: shared secret peers must prove (HMAC challenge-response); None disables auth.
+        tls: serve TLS (peers must present a certificate signed by the cluster CA).
         status_port: serve ``GET /status`` and ``/metrics`` over HTTP on this port (0: any
             free port, read it back from ``status_server.port``); None disables it.
         status_host: address of the status endpoint; defaults to ``host``.
@@ -206,6 +208,7 @@ class Master:
         port: int = 0,
         config: Config | None = None,
         token: bytes | str | None = None,
+        tls: TLSConfig | None = None,
         status_port: int | None = None,
         status_host: str | None = None,
     ):
@@ -215,6 +218,7 @@ class Master:
         self._port = port
         self.config = config or Config.from_env()
         self.token = check_token(token)
+        self.tls = tls
         self.conns: set[_Conn] = set()
         self.by_id: dict[int, _Conn] = {}
         self.state = MasterState(self._send, self._kick, self.config.restart_grace_s)
@@ -244,8 +248,15 @@ class Master:
     async def start(self) -> None:
         """Bind and start serving. Raises ``OSError`` if the address cannot be bound."""
         loop = asyncio.get_running_loop()
+        ssl_ctx = self.tls.server_context(require_client_cert=True) if self.tls else None
         self._server = await loop.create_server(
-            lambda: _Conn(self), self.host, self._port, reuse_address=True, backlog=1024
+            lambda: _Conn(self),
+            self.host,
+            self._port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=self.config.handshake_timeout_s if ssl_ctx else None,
         )
         sock = self._server.sockets[0]
         self._port = sock.getsockname()[1]

@@ -31,6 +31,9 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--token-file", help="shared token peers must prove (HMAC; never sent)")
+    p.add_argument("--tls-cert", help="TLS certificate (see pccl gen-certs)")
+    p.add_argument("--tls-key", help="TLS private key")
+    p.add_argument("--tls-ca", help="CA that signed the peers' certificates")
     p.add_argument(
         "--status-host",
         default="127.0.0.1",
@@ -70,11 +73,25 @@ def _cmd_master(args: argparse.Namespace) -> int:
         )
         return 2
 
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        from pccl.tls import TLSConfig
+
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            print("pccl master: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)
+            return 2
+        try:
+            tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key)
+        except ValueError as e:
+            print(f"pccl master: {e}", file=sys.stderr)
+            return 2
+
     async def run() -> None:
         master = Master(
             args.host,
             args.port,
             token=token,
+            tls=tls,
             status_port=args.status_port,
             status_host=args.status_host,
         )
@@ -131,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_master(sub)
     _add_bench(sub)
+    from pccl import tls as tls_mod
+
+    tls_mod.add_arguments(sub)
     try:
         from pccl import demo
 
@@ -141,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         from pccl import status
 
         status.add_arguments(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from pccl import chaos
+
+        chaos.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
     return parser

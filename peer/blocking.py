@@ -20,6 +20,7 @@ from pccl.peer.communicator import ReduceHandle
 
 from pccl.config import Config
 from pccl.shared_state import SharedState
+from pccl.tls import TLSConfig
 from pccl.types import Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
 __all__ = ["Communicator", "ReduceFuture", "new_event_loop"]
@@ -70,6 +71,7 @@ class Communicator:
         p2p_port: int = 0,
         advertise_port: int = 0,
         auth_token: bytes | str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self._aio = AioCommunicator(
             master,
@@ -80,6 +82,7 @@ class Communicator:
             p2p_port=p2p_port,
             advertise_port=advertise_port,
             auth_token=auth_token,
+            tls=tls,
         )
         self._loop = new_event_loop()
         self._thread = threading.Thread(

@@ -42,6 +42,7 @@ from pccl.errors import (
 )
 from pccl.frame import FrameDecoder, MsgType
 from pccl.shared_state import SharedState
+from pccl.tls import TLSConfig
 from pccl.types import (
     DType,
     Quantization,
@@ -175,6 +176,7 @@ class Communicator:
             proxy or NAT forwards to the listener).
         auth_token: shared secret (>= 16 bytes) proven to the master and to peers by HMAC
             challenge-response; it never crosses the wire. None: no authentication.
+        tls: encrypt the master link and p2p links (:class:`pccl.tls.TLSConfig`).
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class Communicator:
         p2p_port: int = 0,
         advertise_port: int = 0,
         auth_token: bytes | str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         self.master_host, self.master_port = parse_address(master)
         if not isinstance(peer_group, int) or not 0 <= peer_group <= 0xFFFF_FFFF:
@@ -212,7 +215,11 @@ class Communicator:
         self.rank = -1
         self._link: _MasterLink | None = None
         self.token = check_token(auth_token)
-        self._node = P2PNode(self.config, streams, self.token)
+        if tls is not None and not isinstance(tls, TLSConfig):
+            raise TypeError("tls must be a pccl.tls.TLSConfig")
+        self.tls = tls
+        self._client_ssl = tls.client_context() if tls else None
+        self._node = P2PNode(self.config, streams, self.token, tls)
         self._pool = BufferPool()
         self._tags: dict[int, _TagState] = {}
         self._cond: asyncio.Condition | None = None
@@ -262,6 +269,12 @@ class Communicator:
                 await self._wait(lambda: self._done_epoch > 0)
         except TimeoutError:
             await self._shutdown("admission timeout")
+            if self._welcome is not None and self._link is not None and not self._welcome.done():
+                raise MasterUnreachable(
+                    f"{self.master_host}:{self.master_port} accepted the connection but never "
+                    "completed the pccl handshake (TLS enabled on only one side?)",
+                    phase="connect",
+                ) from None
             if self._link is None:
                 raise MasterUnreachable(
                     f"cannot reach the master at {self.master_host}:{self.master_port} "
@@ -298,7 +311,10 @@ class Communicator:
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 transport, link = await loop.create_connection(
-                    lambda: _MasterLink(self), self.master_host, self.master_port
+                    lambda: _MasterLink(self),
+                    self.master_host,
+                    self.master_port,
+                    ssl=self._client_ssl,
                 )
         except (OSError, TimeoutError) as e:
             raise MasterUnreachable(
@@ -960,6 +976,7 @@ class Communicator:
                             state=state,
                             staging=staging,
                             token=self.token,
+                            ssl=self._client_ssl,
                             connect_timeout=self.config.connect_timeout_s,
                         )
                         rx = res.rx_bytes

@@ -38,6 +38,7 @@ from pccl.frame import (
     parse_data_header,
     parse_header,
 )
+from pccl.tls import TLSConfig
 
 if TYPE_CHECKING:
     from pccl.peer.ring import RingOp
@@ -358,9 +359,17 @@ class TxStream(asyncio.Protocol):
 class P2PNode:
     """Listener, streams and the operation registry of one peer."""
 
-    def __init__(self, config: Config, streams: int, token: bytes | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        streams: int,
+        token: bytes | None = None,
+        tls: TLSConfig | None = None,
+    ) -> None:
         self.config = config
         self.token = token
+        self._server_ssl = tls.server_context(require_client_cert=True) if tls else None
+        self._client_ssl = tls.client_context() if tls else None
         self.nstreams = streams
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -384,7 +393,13 @@ class P2PNode:
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: RxStream(self), host, port, backlog=256, reuse_address=True
+            lambda: RxStream(self),
+            host,
+            port,
+            backlog=256,
+            reuse_address=True,
+            ssl=self._server_ssl,
+            ssl_handshake_timeout=self.config.handshake_timeout_s if self._server_ssl else None,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
@@ -443,7 +458,7 @@ class P2PNode:
 
         async def one(i: int) -> TxStream:
             _, proto = await loop.create_connection(
-                lambda: TxStream(self, next_id, epoch, i), host, port
+                lambda: TxStream(self, next_id, epoch, i), host, port, ssl=self._client_ssl
             )
             assert isinstance(proto, TxStream)
             await proto.acked

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import xxhash
@@ -229,6 +229,7 @@ async def fetch_entries(
     staging: dict[str, np.ndarray],
     connect_timeout: float,
     token: bytes | None = None,
+    ssl: Any = None,
 ) -> FetchResult:
     """Fetch, verify and commit the entries of ``fetch`` into ``state``.
 
@@ -254,7 +255,7 @@ async def fetch_entries(
         req = m.StateRequest(my_id, sync_id, ranges)
         async with asyncio.timeout(connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: _FetchStream(req, staging, token), host, port
+                lambda: _FetchStream(req, staging, token), host, port, ssl=ssl
             )
         assert isinstance(proto, _FetchStream)
         protos[src] = proto
