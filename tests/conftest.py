@@ -80,7 +80,16 @@ def _start_master(log: Path, env_overrides: dict[str, str], port: int = 0) -> Ma
     env = {**os.environ, **env_overrides}
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "pccl.cli",
+                "master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             stdout=subprocess.PIPE,
             stderr=err,
             env=env,
@@ -247,7 +256,9 @@ class Workers:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + self.report())
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}\n" + self.report()
+                )
             got = self._pump(left)
             if got is None:
                 continue
@@ -270,7 +281,9 @@ class Workers:
             left = deadline - time.monotonic()
             if left <= 0:
                 slow = [w.name for w in workers if not w.eof]
-                raise AssertionError(f"workers {slow} still running after {timeout}s\n" + self.report())
+                raise AssertionError(
+                    f"workers {slow} still running after {timeout}s\n" + self.report()
+                )
             got = self._pump(min(left, 0.5))
             if got is not None and got[1] is not None and got[1].get("event") == "error":
                 raise AssertionError(f"worker {got[0].name} failed: {got[1]}\n" + self.report())
@@ -284,8 +297,8 @@ class Workers:
             res = w.result()
             if errors or rc != 0 or res is None:
                 raise AssertionError(
-                    f"worker {w.name} exited with rc={rc}, errors={errors}, result={res is not None}"
-                    "\n" + self.report()
+                    f"worker {w.name} exited with rc={rc}, errors={errors}, "
+                    f"result={res is not None}\n" + self.report()
                 )
             out[w.name] = res
         return out

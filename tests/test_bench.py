@@ -1,0 +1,233 @@
+"""``pccl bench allreduce`` end to end, and the WAN-emulating delay proxy.
+
+The benchmark runs as a real subprocess (real master, real peers, real gloo ranks) on a small
+buffer; we check the JSON a user reads: schema, parity, exactness and positive timings. The proxy
+runs as a real ``python -m pccl.wanproxy`` process in front of an echo server: it must add at
+least the configured delay to a round trip, forward bytes intact, enforce its in-flight cap and
+exit by itself when its launcher's pipe closes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from pccl import wanproxy
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _run_bench(tmp_path: Path, *extra: str, timeout: float) -> dict[str, Any]:
+    out = tmp_path / "sub" / "result.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pccl.cli",
+        "bench",
+        "allreduce",
+        "--peers",
+        "2",
+        "--mib",
+        "4",
+        "--repeats",
+        "5",
+        "--json",
+        str(out),
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == doc  # stdout carries the same document
+    assert "median" in proc.stderr  # human progress goes to stderr
+    return doc
+
+
+def _check_half(res: dict[str, Any], nbytes: int, world: int, repeats: int) -> None:
+    assert res["seconds"] > 0 and res["min_s"] > 0
+    assert res["min_s"] <= res["seconds"] <= res["max_s"]
+    assert len(res["times_s"]) == repeats
+    expected_bw = 2 * (world - 1) / world * nbytes / res["seconds"] / 1e9
+    assert res["busbw_gbps"] == pytest.approx(expected_bw)
+    assert res["parity"] is True
+    assert res["exact"] is True
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_bench_allreduce_json(tmp_path: Path) -> None:
+    extra = ["--compare", "gloo"] if HAVE_TORCH else []
+    doc = _run_bench(tmp_path, *extra, timeout=80)
+    assert set(doc) == {"pccl", "gloo", "speedup", "config"}
+    cfg = doc["config"]
+    nbytes = 4 << 20
+    assert cfg["bytes"] == nbytes and cfg["peers"] == 2 and cfg["repeats"] == 5
+    p = doc["pccl"]
+    _check_half(p, nbytes, 2, 5)
+    # Two peers each send one half for reduce-scatter and one for all-gather: S bytes each.
+    assert p["tx_bytes"] == nbytes and p["rx_bytes"] == nbytes
+    if HAVE_TORCH:
+        _check_half(doc["gloo"], nbytes, 2, 5)
+        assert doc["speedup"] == pytest.approx(doc["gloo"]["seconds"] / p["seconds"])
+    else:
+        assert doc["gloo"] is None and doc["speedup"] is None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_bench_allreduce_through_wan_proxy(tmp_path: Path) -> None:
+    delay_ms = 20.0
+    doc = _run_bench(
+        tmp_path, "--streams", "2", "--warmup", "0", "--wan-delay-ms", str(delay_ms), timeout=50
+    )
+    assert doc["gloo"] is None and doc["speedup"] is None
+    assert doc["config"]["wan_delay_ms"] == delay_ms
+    p = doc["pccl"]
+    _check_half(p, 4 << 20, 2, 5)
+    # Data needs at least one one-way trip through a proxy, and the master's verdict follows.
+    assert p["min_s"] >= delay_ms / 1e3
+
+
+# ------------------------------------------------------------------------------ proxy
+
+
+class _Echo:
+    """A blocking echo server in a thread: echoes each connection until EOF, then half-closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            buf = bytearray(1 << 20)
+            while n := conn.recv_into(buf):
+                conn.sendall(memoryview(buf)[:n])
+            conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        assert k, f"EOF after {got} of {n} bytes"
+        got += k
+    return bytes(buf)
+
+
+@pytest.fixture
+def echo() -> Any:
+    e = _Echo()
+    yield e
+    e.close()
+
+
+@pytest.mark.timeout(30)
+def test_wanproxy_delays_round_trips_and_keeps_bytes(echo: _Echo) -> None:
+    delay_ms, cap_mib = 30.0, 1.0
+    with wanproxy.spawn(f"127.0.0.1:{echo.port}", delay_ms, cap_mib) as px:
+        with socket.create_connection(("127.0.0.1", px.port), timeout=10) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rtts = []
+            for i in range(5):
+                t0 = time.monotonic()
+                c.sendall(bytes([i]))
+                assert _recv_exactly(c, 1) == bytes([i])
+                rtts.append(time.monotonic() - t0)
+            # Each direction is delayed by delay_ms (the first trip also waits for the dial).
+            assert min(rtts) >= 2 * delay_ms / 1e3
+            assert min(rtts) < 2 * delay_ms / 1e3 + 0.2
+
+            payload = os.urandom(6 << 20)
+            received: list[bytes] = []
+            reader = threading.Thread(
+                target=lambda: received.append(_recv_exactly(c, len(payload))), daemon=True
+            )
+            t0 = time.monotonic()
+            reader.start()
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            reader.join(20)
+            elapsed = time.monotonic() - t0
+            assert received, "echo did not come back"
+            assert xxhash.xxh3_128_digest(received[0]) == xxhash.xxh3_128_digest(payload)
+            assert c.recv(1) == b""  # the echo's half-close is forwarded as EOF
+        # The cap is a window: at most cap bytes per round trip in each direction.
+        window_rate = cap_mib * (1 << 20) / (2 * delay_ms / 1e3)
+        assert elapsed >= 0.6 * len(payload) / window_rate
+    assert px.proc.returncode == 0  # exited by itself when its stdin closed
+
+
+@pytest.mark.timeout(30)
+def test_wanproxy_exits_when_launcher_pipe_closes(echo: _Echo) -> None:
+    px = wanproxy.spawn(f"127.0.0.1:{echo.port}", 5, 1)
+    try:
+        assert px.proc.stdin is not None
+        px.proc.stdin.close()
+        assert px.proc.wait(10) == 0
+    finally:
+        px.stop(grace_s=0)
+
+
+@pytest.mark.timeout(30)
+def test_wanproxy_closes_client_when_upstream_is_down() -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with (
+        wanproxy.spawn(f"127.0.0.1:{dead}", 5, 1) as px,
+        socket.create_connection(("127.0.0.1", px.port), timeout=10) as c,
+    ):
+        c.settimeout(10)
+        try:
+            assert c.recv(1) == b""
+        except ConnectionResetError:
+            pass  # an abort is the expected way to close it
+
+
+@pytest.mark.timeout(30)
+def test_wanproxy_cli_rejects_bad_arguments() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pccl.wanproxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--delay-ms",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "--delay-ms" in proc.stderr
