@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   - set up .venv and run a local master + peers doing real all-reduces
+#   make demo   - set up .venv and run a local master + 3 peers training with uint8 DiLoCo
 #   make test   - set up .venv and run lint, types and the test suite (native, then numpy)
 PY ?= python3.11
 VENV ?= .venv
@@ -19,9 +19,9 @@ demo: $(STAMP)
 	$(BIN)/pccl demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check pccl master peer bindings tests
-	$(BIN)/ruff format --check pccl master peer bindings tests
-	$(BIN)/mypy pccl master peer bindings
+	$(BIN)/ruff check pccl master peer bindings examples tests
+	$(BIN)/ruff format --check pccl master peer bindings examples tests
+	$(BIN)/mypy pccl master peer bindings examples
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -101,7 +101,12 @@ class _Conn(asyncio.Protocol):
         t = self.transport
         if self.closed or t is None or t.is_closing():
             return
-        t.write(msg.encode())
+        try:
+            frame = msg.encode()
+        except ValueError as e:  # beyond the wire bound: never let it escape a handler
+            self.kick("too_large", f"{msg.TYPE.name} for this peer exceeds the wire bound: {e}")
+            return
+        t.write(frame)
         if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
             self.kick("backlog", "control link not drained")
 

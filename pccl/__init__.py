@@ -7,7 +7,7 @@ cheap.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pccl.config import Config
 from pccl.errors import (
@@ -24,6 +24,9 @@ from pccl.errors import (
 )
 from pccl.shared_state import SharedState
 from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
+
+if TYPE_CHECKING:  # resolved lazily at run time (see __getattr__)
+    from pccl.peer.blocking import Communicator
 
 __version__ = "0.1.0"
 

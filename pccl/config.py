@@ -12,10 +12,12 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "Config"]
+__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "MAX_STATE_FRAME", "Config"]
 
 #: Largest control (msgpack) frame body either side accepts; larger closes the connection.
 MAX_CONTROL_FRAME = 1 << 20
+#: Largest shared-state vote or plan (they list every entry of a state).
+MAX_STATE_FRAME = 16 << 20
 #: Largest data frame payload a peer accepts.
 MAX_DATA_FRAME = 64 << 20
 

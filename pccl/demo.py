@@ -1,10 +1,19 @@
-"""``pccl demo``: a local cluster doing real work, with progress.
+"""``pccl demo``: a local cluster training a small language model with DiLoCo, with churn.
 
-Starts the real master daemon and N peer processes on loopback. Every peer loops
-``update_topology() -> all_reduce`` over a gradient-sized float32 buffer (exact and uint8),
-checks the mean it received against what it can compute itself, and reports the hash of its result
-so the launcher can show that every peer holds identical bytes. Midway one peer is SIGKILLed and
-a fresh one joins: the survivors see ``CollectiveAborted``, re-wire, retry and carry on.
+By default this runs ``examples/diloco_charlm.py`` (the repository's examples folder; torch
+needed): the real master daemon and 3 peer processes on loopback train a character-level
+language model with DiLoCo (uint8 pseudo-gradients, error feedback, Nesterov outer steps). Every
+outer step prints the held-out loss, the world size, the bytes each peer sent against what fp32
+DDP would have sent, and whether every peer's outer state hashes identically. A third of the way
+through one peer is SIGKILLed (the survivors retry and carry on) and half-way a newcomer joins
+(it receives the outer state by a verified shared-state sync and takes over the dead peer's data
+shard). At the end the same data is trained with fp32 DDP for comparison.
+
+``pccl demo --allreduce`` (or an install without torch or the examples folder) runs the
+torch-free demo instead: every peer loops ``update_topology() -> all_reduce`` over a
+gradient-sized float32 buffer (exact and uint8-quantized), checks the mean it received against
+what it can compute itself, and reports the hash of its result so the launcher can show that
+every peer holds identical bytes; the same kill-and-join episode happens midway.
 
 The launcher runs in the foreground; peers are child processes killed on every exit path.
 """
@@ -12,24 +21,96 @@ The launcher runs in the foreground; peers are child processes killed on every e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = ["add_arguments", "main"]
 
+ALONE_TIMEOUT_S = 10.0  # an all-reduce demo peer left alone this long gives up
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind the launcher (running its cleanup) instead of killing it outright."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a local master and peers doing all-reduces with churn")
+    p = sub.add_parser(
+        "demo",
+        help="run a local master and peers training a small LM with DiLoCo, with a peer "
+        "killed and a newcomer joining",
+    )
     p.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
-    p.add_argument("--steps", type=int, default=30, help="steps per peer (default 30)")
-    p.add_argument("--mib", type=int, default=32, help="all-reduce size in MiB (default 32)")
+    p.add_argument("--outer-steps", type=int, default=30, help="DiLoCo outer steps (default 30)")
+    p.add_argument("--sync-every", type=int, default=10, help="inner steps per outer step")
+    p.add_argument("--delayed", action="store_true", help="one-step-delayed (async) DiLoCo")
+    p.add_argument(
+        "--step-ms", type=float, default=20.0, help="pause per inner step, to watch (default 20)"
+    )
     p.add_argument("--no-churn", action="store_true", help="skip the kill-and-join episode")
+    p.add_argument(
+        "--allreduce", action="store_true", help="the torch-free all-reduce demo instead"
+    )
+    p.add_argument("--steps", type=int, default=30, help="--allreduce: steps per peer")
+    p.add_argument("--mib", type=int, default=32, help="--allreduce: all-reduce size in MiB")
     p.set_defaults(func=_cmd_demo)
+
+
+def _examples_dir() -> Path:
+    env = os.environ.get("PCCL_EXAMPLES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load_diloco_example() -> ModuleType | str:
+    """The DiLoCo example module, or why it cannot run here."""
+    path = _examples_dir() / "diloco_charlm.py"
+    if not path.is_file():
+        return f"{path} not found (set PCCL_EXAMPLES to the repository's examples folder)"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install 'pccl[torch]')"
+    spec = importlib.util.spec_from_file_location("pccl_demo_diloco", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
+    if args.allreduce:
+        return _cmd_allreduce(args)
+    if args.peers < 2 or args.outer_steps < 2 or args.sync_every < 1:
+        print("need --peers >= 2, --outer-steps >= 2, --sync-every >= 1", file=sys.stderr)
+        return 2
+    churn = not args.no_churn
+    if churn and args.peers < 3:
+        print("the kill-and-join episode needs --peers >= 3 (or pass --no-churn)", file=sys.stderr)
+        return 2
+    example = _load_diloco_example()
+    if isinstance(example, str):
+        print(f"DiLoCo demo unavailable: {example}; running the all-reduce demo", flush=True)
+        return _cmd_allreduce(args)
+    return int(
+        example.launch(
+            argparse.Namespace(
+                peers=args.peers,
+                outer_steps=args.outer_steps,
+                sync_every=args.sync_every,
+                delayed=args.delayed,
+                churn=churn,
+                step_ms=args.step_ms,
+                quantization="UINT8",
+            )
+        )
+    )
 
 
 def _spawn_master() -> tuple[subprocess.Popen[str], int]:
@@ -76,7 +157,7 @@ def _spawn_peer(port: int, idx: int, args: argparse.Namespace) -> subprocess.Pop
     )
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_allreduce(args: argparse.Namespace) -> int:
     import selectors
 
     if args.peers < 2 or args.steps < 1 or args.mib < 1:
@@ -132,6 +213,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                         sel.register(procs[next_idx].stdout, selectors.EVENT_READ, next_idx)  # type: ignore[arg-type]
                         next_idx += 1
                         joined = True
+                elif ev["event"] == "alone":
+                    print(f"  peer #{i}: no other peer for {ALONE_TIMEOUT_S:.0f} s, leaving")
                 elif ev["event"] == "retry":
                     print(f"  peer #{i}: {ev['error']} -> update_topology and retry")
                 elif ev["event"] == "joined":
@@ -167,13 +250,20 @@ def _worker(port: int, idx: int, steps: int, mib: int) -> int:
     q = np.empty_like(grad)
     step = 0
     first = True
+    alone_since: float | None = None
     while step < steps:
         if not first or comm.world_size < 2:
             comm.update_topology()
         first = False
         if comm.world_size < 2:
+            # Alone: wait for company, but not forever (the others may have finished the run).
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since > ALONE_TIMEOUT_S:
+                emit(event="alone", peer_id=comm.peer_id)
+                break
             time.sleep(0.2)
             continue
+        alone_since = None
         try:
             # Agree on the step (a newcomer adopts the run's), then fill with step + 1 so the
             # exact mean is known everywhere.

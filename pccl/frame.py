@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME
+from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_STATE_FRAME
 from pccl.errors import ProtocolError
 
 __all__ = [
@@ -85,6 +85,8 @@ def max_body(msg_type: int) -> int:
         return DATA_HEADER.size + MAX_DATA_FRAME
     if msg_type == MsgType.P2P_STATE_DATA:
         return STATE_HEADER.size + MAX_DATA_FRAME
+    if msg_type in (MsgType.P2M_SYNC_SHARED_STATE, MsgType.M2P_SYNC_PLAN):
+        return MAX_STATE_FRAME
     return MAX_CONTROL_FRAME
 
 

@@ -17,9 +17,8 @@ from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
-from pccl.config import MAX_CONTROL_FRAME
 from pccl.errors import ProtocolError
-from pccl.frame import MsgType, encode_frame
+from pccl.frame import MsgType, encode_frame, max_body
 
 __all__ = ["MESSAGES", "Message", "decode", "encode"]
 
@@ -171,7 +170,7 @@ def decode(mtype: MsgType, body: bytes) -> Message:
     cls = MESSAGES.get(mtype)
     if cls is None:
         raise ProtocolError(f"{mtype.name} has no control body")
-    if len(body) > MAX_CONTROL_FRAME:
+    if len(body) > max_body(mtype):
         raise ProtocolError("control body too large")
     try:
         obj = msgpack.unpackb(

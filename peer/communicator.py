@@ -977,6 +977,7 @@ class Communicator:
                             staging=staging,
                             token=self.token,
                             ssl=self._client_ssl,
+                            progress_timeout=self.config.progress_timeout_s,
                             connect_timeout=self.config.connect_timeout_s,
                         )
                         rx = res.rx_bytes

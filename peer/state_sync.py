@@ -211,12 +211,21 @@ class FetchResult:
 
 
 def _stripe(
-    nbytes: int, key: str, sources: list[int], per_source: dict[int, list[tuple[str, int, int]]]
-) -> None:
+    nbytes: int,
+    key: str,
+    sources: list[int],
+    per_source: dict[int, list[tuple[str, int, int]]],
+    rotation: int = 0,
+) -> int:
+    """Assign ``key``'s ranges round-robin over ``sources``, continuing at ``rotation`` so many
+    small entries spread over all sources too. Returns the next rotation."""
     n = max(1, len(sources))
     piece = max(MIN_STRIPE, -(-nbytes // n))
-    for j, start in enumerate(range(0, nbytes, piece)):
+    j = rotation
+    for start in range(0, nbytes, piece):
         per_source.setdefault(sources[j % n], []).append((key, start, min(nbytes, start + piece)))
+        j += 1
+    return j
 
 
 async def fetch_entries(
@@ -230,6 +239,7 @@ async def fetch_entries(
     connect_timeout: float,
     token: bytes | None = None,
     ssl: Any = None,
+    progress_timeout: float = 10.0,
 ) -> FetchResult:
     """Fetch, verify and commit the entries of ``fetch`` into ``state``.
 
@@ -243,10 +253,11 @@ async def fetch_entries(
     sources_of = {k: list(ids) for k, _, ids in fetch}
     dead: set[int] = set()
     per_source: dict[int, list[tuple[str, int, int]]] = {}
+    rotation = 0
     for key, _, ids in fetch:
         if not ids:
             raise SharedStateError(f"no source holds the elected content of {key!r}")
-        _stripe(entries[key].nbytes, key, ids, per_source)
+        rotation = _stripe(entries[key].nbytes, key, ids, per_source, rotation)
 
     protos: dict[int, _FetchStream] = {}
 
@@ -260,7 +271,17 @@ async def fetch_entries(
         assert isinstance(proto, _FetchStream)
         protos[src] = proto
         try:
-            await proto.done
+            seen = -1
+            while True:  # a source that stops sending (hung) fails after progress_timeout_s
+                try:
+                    await asyncio.wait_for(asyncio.shield(proto.done), progress_timeout)
+                    break
+                except TimeoutError:
+                    if proto.rx == seen:
+                        err = TimeoutError(f"source {src} sent nothing for {progress_timeout}s")
+                        proto._fail(err)
+                        raise err from None
+                    seen = proto.rx
         finally:
             if proto.transport is not None:
                 proto.transport.close()

@@ -462,6 +462,10 @@ def test_length_bounds_per_type(mtype: MsgType) -> None:
         from pccl.frame import STATE_HEADER
 
         bound = STATE_HEADER.size + MAX_DATA_FRAME
+    elif mtype.name in ("P2M_SYNC_SHARED_STATE", "M2P_SYNC_PLAN"):
+        from pccl.config import MAX_STATE_FRAME
+
+        bound = MAX_STATE_FRAME  # they list every entry of a shared state
     else:
         bound = MAX_CONTROL_FRAME
     assert parse_header(HEADER.pack(MAGIC, VERSION, mtype, bound)) == (mtype, bound)

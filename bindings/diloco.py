@@ -1,0 +1,750 @@
+"""DiLoCo and one-step-delayed (async) DiLoCo over a pccl peer group.
+
+Every peer trains its own replica with its own inner optimizer and calls :meth:`DiLoCo.step`
+after each inner step. Every ``sync_every`` (H) inner steps the peers meet at an *outer
+boundary*:
+
+1. pseudo-gradient ``g = start - local`` (+ the error-feedback residual), in fp32 flat buffers,
+   where ``start`` is where the round began (the outer parameters in synchronous mode);
+2. all-reduce of ``g`` over the group (quantized, one operation per <= ``bucket_bytes`` bucket,
+   plus an 8-byte contributor count), retried after ``update_topology()`` when a peer leaves
+   mid-operation (``CollectiveAborted``), dropped when fewer than two peers remain;
+3. outer step on the flat buffers: SGD with (Nesterov) momentum, element-wise numpy float32
+   (every operation exactly rounded, no FMA, no reduction), so every peer computes the same bytes
+   from the same all-reduce result;
+4. ``update_topology()`` (admits newcomers), then ``sync_shared_state`` of the *outer state*
+   (outer parameters, momentum buffers and a control vector holding the boundary counter), which
+   bumps the revision by exactly one and proves parity: the master compares the XXH3-128 hash of
+   every entry, so an incumbent receiving bytes (``rx_bytes > 0``) means it had diverged and was
+   repaired (counted in ``stats.repairs``; it never happens in steady state);
+5. ``local <- outer``.
+
+``delayed=True`` (async DiLoCo) overlaps communication with computation: the all-reduce of round
+t runs in the background during the H inner steps of round t+1, and the group's mean is applied to
+the outer parameters at the next boundary, one outer step late. Meanwhile each peer starts round
+t+1 from an *eager* start: the outer step its own pseudo-gradient would give if it were the mean
+(the "eager update" of Kallusky et al., 2025). Restarting every round from outer parameters that
+lack the previous round instead makes each update land a round behind the point it was measured
+at; with the default Nesterov momentum 0.9 that diverged here (held-out loss 6.0 against 0.67 for
+DDP on ``examples/charlm.py``), while the eager start matches synchronous DiLoCo. A round's
+pseudo-gradient is always taken against the point that round started from. The eager start is
+local (it differs between peers); the outer state is shared and stays bit-identical. Call
+:meth:`DiLoCo.flush` on every peer to apply the round still in flight (end of training,
+evaluation, checkpoints).
+
+Averaging and late joiners. The all-reduce is a SUM of pseudo-gradients plus a SUM of contributor
+flags (1 from a peer that trained the round, 0 from one that did not), and the result is divided
+by the count. A newcomer is admitted by ``update_topology()`` at some boundary and must then take
+part in the group's collectives, but it has not trained the round being reduced: it contributes
+zeros with weight 0, so the update is the mean over the peers that did train, bit-identical on
+every peer, newcomer included. The control vector carries the phase the incumbents are in when
+they sync (``Phase``), so the newcomer, whose first call is that same sync (made by the
+constructor), knows whether to start training (IDLE), join the background all-reduce that is about
+to start (LAUNCH, delayed mode) or join the retry of an aborted one (RETRY, FLUSH_RETRY). Every
+``update_topology()`` DiLoCo makes is followed by a sync for this reason: construct ``DiLoCo``
+right after ``comm.connect()``, before any other collective.
+
+Error feedback (``error_feedback=True`` with a lossy ``quantization``): after an all-reduce
+succeeds, each peer keeps ``e = g - D(Q(g))`` where Q/D are the wire encoding (block-wise uint8
+min-max at ``Config.quant_block``, or fp16/bf16) applied to the pseudo-gradient it contributed,
+and adds ``e`` to its next pseudo-gradient. This compensates the rounding of this peer's own
+contribution at the wire's resolution. It does not compensate the ring's re-quantization of
+partial sums nor the owner's final quantization of the sum (those errors belong to no single
+peer; the blocks of the ring are aligned to its chunks, not to the whole buffer). A dropped step
+keeps the residual (nothing of it reached the outer parameters).
+
+A lone peer (group size 1) cannot all-reduce: its boundary is *dropped*, i.e. no outer update and
+its local progress of the round is discarded (``local <- outer``), so a partitioned peer never
+drifts from the run's outer parameters on its own.
+
+Memory: outer params, momentum, pseudo-gradient, all-reduce result, residual and (delayed mode)
+the eager start are each one fp32 copy of the model on the host (pinned when the model is on
+CUDA), plus bounded scratch. Runs on the caller's thread; in delayed mode the collective runs on
+the communicator's event-loop thread concurrently with training, on buffers (pseudo-gradient,
+result, count) the training thread does not touch until it waits for the collective.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import xxhash
+
+from pccl import kernels
+from pccl.config import Config
+from pccl.errors import CollectiveAborted, TooFewPeers
+from pccl.shared_state import SharedState
+from pccl.types import Quantization, ReduceOp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pccl.peer.blocking import Communicator, ReduceFuture
+
+__all__ = ["DiLoCo", "DiLoCoStats", "OuterStepInfo", "Phase", "nesterov_step"]
+
+log = logging.getLogger("pccl.diloco")
+
+#: Default all-reduce bucket: one operation per <= 256 MiB of fp32 pseudo-gradient.
+DEFAULT_BUCKET_BYTES = 256 << 20
+#: Default first tag; the count uses it, bucket i uses ``tag + 1 + i``.
+DEFAULT_TAG = 0x0D10C000
+_CHUNK = 1 << 20  # elements per step of the chunked host loops (bounded scratch)
+
+
+class Phase(enum.IntEnum):
+    """What the incumbents do right after the sync a newcomer joins them in."""
+
+    IDLE = 0  #: the boundary is over: inner steps next
+    LAUNCH = 1  #: (delayed) the background all-reduce of the last round starts next
+    RETRY = 2  #: the all-reduce a departure aborted is retried next, then the boundary ends
+    FLUSH_RETRY = 3  #: as RETRY, inside :meth:`DiLoCo.flush` (no new round is launched after)
+
+
+# Control vector (int64 shared-state entry "diloco/ctrl").
+_BOUNDARY, _APPLIED, _PHASE, _FINGERPRINT = range(4)
+
+
+@dataclass(frozen=True)
+class OuterStepInfo:
+    """What happened at one outer boundary (returned by :meth:`DiLoCo.step`).
+
+    Attributes:
+        outer_step: boundaries completed by the run so far (shared; a newcomer adopts it).
+        applied: an outer update was applied (False: dropped for lack of peers).
+        world_size: peers in the group after the boundary.
+        contributors: peers whose pseudo-gradient is in the applied update (0 when dropped).
+        tx_bytes, rx_bytes: all-reduce payload bytes of this boundary, retries included.
+        sync_tx_bytes, sync_rx_bytes: shared-state bytes of this boundary's syncs.
+        revision: shared-state revision after the boundary.
+        retries: all-reduce attempts aborted by a departure and retried.
+        seconds: wall time of the boundary on this peer.
+    """
+
+    outer_step: int
+    applied: bool
+    world_size: int
+    contributors: int
+    tx_bytes: int
+    rx_bytes: int
+    sync_tx_bytes: int
+    sync_rx_bytes: int
+    revision: int
+    retries: int
+    seconds: float
+
+
+@dataclass
+class DiLoCoStats:
+    """Cumulative counters of one :class:`DiLoCo` (this peer's view)."""
+
+    boundaries: int = 0
+    applied: int = 0
+    dropped: int = 0
+    retries: int = 0
+    syncs: int = 0
+    repairs: int = 0  #: syncs after the first that received bytes (divergence repaired)
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+    sync_tx_bytes: int = 0
+    sync_rx_bytes: int = 0
+
+
+def nesterov_step(
+    theta: np.ndarray,
+    grad: np.ndarray,
+    momentum: np.ndarray | None,
+    lr: float,
+    mu: float,
+    nesterov: bool,
+    scratch: np.ndarray,
+) -> None:
+    """One SGD step ``theta -= lr * d`` on flat float32 buffers, in place, deterministic.
+
+    ``buf = mu * buf + g``; ``d = g + mu * buf`` (Nesterov) or ``buf`` (heavy ball), as
+    ``torch.optim.SGD`` with ``dampening=0``. Every operation is an element-wise float32 numpy
+    ufunc (exactly rounded, never fused), so equal inputs give equal bytes on every platform.
+    ``grad`` is overwritten; ``scratch`` is float32 of any length >= 1.
+    """
+    lr32, mu32 = np.float32(lr), np.float32(mu)
+    n = theta.shape[0]
+    step = max(1, min(_CHUNK, scratch.shape[0]))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        g = grad[a:b]
+        tmp = scratch[: b - a]
+        d = g
+        if momentum is not None:
+            m = momentum[a:b]
+            np.multiply(m, mu32, out=m)
+            np.add(m, g, out=m)
+            if nesterov:
+                np.multiply(m, mu32, out=tmp)
+                np.add(g, tmp, out=g)
+            else:
+                d = m
+        np.multiply(d, lr32, out=tmp)
+        np.subtract(theta[a:b], tmp, out=theta[a:b])
+
+
+def _named_params(model: Any) -> list[tuple[str, torch.Tensor]]:
+    named: list[tuple[str, torch.Tensor]]
+    if isinstance(model, torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    elif isinstance(model, Mapping):
+        named = list(model.items())
+    else:
+        named = []
+        for i, item in enumerate(model):
+            if isinstance(item, tuple):
+                named.append((str(item[0]), item[1]))
+            else:
+                named.append((f"p{i}", item))
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    seen: set[str] = set()
+    for name, p in named:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a torch.Tensor")
+        if name in seen:
+            raise ValueError(f"duplicate parameter name {name!r}")
+        seen.add(name)
+    return named
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this peer's values: the local shard of a DTensor (shares storage).
+
+    Fetched at every use: FSDP may re-point a DTensor at new storage (e.g. after ``.to()``).
+    """
+    if callable(getattr(p, "to_local", None)):
+        return p.to_local()  # type: ignore[attr-defined]
+    return p
+
+
+class DiLoCo:
+    """DiLoCo outer optimisation over ``comm``'s peer group; see the module docstring.
+
+    Args:
+        comm: a connected blocking :class:`pccl.Communicator`. Construct DiLoCo right after
+            ``connect()``: the constructor makes the peer's first shared-state sync, which is
+            where a late joiner receives the run's outer state.
+        model: an ``nn.Module`` (its trainable parameters), a mapping ``{name: tensor}`` or an
+            iterable of tensors / ``(name, tensor)`` pairs. Tensors may live on any device and
+            have any float dtype; DTensors (FSDP2) contribute their local shard. Every peer of
+            the group must pass the same names and shapes.
+        inner_optimizer: the optimizer the caller steps before each :meth:`step` (DiLoCo never
+            steps or resets it; it is checked to optimise parameters of ``model``). May be None.
+        sync_every: H, inner steps per outer step.
+        outer_lr, outer_momentum, nesterov: the outer SGD (``torch.optim.SGD`` semantics).
+        quantization: wire encoding of the pseudo-gradient all-reduce.
+        delayed: one-step-delayed (async) DiLoCo.
+        error_feedback: keep the local quantization residual (no-op without quantization).
+        bucket_bytes: largest all-reduce (fp32 bytes); bigger models use several.
+        tag: first collective tag used (``tag .. tag + buckets``); avoid them elsewhere.
+        sync_timeout: deadline of each shared-state sync (default: the communicator's).
+
+    Raises:
+        TypeError/ValueError: bad arguments (before any I/O).
+        ValueError: this peer's hyper-parameters differ from the run's (after the first sync).
+        pccl errors of the first sync (``SharedStateError``, ``ConnectionLost``...).
+    """
+
+    def __init__(
+        self,
+        comm: Communicator,
+        model: Any,
+        inner_optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sync_every: int,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        nesterov: bool = True,
+        quantization: Quantization = Quantization.UINT8,
+        delayed: bool = False,
+        error_feedback: bool = True,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        tag: int = DEFAULT_TAG,
+        sync_timeout: float | None = None,
+    ) -> None:
+        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if not (outer_lr > 0 and np.isfinite(outer_lr)):
+            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
+        if not 0 <= outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
+        if nesterov and outer_momentum == 0:
+            raise ValueError("nesterov=True needs outer_momentum > 0")
+        quantization = Quantization(quantization)
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 4096:
+            raise ValueError(f"bucket_bytes must be an int >= 4096, got {bucket_bytes!r}")
+        if not isinstance(tag, int) or not 0 <= tag <= 0xFFFF_FFFF:
+            raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+        self.comm = comm
+        self.inner_optimizer = inner_optimizer
+        self.sync_every = sync_every
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.nesterov = bool(nesterov)
+        self.quantization = quantization
+        self.delayed = bool(delayed)
+        self.error_feedback = bool(error_feedback) and quantization != Quantization.NONE
+        self.sync_timeout = sync_timeout
+        self.stats = DiLoCoStats()
+
+        named = _named_params(model)
+        if inner_optimizer is not None:
+            own = {id(p) for _, p in named}
+            foreign = [
+                p for g in inner_optimizer.param_groups for p in g["params"] if id(p) not in own
+            ]
+            if foreign:
+                raise ValueError(
+                    f"inner_optimizer optimises {len(foreign)} tensor(s) that are not trainable "
+                    "parameters of model (was it built before the model was wrapped/sharded?)"
+                )
+        self._params: list[tuple[str, torch.Tensor, int, int, tuple[int, ...]]] = []
+        offset = 0
+        on_cuda = False
+        for name, p in named:
+            loc = _local(p)
+            if not loc.is_floating_point():
+                raise TypeError(f"parameter {name!r} has non-float dtype {loc.dtype}")
+            if not loc.is_contiguous():
+                raise TypeError(f"parameter {name!r} is not contiguous")
+            on_cuda |= loc.device.type == "cuda"
+            n = loc.numel()
+            self._params.append((name, p, offset, n, tuple(loc.shape)))
+            offset += n
+        self.numel = offset
+        pin = on_cuda and torch.cuda.is_available()
+
+        def flat() -> tuple[torch.Tensor, np.ndarray]:
+            t = torch.zeros(max(self.numel, 1), dtype=torch.float32, pin_memory=pin)[: self.numel]
+            return t, t.numpy()
+
+        self._theta_t, self._theta = flat()
+        # Where the current round started: the outer parameters, or in delayed mode the eager
+        # start (see _launch_background).
+        self._anchor_t, self._anchor = flat() if self.delayed else (self._theta_t, self._theta)
+        self._send_t, self._send = flat()
+        self._recv_t, self._recv = flat()
+        self._mom = flat()[1] if self.outer_momentum > 0 else None
+        self._residual = flat()[1] if self.error_feedback else None
+        self._count = np.zeros(1, dtype=np.int64)
+        self._count_out = np.zeros(1, dtype=np.int64)
+        self._weight = 0
+        self._scratch = np.empty(min(max(self.numel, 1), _CHUNK), dtype=np.float32)
+        if self.error_feedback:
+            cfg = getattr(getattr(comm, "aio", None), "config", None)
+            self._block = int(cfg.quant_block if isinstance(cfg, Config) else Config().quant_block)
+            self._q = np.empty(self._scratch.shape[0], dtype=np.uint8)
+            self._meta = np.empty(
+                2 * kernels.num_blocks(self._scratch.shape[0], self._block), dtype=np.float32
+            )
+            self._half = np.empty(self._scratch.shape[0], dtype=np.uint16)
+        per = max(1, bucket_bytes // 4)
+        self._buckets = [(a, min(self.numel, a + per)) for a in range(0, self.numel, per)]
+        self._tag = tag
+        if tag + len(self._buckets) > 0xFFFF_FFFF:
+            raise ValueError("tag + number of buckets exceeds 2**32 - 1")
+
+        self._ctrl = np.zeros(4, dtype=np.int64)
+        self._ctrl[_FINGERPRINT] = self._fingerprint()
+        entries: dict[str, Any] = {}
+        for name, _, off, n, shape in self._params:
+            entries[f"outer/{name}"] = self._theta[off : off + n].reshape(shape)
+            if self._mom is not None:
+                entries[f"momentum/{name}"] = self._mom[off : off + n].reshape(shape)
+        entries["diloco/ctrl"] = self._ctrl
+        self.shared_state = SharedState(entries, revision=0)
+        self._synced = False
+        self._contributing = False
+        self._inflight: list[ReduceFuture] | None = None
+        self._inner = 0
+        self._io = _BoundaryIO()
+        self._local_to(self._theta_t)
+        self._join()
+
+    # ------------------------------------------------------------------ public
+
+    def step(self) -> OuterStepInfo | None:
+        """Count one inner step; at every ``sync_every``-th, run the outer boundary.
+
+        Returns:
+            The boundary's :class:`OuterStepInfo`, or None between boundaries.
+
+        Raises:
+            pccl errors other than ``CollectiveAborted``/``TooFewPeers`` (which are handled):
+            ``ConnectionLost``, ``SharedStateError``, ``TopologyUpdateFailed``. The peer should
+            then close its communicator and rejoin as a newcomer.
+        """
+        self._inner += 1
+        if self._inner < self.sync_every:
+            return None
+        self._inner = 0
+        t0 = time.perf_counter()
+        self._io = _BoundaryIO()
+        if self.delayed:
+            applied = False
+            if self._inflight is not None:
+                handles, self._inflight = self._inflight, None
+                applied = self._reduce(handles, Phase.RETRY)
+            self._fill_pseudo_grad()
+            self._finish_boundary(applied)
+        else:
+            self._fill_pseudo_grad()
+            applied = self._reduce(None, Phase.RETRY)
+            self._finish_boundary(applied)
+        return self._info(applied, time.perf_counter() - t0)
+
+    def flush(self) -> OuterStepInfo | None:
+        """Delayed mode: wait for the background all-reduce and apply it now.
+
+        Call it on every peer at the same point, right after a boundary (e.g. at the end of
+        training or before evaluating or checkpointing the outer parameters): the outer state
+        then includes every round trained so far, is verified by a sync, and the local model is
+        reset to it. Training may continue afterwards (the next boundary has nothing to apply).
+        A no-op (None) in synchronous mode or when nothing is in flight.
+
+        Raises:
+            As :meth:`step`.
+        """
+        if self._inflight is None:
+            return None
+        t0 = time.perf_counter()
+        self._io = _BoundaryIO()
+        handles, self._inflight = self._inflight, None
+        applied = self._reduce(handles, Phase.FLUSH_RETRY)
+        self._finish_flush(applied)
+        return self._info(applied, time.perf_counter() - t0)
+
+    @property
+    def outer_step(self) -> int:
+        """Boundaries completed by the run (shared across peers)."""
+        return int(self._ctrl[_BOUNDARY])
+
+    @property
+    def applied_steps(self) -> int:
+        """Outer updates applied by the run (shared across peers)."""
+        return int(self._ctrl[_APPLIED])
+
+    @property
+    def revision(self) -> int:
+        return self.shared_state.revision
+
+    def hashes(self) -> dict[str, str]:
+        """``{entry: hex XXH3-128}`` of the outer state (identical on every peer after a step)."""
+        return self.shared_state.hashes()
+
+    def outer_parameters(self) -> dict[str, torch.Tensor]:
+        """``{name: fp32 CPU tensor}`` views of the outer parameters (do not modify)."""
+        return {
+            name: self._theta_t[off : off + n].view(shape)
+            for name, _, off, n, shape in self._params
+        }
+
+    def close(self) -> None:
+        """Wait for a background all-reduce (delayed mode) and drop its result. Idempotent."""
+        handles, self._inflight = self._inflight, None
+        for h in handles or []:
+            try:
+                h.wait()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ joining
+
+    def _join(self) -> None:
+        """First sync; a newcomer then enters the boundary the incumbents are in."""
+        self._sync()
+        if int(self._ctrl[_FINGERPRINT]) != self._fingerprint():
+            raise ValueError(
+                "this peer's DiLoCo settings (sync_every, delayed, quantization, outer_lr, "
+                "outer_momentum, nesterov) differ from the run's"
+            )
+        if self._anchor is not self._theta:
+            np.copyto(self._anchor, self._theta)
+        phase = Phase(int(self._ctrl[_PHASE]))
+        if phase is not Phase.IDLE:
+            log.info("joining a boundary in phase %s at outer step %d", phase.name, self.outer_step)
+        self._fill_pseudo_grad()  # zeros, weight 0: we have not trained the pending round
+        if phase is Phase.RETRY:
+            applied = self._reduce(None, Phase.RETRY)
+            if self.delayed:
+                self._fill_pseudo_grad()
+            self._finish_boundary(applied)
+        elif phase is Phase.FLUSH_RETRY:
+            self._finish_flush(self._reduce(None, Phase.FLUSH_RETRY))
+        elif phase is Phase.LAUNCH:
+            self._launch_background()
+            self._copy_anchor_to_local()
+        else:
+            self._copy_anchor_to_local()
+        self._contributing = True
+
+    def _fingerprint(self) -> int:
+        key = repr(
+            (
+                self.sync_every,
+                self.delayed,
+                int(self.quantization),
+                self.outer_lr,
+                self.outer_momentum,
+                self.nesterov,
+            )
+        )
+        v = xxhash.xxh64_intdigest(key.encode())
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    # ------------------------------------------------------------------ boundary pieces
+
+    def _apply(self, applied: bool) -> None:
+        if applied:
+            nesterov_step(
+                self._theta,
+                self._recv,
+                self._mom,
+                self.outer_lr,
+                self.outer_momentum,
+                self.nesterov,
+                self._scratch,
+            )
+            self.stats.applied += 1
+            self._ctrl[_APPLIED] += 1
+        else:
+            self.stats.dropped += 1
+
+    def _finish_boundary(self, applied: bool) -> None:
+        self._apply(applied)
+        self.stats.boundaries += 1
+        self._ctrl[_BOUNDARY] += 1
+        self._admit_and_sync(Phase.LAUNCH if self.delayed else Phase.IDLE)
+        if self.delayed:
+            self._launch_background()
+        self._copy_anchor_to_local()
+
+    def _finish_flush(self, applied: bool) -> None:
+        self._apply(applied)
+        self._admit_and_sync(Phase.IDLE)
+        if self._anchor is not self._theta:
+            np.copyto(self._anchor, self._theta)
+        self._copy_anchor_to_local()
+
+    def _launch_background(self) -> None:
+        """Delayed mode: start the all-reduce of ``send`` and pick the next round's start.
+
+        The next round starts from the outer step this peer would take if its own pseudo-gradient
+        were the group's mean ("eager" start); the group's real mean replaces it at the next
+        boundary, one outer step late. Without it every round would start from outer parameters
+        that lack the previous round, and the late, momentum-amplified updates overshoot.
+        """
+        if self._weight:
+            self._preview(self._send)
+            if self._residual is not None:
+                np.add(self._send, self._residual, out=self._send)
+        else:
+            np.copyto(self._anchor, self._theta)
+        try:
+            self._inflight = self._launch()
+        except TooFewPeers:
+            self._inflight = None  # this round's pseudo-gradient is dropped
+            np.copyto(self._anchor, self._theta)
+            log.info("outer step %d: fewer than 2 peers, round dropped", self.outer_step)
+
+    def _preview(self, grad: np.ndarray) -> None:
+        """``anchor = theta - lr * d`` for the outer step ``grad`` would give (state untouched)."""
+        lr32, mu32 = np.float32(self.outer_lr), np.float32(self.outer_momentum)
+        step = self._scratch.shape[0]
+        for a in range(0, self.numel, step):
+            b = min(self.numel, a + step)
+            tmp = self._scratch[: b - a]
+            if self._mom is not None:
+                np.multiply(self._mom[a:b], mu32, out=tmp)
+                np.add(tmp, grad[a:b], out=tmp)
+                if self.nesterov:
+                    np.multiply(tmp, mu32, out=tmp)
+                    np.add(tmp, grad[a:b], out=tmp)
+            else:
+                np.copyto(tmp, grad[a:b])
+            np.multiply(tmp, lr32, out=tmp)
+            np.subtract(self._theta[a:b], tmp, out=self._anchor[a:b])
+
+    def _admit_and_sync(self, phase: Phase) -> None:
+        self._ctrl[_PHASE] = int(phase)
+        self.comm.update_topology()
+        self._sync()
+
+    def _sync(self) -> None:
+        first = not self._synced
+        if not first:
+            self.shared_state.revision += 1
+        info = self.comm.sync_shared_state(self.shared_state, timeout=self.sync_timeout)
+        self._synced = True
+        self.stats.syncs += 1
+        self.stats.sync_tx_bytes += info.tx_bytes
+        self.stats.sync_rx_bytes += info.rx_bytes
+        self._io.sync_tx += info.tx_bytes
+        self._io.sync_rx += info.rx_bytes
+        if info.rx_bytes and not first:
+            self.stats.repairs += 1
+            log.warning(
+                "outer state diverged from the run's at revision %d: %d bytes re-fetched",
+                info.revision,
+                info.rx_bytes,
+            )
+
+    def _local_to(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for _, p, off, n, _ in self._params:
+                flat[off : off + n].copy_(_local(p).reshape(-1))
+
+    def _copy_anchor_to_local(self) -> None:
+        with torch.no_grad():
+            for _, p, off, n, shape in self._params:
+                _local(p).copy_(self._anchor_t[off : off + n].view(shape))
+
+    def _fill_pseudo_grad(self) -> None:
+        """``send = start - local`` with weight 1, or zeros with weight 0 (not trained).
+
+        ``start`` is where this round began (the outer parameters, or the eager start in delayed
+        mode). Synchronous mode adds the residual here; delayed mode after the eager preview.
+        """
+        if not self._contributing:
+            self._send.fill(0)
+            self._weight = 0
+            return
+        self._local_to(self._send_t)
+        np.subtract(self._anchor, self._send, out=self._send)
+        if self._residual is not None and not self.delayed:
+            np.add(self._send, self._residual, out=self._send)
+        self._weight = 1
+
+    def _launch(self) -> list[ReduceFuture]:
+        """Start the count and bucket all-reduces (send -> recv, SUM)."""
+        self._count[0] = self._weight
+        handles = [
+            self.comm.all_reduce_async(self._count, self._count_out, op=ReduceOp.SUM, tag=self._tag)
+        ]
+        try:
+            for i, (a, b) in enumerate(self._buckets):
+                handles.append(
+                    self.comm.all_reduce_async(
+                        self._send[a:b],
+                        self._recv[a:b],
+                        op=ReduceOp.SUM,
+                        quantization=self.quantization,
+                        tag=self._tag + 1 + i,
+                    )
+                )
+        except BaseException:
+            self._wait_all(handles)
+            raise
+        return handles
+
+    def _wait_all(self, handles: list[ReduceFuture]) -> BaseException | None:
+        error: BaseException | None = None
+        for h in handles:
+            try:
+                info = h.wait()
+            except Exception as e:  # every handle is awaited before anything else runs
+                error = error or e
+                continue
+            self.stats.tx_bytes += info.tx_bytes
+            self.stats.rx_bytes += info.rx_bytes
+            self._io.tx += info.tx_bytes
+            self._io.rx += info.rx_bytes
+        return error
+
+    def _reduce(self, handles: list[ReduceFuture] | None, retry_phase: Phase) -> bool:
+        """Finish (or start) the all-reduce, retrying after departures; average into recv.
+
+        Returns:
+            True when ``recv`` holds the mean pseudo-gradient, False when the step is dropped.
+        """
+        while True:
+            if handles is None:
+                try:
+                    handles = self._launch()
+                except TooFewPeers:
+                    log.info("outer step %d: fewer than 2 peers, step dropped", self.outer_step)
+                    return False
+            error = self._wait_all(handles)
+            handles = None
+            if error is None:
+                break
+            if not isinstance(error, CollectiveAborted):
+                raise error
+            self.stats.retries += 1
+            self._io.retries += 1
+            log.info(
+                "outer step %d: all-reduce aborted (%s); re-forming and retrying",
+                self.outer_step,
+                error,
+            )
+            self._admit_and_sync(retry_phase)
+        count = int(self._count_out[0])
+        self._io.contributors = count
+        if count <= 0:
+            return False
+        if count > 1:
+            np.divide(self._recv, np.float32(count), out=self._recv)
+        if self._weight and self._residual is not None:
+            self._update_residual()
+        return True
+
+    def _update_residual(self) -> None:
+        """``residual = send - D(Q(send))``: what the wire encoding lost of our contribution."""
+        assert self._residual is not None
+        step = self._scratch.shape[0]
+        if self.quantization == Quantization.UINT8 and step > self._block:
+            step -= step % self._block  # whole blocks per chunk: the blocks of a single pass
+        for a in range(0, self.numel, step):
+            b = min(self.numel, a + step)
+            x, deq = self._send[a:b], self._scratch[: b - a]
+            if self.quantization == Quantization.UINT8:
+                n = b - a
+                meta = self._meta[: 2 * kernels.num_blocks(n, self._block)]
+                kernels.quantize_u8(x, self._q[:n], meta, self._block)
+                kernels.dequantize_u8(self._q[:n], meta, deq, self._block)
+            elif self.quantization == Quantization.FP16:
+                kernels.encode_f16(x, self._half[: b - a])
+                kernels.decode_f16(self._half[: b - a], deq)
+            else:
+                kernels.encode_bf16(x, self._half[: b - a])
+                kernels.decode_bf16(self._half[: b - a], deq)
+            r = self._residual[a:b]
+            with np.errstate(invalid="ignore"):
+                np.subtract(x, deq, out=r)
+            r[~np.isfinite(r)] = 0  # a NaN/inf block must not poison every later step
+
+    def _info(self, applied: bool, seconds: float) -> OuterStepInfo:
+        io = self._io
+        return OuterStepInfo(
+            outer_step=self.outer_step,
+            applied=applied,
+            world_size=self.comm.group_world_size,
+            contributors=io.contributors if applied else 0,
+            tx_bytes=io.tx,
+            rx_bytes=io.rx,
+            sync_tx_bytes=io.sync_tx,
+            sync_rx_bytes=io.sync_rx,
+            revision=self.revision,
+            retries=io.retries,
+            seconds=seconds,
+        )
+
+
+@dataclass
+class _BoundaryIO:
+    tx: int = 0
+    rx: int = 0
+    sync_tx: int = 0
+    sync_rx: int = 0
+    retries: int = 0
+    contributors: int = 0

@@ -1,0 +1,685 @@
+"""Torch bindings and DiLoCo.
+
+Unit tests (no processes): the tensor adapter contract (zero-copy CPU views, bfloat16, refusals
+with guidance), the staging path used for CUDA tensors (exercised on CPU tensors by treating them
+as device tensors; the real CUDA test is skipped without a GPU), ``TorchSharedState`` commit
+rules, and the outer optimizer's arithmetic.
+
+End-to-end tests (the real ``pccl master`` and real peer processes; ``tests/diloco_workers``):
+three peers train the character LM of ``examples/charlm.py`` on different shards with DiLoCo
+(H = 10, uint8 pseudo-gradients, error feedback), synchronous and delayed, and we require:
+
+* the outer state hashes identically on every peer after every outer step, and every sync after
+  a peer's first receives nothing (``rx_bytes == 0``), the revision growing by exactly one per sync;
+* the final held-out loss within 10 % of an fp32 DDP baseline trained on the same shards for the
+  same number of inner steps (computed here, in the test process), i.e. ``loss <= 1.10 * ddp``;
+* far fewer bytes on the wire than fp32 DDP;
+* with churn: a peer SIGKILLed mid-run (proved dead, the survivors retry) and a newcomer
+  admitted later (receives the outer state, then reports the same hashes as everyone) break
+  neither property.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pccl.bindings import torch as bt
+from pccl.bindings.diloco import DiLoCo, Phase, nesterov_step
+
+import pccl
+from pccl.types import ReduceInfo, SyncInfo
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+WORKER = "../diloco_workers/diloco_peer.py"  # relative to tests/workers (conftest.WORKERS_DIR)
+H = 10
+
+
+# ====================================================================== adapters
+
+
+def test_as_numpy_is_zero_copy_for_cpu_tensors() -> None:
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    arr, forced = bt.as_numpy(t, "t")
+    assert forced is None and arr.dtype == np.float32 and arr.shape == (2, 3)
+    arr[1, 2] = 42.0
+    assert t[1, 2].item() == 42.0
+    tg = torch.ones(3, requires_grad=True)
+    assert bt.as_numpy(tg, "tg")[0].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8, torch.int64, torch.uint8])
+def test_as_numpy_dtypes(dtype: torch.dtype) -> None:
+    t = torch.zeros(5, dtype=dtype)
+    arr, forced = bt.as_numpy(t)
+    assert forced is None and arr.nbytes == 5 * t.element_size()
+    assert arr.ctypes.data == t.data_ptr()
+
+
+def test_as_numpy_bfloat16_is_raw_words() -> None:
+    t = torch.tensor([1.0, -2.5, 3.0e38], dtype=torch.bfloat16)
+    arr, forced = bt.as_numpy(t)
+    assert forced is pccl.DType.BFLOAT16 and arr.dtype == np.uint16
+    assert arr.ctypes.data == t.data_ptr()
+    assert arr.tolist() == t.view(torch.int16).numpy().view(np.uint16).tolist()
+
+
+class _FakeDTensor(torch.Tensor):
+    def to_local(self) -> torch.Tensor:
+        return torch.Tensor(self)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: torch.zeros(4, 4).t(), "contiguous()"),
+        (lambda: torch.zeros(4)[::2], "contiguous()"),
+        (lambda: torch.zeros(3).as_subclass(_FakeDTensor), "to_local()"),
+        (lambda: torch.zeros(3, device="meta"), "all_reduce"),
+        (lambda: torch.zeros(3, dtype=torch.bool), "unsupported dtype"),
+        (lambda: torch.zeros(3, dtype=torch.complex64), "unsupported dtype"),
+        (lambda: torch.zeros(3, dtype=torch.uint32), "unsupported dtype"),
+        (lambda: torch.zeros(3, dtype=torch.float8_e4m3fn), "unsupported dtype"),
+        (lambda: torch.zeros(3, 3).to_sparse(), "dense"),
+        (lambda: torch.zeros(3, dtype=torch.complex64).conj().imag, "resolve_conj"),
+    ],
+)
+def test_as_numpy_refuses_with_guidance(make: Any, words: str) -> None:
+    with pytest.raises(TypeError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        bt.as_numpy(make(), "x")
+    if make().device.type == "cpu" and make().layout == torch.strided:
+        with pytest.raises(TypeError):
+            pccl.SharedState({"x": make()})
+
+
+def test_non_contiguous_is_both_type_and_value_error() -> None:
+    # TypeError: the tensor contract; ValueError: SharedState's contract for arrays
+    for exc in (TypeError, ValueError):
+        with pytest.raises(exc, match="contiguous"):
+            pccl.SharedState({"a": torch.zeros(4, 4).t()})
+
+
+def test_shared_state_over_torch_tensors_hashes_raw_bytes() -> None:
+    import xxhash
+
+    t = torch.tensor([1.5, -2.0, 7.0], dtype=torch.bfloat16)
+    st = pccl.SharedState({"w": t})
+    assert st.hashes()["w"] == xxhash.xxh3_128_hexdigest(t.view(torch.int16).numpy().tobytes())
+
+
+# ---------------------------------------------------------------------- staging (CUDA path)
+
+
+class _Future:
+    def __init__(self, tag: int, fail: BaseException | None) -> None:
+        self.tag = tag
+        self._fail = fail
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        if self._fail is not None:
+            raise self._fail
+        return ReduceInfo(2, 8, 8, 0.0)
+
+
+class _FakeComm:
+    """Records what the core would receive; "reduces" by doubling (a 2-peer SUM of equals)."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[Any, Any]] = []
+
+    def all_reduce_async(self, send: Any, recv: Any, *, op: Any, quantization: Any, tag: int):
+        assert isinstance(send, torch.Tensor) and send.device.type == "cpu"
+        self.calls.append((send, recv))
+        if self.fail is None:
+            out = send if recv is None else recv
+            out.copy_(send * 2)
+        return _Future(tag, self.fail)
+
+
+@pytest.fixture
+def as_device(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """Make chosen CPU tensors look like device tensors to the staging code."""
+    fake: set[int] = set()
+    monkeypatch.setattr(bt, "is_device_tensor", lambda t: id(t) in fake)
+    return fake
+
+
+def test_staged_all_reduce_copies_back_only_on_success(as_device: set[int]) -> None:
+    pool = bt.StagingPool(pin=False)
+    dev = torch.arange(4, dtype=torch.float32)
+    as_device.add(id(dev))
+    comm = _FakeComm()
+    info = bt.all_reduce(comm, dev, pool=pool)
+    staged, recv = comm.calls[0]
+    assert staged is not dev and recv is None  # the core saw a host staging buffer, in place
+    assert dev.tolist() == [0.0, 2.0, 4.0, 6.0] and info.world_size == 2
+    bt.all_reduce(comm, dev, pool=pool)
+    assert comm.calls[1][0] is staged and pool.allocations == 1  # the buffer was reused
+
+    comm = _FakeComm(fail=pccl.CollectiveAborted("peer left"))
+    with pytest.raises(pccl.CollectiveAborted):
+        bt.all_reduce(comm, dev, pool=pool)
+    assert dev.tolist() == [0.0, 4.0, 8.0, 12.0]  # untouched by the failed op
+    assert pool.allocations == 1  # released after the failure too
+
+
+def test_staged_all_reduce_out_of_place_mixed_devices(as_device: set[int]) -> None:
+    pool = bt.StagingPool(pin=False)
+    send = torch.ones(3)
+    recv = torch.zeros(3)
+    as_device.add(id(recv))
+    comm = _FakeComm()
+    h = bt.all_reduce_async(comm, send, recv, pool=pool)
+    host_send, host_recv = comm.calls[0]
+    assert host_send is send and host_recv is not recv  # CPU send zero-copy, device recv staged
+    assert recv.tolist() == [0.0, 0.0, 0.0]  # nothing copied back before wait()
+    h.wait()
+    assert recv.tolist() == [2.0, 2.0, 2.0] and send.tolist() == [1.0, 1.0, 1.0]
+    h.wait()  # idempotent
+
+
+def test_staged_all_reduce_validates_before_staging(as_device: set[int]) -> None:
+    comm = _FakeComm()
+    with pytest.raises(TypeError, match="contiguous"):
+        bt.all_reduce(comm, torch.zeros(4, 4).t())
+    with pytest.raises(TypeError, match="recv"):
+        bt.all_reduce(comm, torch.zeros(4), torch.zeros(5))
+    assert not comm.calls
+
+
+def test_staging_pool_bounds_idle_memory() -> None:
+    pool = bt.StagingPool(pin=False, keep_bytes=64)
+    a, b = pool.acquire(torch.float32, 10), pool.acquire(torch.float32, 10)
+    pool.release(a)
+    pool.release(b)  # over the 64-byte budget: dropped
+    assert pool.acquire(torch.float32, 10) is a
+    assert pool.acquire(torch.float32, 10) is not b and pool.allocations == 3
+
+
+class _SyncComm:
+    def __init__(self, new_value: float | None) -> None:
+        self.new_value = new_value
+
+    def sync_shared_state(self, state: pccl.SharedState, strategy: Any, *, timeout: Any):
+        e = state.entries["w"]
+        if self.new_value is not None:  # what a fetch commits into the host arrays
+            e.array[...] = np.float32(self.new_value)
+        return SyncInfo(state.revision, 0, e.nbytes if self.new_value is not None else 0)
+
+
+def test_torch_shared_state_stages_and_commits(as_device: set[int]) -> None:
+    dev = torch.full((2, 2), 3.0)
+    cpu = torch.zeros(3)
+    as_device.add(id(dev))
+    ts = bt.TorchSharedState({"w": dev, "c": cpu}, pin=False)
+    host = ts.state.entries["w"].array
+    assert host.ctypes.data != dev.data_ptr()  # a mirror
+    assert ts.state.entries["c"].array.ctypes.data == cpu.data_ptr()  # zero-copy
+    dev.fill_(5.0)
+    before = ts.hashes()  # staged first: hashes the current device content
+    assert before == pccl.SharedState({"w": torch.full((2, 2), 5.0), "c": cpu}).hashes()
+    ts.sync(_SyncComm(None))
+    assert dev.flatten().tolist() == [5.0] * 4
+    ts.sync(_SyncComm(9.0))
+    assert dev.flatten().tolist() == [9.0] * 4  # received bytes are committed to the device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_staging_end_to_end() -> None:  # pragma: no cover - runs on GPU machines
+    pool = bt.StagingPool()
+    assert pool.pin
+    dev = torch.arange(1000, dtype=torch.float32, device="cuda")
+    comm = _FakeComm()
+    bt.all_reduce(comm, dev, pool=pool)
+    assert comm.calls[0][0].is_pinned()
+    assert torch.equal(dev.cpu(), torch.arange(1000, dtype=torch.float32) * 2)
+    with pytest.raises(TypeError, match="all_reduce"):
+        bt.as_numpy(dev)
+    ts = bt.TorchSharedState({"w": dev})
+    ts.sync(_SyncComm(1.0))
+    assert torch.equal(dev.cpu(), torch.ones(1000))
+
+
+# ====================================================================== outer optimizer
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_nesterov_step_matches_torch_sgd(nesterov: bool) -> None:
+    rng = np.random.default_rng(0)
+    theta = rng.standard_normal(3000).astype(np.float32)
+    ref = torch.tensor(theta.copy(), requires_grad=True)
+    opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=nesterov)
+    mom = np.zeros_like(theta)
+    scratch = np.empty(777, np.float32)  # chunked: scratch shorter than the buffer
+    for _ in range(5):
+        g = rng.standard_normal(3000).astype(np.float32)
+        ref.grad = torch.tensor(g)
+        opt.step()
+        nesterov_step(theta, g.copy(), mom, 0.7, 0.9, nesterov, scratch)
+    np.testing.assert_allclose(theta, ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_nesterov_step_is_deterministic_bytes() -> None:
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal(10_001).astype(np.float32)
+    out = []
+    for scratch_len in (1, 4096, 20_000):  # the chunking must not change a single bit
+        theta, mom = np.ones(10_001, np.float32), np.full(10_001, 0.25, np.float32)
+        nesterov_step(theta, g.copy(), mom, 0.7, 0.9, True, np.empty(scratch_len, np.float32))
+        out.append(theta.tobytes() + mom.tobytes())
+    assert out[0] == out[1] == out[2]
+
+
+def test_diloco_rejects_bad_arguments_before_io() -> None:
+    model = torch.nn.Linear(3, 2)
+    comm: Any = object()  # never touched: validation precedes any I/O
+    with pytest.raises(ValueError, match="sync_every"):
+        DiLoCo(comm, model, sync_every=0)
+    with pytest.raises(ValueError, match="outer_momentum"):
+        DiLoCo(comm, model, sync_every=5, outer_momentum=1.0)
+    with pytest.raises(ValueError, match="nesterov"):
+        DiLoCo(comm, model, sync_every=5, outer_momentum=0.0)
+    other = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not trainable parameters"):
+        DiLoCo(comm, model, other, sync_every=5)
+    with pytest.raises(TypeError, match="non-float"):
+        DiLoCo(comm, {"i": torch.zeros(3, dtype=torch.int64)}, sync_every=5)
+    assert {p.value for p in Phase} == {0, 1, 2, 3}
+
+
+def test_import_contract() -> None:
+    from pccl.bindings.torch import DiLoCo as D
+
+    assert D is DiLoCo
+
+
+# ====================================================================== DiLoCo logic, in process
+
+
+class _Done:
+    """A finished collective: writes its result when waited, like the ring does on success."""
+
+    def __init__(self, tag: int, result: Any, recv: np.ndarray, fail: BaseException | None):
+        self.tag, self._result, self._recv, self._fail = tag, result, recv, fail
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None) -> ReduceInfo:
+        if self._fail is not None:
+            raise self._fail
+        self._recv[...] = self._result
+        return ReduceInfo(2, self._recv.nbytes, self._recv.nbytes, 0.0)
+
+
+class _GroupComm:
+    """A fake group: this peer plus ``world - 1`` others that contribute ``others(send)``.
+
+    By default the others mirror this peer (same pseudo-gradient, same weight), so the group mean
+    is this peer's own contribution. Records topology updates and syncs (phase, revision).
+    """
+
+    def __init__(self, world: int = 2, aborts: int = 0, on_first_sync: Any = None) -> None:
+        self.group_world_size = world
+        self.aborts = aborts
+        self.on_first_sync = on_first_sync
+        self.updates = 0
+        self.syncs: list[tuple[int, int]] = []
+        self.launches: list[tuple[int, np.ndarray]] = []  # (tag, copy of send)
+        self.others_send: np.ndarray | None = None
+        self.others_count: np.ndarray | None = None
+
+    def update_topology(self) -> None:
+        self.updates += 1
+
+    def sync_shared_state(self, state: pccl.SharedState, strategy: Any = None, *, timeout: Any):
+        if not self.syncs and self.on_first_sync is not None:
+            self.on_first_sync(state)
+        ctrl = state.entries["diloco/ctrl"].array
+        self.syncs.append((int(ctrl[2]), state.revision))
+        return SyncInfo(state.revision, 0, 0)
+
+    def all_reduce_async(self, send: Any, recv: Any, *, op: Any, quantization: Any = 0, tag: int):
+        if self.group_world_size < 2:
+            raise pccl.TooFewPeers("alone")
+        self.launches.append((tag, np.array(send, copy=True)))
+        fail = None
+        if self.aborts and len(self.launches) % 2 == 0:  # abort each count+bucket pair
+            self.aborts -= 1
+            fail = pccl.CollectiveAborted("peer left")
+        if send.dtype == np.int64:  # the contributor count
+            others = send * (self.group_world_size - 1)
+            result = send + (others if self.others_count is None else self.others_count)
+        else:
+            others = send * (self.group_world_size - 1)
+            result = send + (others if self.others_send is None else self.others_send)
+        return _Done(tag, result, recv, fail)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _flat(model: torch.nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+
+
+def _train(model: torch.nn.Module, diloco: DiLoCo, steps: int) -> Any:
+    """``steps`` fake inner steps; returns (last boundary info, local params before it)."""
+    info, before = None, None
+    for i in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.01 * (i + 1) * torch.ones_like(p))
+        snapshot = _flat(model)
+        out = diloco.step()
+        if out is not None:
+            info, before = out, snapshot
+    return info, before
+
+
+def _outer(d: DiLoCo) -> np.ndarray:
+    return np.concatenate([t.reshape(-1).numpy() for t in d.outer_parameters().values()])
+
+
+@pytest.mark.parametrize("quant", ["NONE", "UINT8"])
+def test_sync_outer_step_is_the_reference_update(quant: str) -> None:
+    from pccl import kernels
+
+    model = _model()
+    comm = _GroupComm(world=3)
+    d = DiLoCo(comm, model, sync_every=4, quantization=pccl.Quantization[quant])
+    theta0 = _flat(model)
+    assert d.outer_step == 0 and comm.syncs == [(Phase.IDLE, 0)] and comm.updates == 0
+    assert _train(model, d, 3)[0] is None  # no boundary before the 4th step
+    info, local = _train(model, d, 1)
+    assert info.applied and info.contributors == 3 and info.outer_step == 1
+    g = theta0 - local  # the others mirror us: the group mean is our own pseudo-gradient
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(expect, g.copy(), mom, 0.7, 0.9, True, np.empty(8, np.float32))
+    assert _outer(d).tobytes() == expect.tobytes()
+    assert _flat(model).tobytes() == expect.tobytes()  # local <- outer
+    assert comm.syncs[-1] == (Phase.IDLE, 1) and comm.updates == 1  # admit, then sync rev + 1
+    assert [t for t, _ in comm.launches] == [d._tag, d._tag + 1]  # count + one bucket
+    if quant == "UINT8":  # error feedback: what the wire encoding loses of our contribution
+        qb = np.empty(g.size, np.uint8)
+        meta = np.empty(2 * kernels.num_blocks(g.size, 4096), np.float32)
+        deq = np.empty_like(g)
+        kernels.quantize_u8(g, qb, meta, 4096)
+        kernels.dequantize_u8(qb, meta, deq, 4096)
+        residual = g - deq
+        assert d._residual is not None and d._residual.tobytes() == residual.tobytes()
+        _, local2 = _train(model, d, 4)
+        sent = comm.launches[-1][1]
+        assert sent.tobytes() == ((expect - local2) + residual).tobytes()  # added to the next
+
+
+def test_buckets_split_the_all_reduce_without_changing_the_result() -> None:
+    outs = []
+    for bucket_bytes in (4096, 1 << 20):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)
+        comm = _GroupComm(world=2)
+        d = DiLoCo(comm, model, sync_every=2, bucket_bytes=bucket_bytes)
+        _train(model, d, 2)
+        tags = [t for t, _ in comm.launches]
+        assert tags == [d._tag, *range(d._tag + 1, d._tag + 1 + len(d._buckets))]
+        outs.append((len(d._buckets), _outer(d).tobytes()))
+    assert outs[0][0] == 5 and outs[1][0] == 1 and outs[0][1] == outs[1][1]
+
+
+def test_retry_after_abort_admits_and_syncs_in_retry_phase() -> None:
+    model = _model()
+    comm = _GroupComm(world=3, aborts=2)
+    d = DiLoCo(comm, model, sync_every=2, quantization=pccl.Quantization.NONE)
+    info, _ = _train(model, d, 2)
+    assert info.retries == 2 and info.applied and d.stats.retries == 2
+    assert comm.updates == 3
+    assert comm.syncs == [(0, 0), (Phase.RETRY, 1), (Phase.RETRY, 2), (Phase.IDLE, 3)]
+    assert info.revision == 3 == d.revision
+    sends = [s for t, s in comm.launches if t != d._tag]
+    assert all(s.tobytes() == sends[0].tobytes() for s in sends)  # the same bytes retried
+
+
+def test_lone_peer_drops_the_step_and_resets_local() -> None:
+    model = _model()
+    comm = _GroupComm(world=1)
+    d = DiLoCo(comm, model, sync_every=3)
+    theta0 = _flat(model)
+    info, _ = _train(model, d, 3)
+    assert not info.applied and info.contributors == 0 and d.stats.dropped == 1
+    assert _flat(model).tobytes() == theta0.tobytes()  # the round's local progress is discarded
+    assert d.outer_step == 1 and d.applied_steps == 0 and comm.updates == 1
+
+
+def test_delayed_applies_one_step_late_with_eager_start() -> None:
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(comm, model, sync_every=2, delayed=True, quantization=pccl.Quantization.NONE)
+    theta0 = _flat(model)
+    info1, local1 = _train(model, d, 2)
+    g1 = theta0 - local1
+    assert not info1.applied and comm.syncs[-1] == (Phase.LAUNCH, 1)
+    assert _outer(d).tobytes() == theta0.tobytes()  # nothing applied yet
+    # the next round starts from the step our own pseudo-gradient would give (eager start)
+    preview, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(preview, g1.copy(), mom, 0.7, 0.9, True, np.empty(8, np.float32))
+    np.testing.assert_allclose(_flat(model), preview, rtol=1e-6, atol=1e-7)
+    start2 = _flat(model)
+    info2, local2 = _train(model, d, 2)
+    assert info2.applied and info2.contributors == 2
+    # round 1 is applied one step late, exactly; round 2's pseudo-gradient is from its start
+    theta1, mom1 = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(theta1, g1.copy(), mom1, 0.7, 0.9, True, np.empty(8, np.float32))
+    assert _outer(d).tobytes() == theta1.tobytes()
+    assert comm.launches[-1][1].tobytes() == (start2 - local2).tobytes()
+    fl = d.flush()
+    assert fl is not None and fl.applied and comm.syncs[-1][0] == Phase.IDLE
+    assert _flat(model).tobytes() == _outer(d).tobytes() and d.flush() is None
+    assert d.applied_steps == 2 and d.outer_step == 2
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_newcomer_joins_a_retry_with_zero_weight(delayed: bool) -> None:
+    incumbent = _model(seed=1)
+    theta_run = _flat(incumbent)
+
+    def receive(state: pccl.SharedState) -> None:  # the run's state arrives in the first sync
+        ents = state.entries
+        off = 0
+        for name, p in incumbent.named_parameters():
+            n = p.numel()
+            ents[f"outer/{name}"].array[...] = theta_run[off : off + n]  # flat storage views
+            off += n
+        ctrl = ents["diloco/ctrl"].array
+        ctrl[:3] = [7, 7, Phase.RETRY]
+        state.revision = 12
+
+    comm = _GroupComm(world=3, on_first_sync=receive)
+    g_others = np.full(theta_run.size, 0.5, np.float32)
+    comm.others_send = g_others * 2
+    comm.others_count = np.array([2])
+    model = _model(seed=2)
+    d = DiLoCo(comm, model, sync_every=5, delayed=delayed, quantization=pccl.Quantization.NONE)
+    count_sent = [s for t, s in comm.launches if t == d._tag]
+    grad_sent = [s for t, s in comm.launches if t != d._tag]
+    assert count_sent[0].tolist() == [0] and not grad_sent[0].any()  # zeros, weight 0
+    expect, mom = theta_run.copy(), np.zeros_like(theta_run)
+    nesterov_step(expect, g_others.copy(), mom, 0.7, 0.9, True, np.empty(8, np.float32))
+    assert _outer(d).tobytes() == expect.tobytes()  # the mean over the 2 contributors only
+    assert d.outer_step == 8 and d.applied_steps == 8
+    assert comm.syncs[1] == ((Phase.LAUNCH if delayed else Phase.IDLE), 13)
+    if delayed:
+        assert len(count_sent) == 2 and count_sent[1].tolist() == [0]  # joins the launch too
+    else:
+        assert _flat(model).tobytes() == expect.tobytes()
+
+
+def test_newcomer_with_other_hyperparameters_is_refused() -> None:
+    def receive(state: pccl.SharedState) -> None:
+        state.entries["diloco/ctrl"].array[3] += 1
+
+    with pytest.raises(ValueError, match="differ from the run"):
+        DiLoCo(_GroupComm(on_first_sync=receive), _model(), sync_every=5)
+
+
+# ====================================================================== end to end
+
+
+@functools.lru_cache(maxsize=4)
+def ddp_loss(outer_steps: int) -> float:
+    sys.path.insert(0, str(EXAMPLES))
+    import charlm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return charlm.ddp_baseline(charlm.TaskConfig(), 3, outer_steps * H)[-1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ddp_bytes(outer_steps: int) -> int:
+    sys.path.insert(0, str(EXAMPLES))
+    import charlm
+
+    return charlm.ddp_bytes_per_step(charlm.num_params(charlm.TaskConfig()), 3) * outer_steps * H
+
+
+def outer_events(w: Any) -> list[dict[str, Any]]:
+    return [e for e in w.events if e.get("event") == "outer"]
+
+
+def check_parity(ws: list[Any], outer_steps: int) -> dict[int, set[str]]:
+    """Every outer step: every reporting peer has the same digest, sync rx is 0 after the first
+    sync, and the revision grows by exactly one per sync (one per boundary plus one per retry)."""
+    by_step: dict[int, dict[str, str]] = {}
+    for w in ws:
+        evs = outer_events(w)
+        joined = next(e for e in w.events if e.get("event") == "joined")
+        prev_rev = joined["revision"]
+        for e in evs:
+            by_step.setdefault(e["step"], {})[w.name] = e["digest"]
+            assert e["sync_rx"] == 0, f"{w.name} re-fetched state at step {e['step']}: {e}"
+            assert e["revision"] == prev_rev + 1 + e["retries"], (w.name, e, prev_rev)
+            prev_rev = e["revision"]
+    assert sorted(by_step) == list(range(1, outer_steps + 1)), sorted(by_step)
+    for step, d in sorted(by_step.items()):
+        assert len(set(d.values())) == 1, f"outer step {step}: digests differ: {d}"
+        assert len(d) >= 2, f"outer step {step} reported by {sorted(d)} only"
+    return {s: set(d) for s, d in by_step.items()}
+
+
+def check_results(results: dict[str, dict[str, Any]], outer_steps: int) -> float:
+    assert len({r["digest"] for r in results.values()}) == 1, results
+    loss = next(iter(results.values()))["loss"]
+    assert all(r["loss"] == loss for r in results.values())
+    ddp = ddp_loss(outer_steps)
+    tx = max(r["tx"] + r["sync_tx"] for r in results.values())
+    print(  # shown with -s / -rP: the figures this run produced
+        f"\nDiLoCo loss {loss:.4f} vs fp32 DDP {ddp:.4f} ({loss / ddp:.3f}x); bytes sent per "
+        f"peer {tx} vs fp32 DDP {ddp_bytes(outer_steps)} ({ddp_bytes(outer_steps) / tx:.1f}x less)"
+    )
+    assert loss <= 1.10 * ddp, f"DiLoCo loss {loss:.4f} vs fp32 DDP {ddp:.4f}"
+    for r in results.values():
+        assert r["repairs"] == 0
+        assert r["outer_step"] == outer_steps
+        assert 0 < r["tx"] < ddp_bytes(outer_steps) / 20  # ~40x less than fp32 DDP
+    return loss
+
+
+def params(shard: int, outer_steps: int, delayed: bool, **kw: Any) -> dict[str, Any]:
+    return {
+        "shard": shard,
+        "outer_steps": outer_steps,
+        "sync_every": H,
+        "delayed": delayed,
+        "quantization": "UINT8",
+        "error_feedback": True,
+        "threads": 1,
+        "streams": 2,
+        **kw,
+    }
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("delayed", [False, True], ids=["sync", "delayed"])
+def test_diloco_three_peers_parity_and_loss(master: Any, workers: Any, delayed: bool) -> None:
+    steps = 20
+    ws = [
+        workers.spawn(WORKER, master, params(i, steps, delayed, wait_world=3), name=f"peer{i}")
+        for i in range(3)
+    ]
+    ddp_loss(steps)  # the baseline trains here while the peers start up
+    results = workers.wait_exit(ws, 120)
+    reporters = check_parity(ws, steps)
+    assert all(len(r) == 3 for r in reporters.values())
+    for w in ws:
+        applied = [(e["applied"], e["contributors"]) for e in outer_events(w)]
+        # delayed: the first boundary has no earlier round to apply (then `flush` applies the last)
+        assert applied == [(False, 0)] * delayed + [(True, 3)] * (steps - delayed), applied
+        assert all(e["retries"] == 0 and e["world"] == 3 for e in outer_events(w))
+    check_results(results, steps)
+
+
+@pytest.mark.e2e
+@pytest.mark.chaos
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("delayed", [False, True], ids=["sync", "delayed"])
+def test_diloco_survives_kill_and_late_join(master: Any, workers: Any, delayed: bool) -> None:
+    steps, kill_at, join_at = 24, 6, 9
+    ddp_loss(steps)
+    # 20 ms per inner step: 0.2 s per outer step, so the faults land mid-run, not after it
+    ws = [
+        workers.spawn(
+            WORKER, master, params(i, steps, delayed, wait_world=3, step_ms=20), name=f"peer{i}"
+        )
+        for i in range(3)
+    ]
+    late = workers.spawn(
+        WORKER, master, params(2, steps, delayed, gate=True, step_ms=20), name="late"
+    )
+    workers.wait_event(lambda w, e: w is late and e["event"] == "gated", 60, "newcomer ready")
+
+    victim = ws[2]
+    workers.wait_event(
+        lambda w, e: e["event"] == "outer" and e["step"] >= kill_at, 90, f"outer step {kill_at}"
+    )
+    victim.proc.send_signal(signal.SIGKILL)
+    assert victim.proc.wait(10) == -signal.SIGKILL  # the fault fired...
+    assert max(e["step"] for e in outer_events(victim)) < steps  # ...mid-run
+
+    workers.wait_event(
+        lambda w, e: e["event"] == "outer" and e["step"] >= join_at, 90, f"outer step {join_at}"
+    )
+    late.proc.send_signal(signal.SIGUSR1)
+    _, joined = workers.wait_event(
+        lambda w, e: w is late and e["event"] == "joined", 60, "the newcomer's admission"
+    )
+    assert join_at <= joined["outer_step"] < steps and joined["world"] == 3
+    assert joined["sync_rx"] > 0  # it received the outer state, verified by hash
+
+    survivors = [ws[0], ws[1], late]
+    results = workers.wait_exit(survivors, 150)
+    reporters = check_parity([*survivors, victim], steps)
+    # the kill was noticed: a retried all-reduce or a boundary with two peers
+    evs = outer_events(ws[0])
+    assert any(e["retries"] for e in evs) or any(e["world"] == 2 for e in evs)
+    after = [s for s in reporters if s > joined["outer_step"]]
+    assert after and all("late" in reporters[s] and len(reporters[s]) == 3 for s in after)
+    contrib = [e["contributors"] for e in outer_events(late)]
+    # delayed: the first boundary after joining applies the round the newcomer did not train
+    assert contrib == ([2] if delayed else []) + [3] * (len(contrib) - delayed), contrib
+    check_results(results, steps)
