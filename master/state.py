@@ -384,14 +384,15 @@ class MasterState:
             grp.sync = SyncRound(self._next_sync_id)
             self._next_sync_id += 1
         rnd = grp.sync
-        if rnd.target >= 0 and pid not in rnd.members:
-            # Rejected from the running sync (or arrived late): retryable, not a violation.
+        if rnd.target >= 0 and pid not in rnd.waiting:
+            # Rejected from, done with, or gave up on the running sync: retryable, no violation.
             why = "the group is still completing a sync; retry"
             self._send(pid, m.SyncPlan(rnd.sync_id, False, why, 0, [], []))
             return
-        if rnd.target >= 0 or pid in rnd.votes:
-            self._kick(pid, "out_of_state", "shared-state vote while a sync is in progress")
+        if rnd.target >= 0:
+            self._kick(pid, "out_of_state", "shared-state vote while its transfer is running")
             return
+        # A vote already recorded is a retry after a local timeout: the new one replaces it.
         if self.phase is not Phase.IDLE:
             self._send(pid, m.SyncPlan(rnd.sync_id, False, "topology is changing", 0, [], []))
             return

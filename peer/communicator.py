@@ -939,6 +939,7 @@ class Communicator:
         snap = server.open(state)
         entries = state.entries
         staging: dict[str, np.ndarray] = {}
+        done_sent = False
         budget = timeout or self.config.collective_timeout_s
         try:
             async with asyncio.timeout(budget):
@@ -984,12 +985,18 @@ class Communicator:
                     except (SharedStateError, OSError, TimeoutError) as e:
                         error = e
                 self._link.send(m.SyncDone(plan.sync_id, error is None, str(error or "")[:500]))
+                done_sent = True
                 await complete_f  # keep serving until every peer of the group is done
         except TimeoutError:
             raise SharedStateError(
                 f"shared-state sync did not complete within {budget}s", phase="sync"
             ) from None
         finally:
+            ok_plan = plan_f.done() and not plan_f.cancelled() and plan_f.exception() is None
+            if ok_plan and not done_sent:
+                p = plan_f.result()
+                if p.ok and self._link is not None:  # release the group: we give up
+                    self._link.send(m.SyncDone(p.sync_id, False, "gave up (timeout or cancel)"))
             server.close()
             self._sync = None
             for buf in staging.values():

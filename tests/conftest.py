@@ -192,14 +192,19 @@ class Workers:
         *,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        stdin_pipe: bool = False,
     ) -> Worker:
-        """Start ``tests/workers/<script>`` with ``argv = [master address, json(params)]``."""
+        """Start ``tests/workers/<script>`` with ``argv = [master address, json(params)]``.
+
+        stdin is ``/dev/null`` unless ``stdin_pipe`` (then ``worker.proc.stdin`` is writable).
+        """
         self._master = master
         name = name or f"{Path(script).stem}{len(self.all)}"
         log = self.tmp_path / f"{name}.stderr"
         with log.open("wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, str(WORKERS_DIR / script), master.address, json.dumps(params)],
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},

@@ -4,9 +4,6 @@ Modes (``params["mode"]``):
 - ``too_few``: a lone peer's all-reduce raises ``TooFewPeers``.
 - ``bad_args``: bad arguments raise ValueError/TypeError, both before ``connect()`` (so before
   any I/O) and on a connected peer of a run of ``world``; then a valid all-reduce still works.
-- ``exit_connected`` / ``exit_unreachable``: leave a blocking Communicator open (connected to
-  the master, or after a failed connect to ``params["address"]``) and return: the process must
-  still exit by itself.
 - ``tags``: with ``pccl.aio``: two all-reduces in flight at once (tag 1 SUM float32, tag 2 MAX
   int32); a duplicate of tag 1 while it is in flight raises ValueError and does not disturb it.
 """
@@ -162,32 +159,10 @@ async def mode_tags_async(addr: str, p: dict[str, Any]) -> None:
     )
 
 
-# Module-level on purpose: finalised at interpreter shutdown, not when a function returns.
-_left_open: list[Any] = []
-
-
-def mode_exit(addr: str, p: dict[str, Any]) -> None:
-    target = p["address"] if p["mode"] == "exit_unreachable" else addr
-    comm = pccl.Communicator(target)
-    _left_open.append(comm)
-    if p["mode"] == "exit_connected":
-        comm.connect(timeout=30)
-        emit("result", world=comm.world_size)
-        return
-    try:
-        comm.connect(timeout=5)
-    except pccl.MasterUnreachable as e:
-        emit("result", raised=type(e).__name__)
-    else:
-        raise AssertionError("connect() to a closed port succeeded")
-
-
 def main() -> None:
     addr, p = params()
     mode = p["mode"]
-    if mode in ("exit_connected", "exit_unreachable"):
-        mode_exit(addr, p)
-    elif mode == "too_few":
+    if mode == "too_few":
         mode_too_few(addr, p)
     elif mode == "bad_args":
         mode_bad_args(addr, p)

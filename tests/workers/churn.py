@@ -5,7 +5,8 @@ all-reduce. The victim (``idx == victim``) also prints ``progress`` as soon as i
 operation has received payload bytes, so the test can kill or stop it while data is moving.
 Survivors expect ``CollectiveAborted``: they report when it arrived, whether their input is
 intact (restored bit-exactly when in place), then ``update_topology()`` until the run has
-``world - 1`` peers and retry the same all-reduce, reporting its digest and exactness.
+``world - 1`` peers and retry the same all-reduce, reporting its digest and exactness (a
+lone survivor reports what its retry raised instead).
 
 Inputs are integer-valued float32, so every sum is exact in any order and the retry's result
 must equal the sum over the survivors exactly.
@@ -82,6 +83,22 @@ def main() -> None:
         comm.update_topology(timeout=60)
     survivors = [i for i in range(world) if i != victim]
     retry_out: Any = None if inplace else np.zeros_like(x)
+    if len(survivors) < 2:  # a lone survivor cannot all-reduce
+        try:
+            comm.all_reduce(x, retry_out)
+        except pccl.PCCLError as e:
+            raised = type(e).__name__
+        else:
+            raised = None
+        emit(
+            "result",
+            first_completed=False,
+            world=comm.world_size,
+            retry_raised=raised,
+            send_intact_after_retry=digest(x) == original,
+        )
+        comm.close()
+        return
     info = comm.all_reduce(x, retry_out)
     result = x if inplace else retry_out
     expected = np.sum([make_input(i, n) for i in survivors], axis=0, dtype=np.float32)
