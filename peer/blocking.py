@@ -9,9 +9,11 @@ keep flowing while the caller computes, so a busy training step is not mistaken 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import sys
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -26,6 +28,19 @@ from pccl.types import Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrateg
 __all__ = ["Communicator", "ReduceFuture", "new_event_loop"]
 
 T = TypeVar("T")
+
+_OPEN: weakref.WeakSet[Communicator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_communicators() -> None:
+    """Stop every loop thread before interpreter finalisation: a daemon thread still running
+    Python code (timers, heartbeats) after ``Py_FinalizeEx`` crashes the process."""
+    for comm in list(_OPEN):
+        try:
+            comm.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -90,6 +105,7 @@ class Communicator:
         )
         self._thread.start()
         self._closed = False
+        _OPEN.add(self)
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self._closed or not self._thread.is_alive():
@@ -168,9 +184,11 @@ class Communicator:
             pass  # the loop is gone or wedged: nothing left to release gracefully
         finally:
             self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            if not self._thread.is_alive():
+            _OPEN.discard(self)
+            if self._thread.is_alive():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=5)
+            if not self._thread.is_alive() and not self._loop.is_closed():
                 self._loop.close()
 
     def __enter__(self) -> Communicator:
