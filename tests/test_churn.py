@@ -29,22 +29,23 @@ def _proc_state(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def _start_run(master, workers, *, inplace: bool, mib: int = 64):
+def _start_run(master, workers, *, inplace: bool, mib: int = 64, world: int = WORLD):
+    victim = world - 1
     ws = [
         workers.spawn(
             "churn.py",
             master,
-            {"world": WORLD, "idx": i, "victim": VICTIM, "inplace": inplace, "mib": mib},
+            {"world": world, "idx": i, "victim": victim, "inplace": inplace, "mib": mib},
             name=f"peer{i}",
         )
-        for i in range(WORLD)
+        for i in range(world)
     ]
     for w in ws:
         workers.wait_event(
             lambda ww, ev, w=w: ww is w and ev.get("event") == "ready", 120, f"{w.name} ready"
         )
     _, progress = workers.wait_event(
-        lambda ww, ev: ww is ws[VICTIM] and ev.get("event") == "progress",
+        lambda ww, ev: ww is ws[victim] and ev.get("event") == "progress",
         60,
         "the victim's ring operation to receive data",
     )
@@ -102,6 +103,27 @@ def test_sigstop_mid_allreduce_evicts_hung_peer_and_retry_succeeds(master, worke
     _check_survivors(workers, ws, t_fault, progress)
     assert _proc_state(victim.pid) == "T", "the victim was not hung for the whole episode"
     assert victim.proc.poll() is None
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+def test_sigkill_leaves_lone_survivor_with_too_few_peers(master, workers):
+    """World 2, one killed mid all-reduce: the survivor aborts within 5 s with its buffer
+    restored, its next update shrinks the run to itself, and a retry raises TooFewPeers
+    (before any I/O, so its buffer is still intact)."""
+    ws, progress = _start_run(master, workers, inplace=True, world=2)
+    t_fault = time.monotonic()
+    os.kill(ws[1].pid, signal.SIGKILL)
+    assert ws[1].proc.wait(10) == -signal.SIGKILL
+    res = workers.wait_exit([ws[0]], 60)["peer0"]
+    assert 0 < progress["rx_bytes"] < progress["total_bytes"]
+    assert not res["first_completed"]
+    (ab,) = [ev for ev in ws[0].events if ev.get("event") == "aborted"]
+    assert ab["error_type"] == "CollectiveAborted" and ab["intact"]
+    assert 0 <= ab["t_abort"] - t_fault < ABORT_WITHIN_S
+    assert res["world"] == 1
+    assert res["retry_raised"] == "TooFewPeers"
+    assert res["send_intact_after_retry"]
 
 
 @pytest.mark.timeout(120)
