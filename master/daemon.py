@@ -72,12 +72,12 @@ class _Conn(asyncio.Protocol):
             return
         try:
             for mtype, body in self.decoder.feed(data):
-                msg = m.decode(mtype, body)
-                handler = self.handlers.get(mtype)
+                handler = self.handlers.get(mtype)  # checked before decoding anything
                 if handler is None:
                     raise ProtocolError(f"{mtype.name} is not accepted by the master")
                 if self.peer_id == 0 and mtype != MsgType.P2M_HELLO:
                     raise ProtocolError(f"{mtype.name} before hello")
+                msg = m.decode(mtype, body)
                 self.last_seen = time.monotonic()
                 handler(msg)
                 if self.closed:

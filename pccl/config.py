@@ -12,10 +12,13 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "MAX_STATE_FRAME", "Config"]
+__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "MAX_SMALL_FRAME", "MAX_STATE_FRAME", "Config"]
 
 #: Largest control (msgpack) frame body either side accepts; larger closes the connection.
 MAX_CONTROL_FRAME = 1 << 20
+#: Bound of the small control messages (hello, votes, verdicts, heartbeats...): a peer cannot
+#: make the master decode a large body except in the few messages that need one.
+MAX_SMALL_FRAME = 64 << 10
 #: Largest shared-state vote or plan (they list every entry of a state).
 MAX_STATE_FRAME = 16 << 20
 #: Largest data frame payload a peer accepts.

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_STATE_FRAME
+from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SMALL_FRAME, MAX_STATE_FRAME
 from pccl.errors import ProtocolError
 
 __all__ = [
@@ -77,6 +77,9 @@ class MsgType(enum.IntEnum):
 
 
 _KNOWN = frozenset(int(t) for t in MsgType)
+_STATE_SIZED = frozenset(
+    (MsgType.P2M_SYNC_SHARED_STATE, MsgType.M2P_SYNC_PLAN, MsgType.P2P_STATE_REQUEST)
+)
 
 
 def max_body(msg_type: int) -> int:
@@ -85,9 +88,11 @@ def max_body(msg_type: int) -> int:
         return DATA_HEADER.size + MAX_DATA_FRAME
     if msg_type == MsgType.P2P_STATE_DATA:
         return STATE_HEADER.size + MAX_DATA_FRAME
-    if msg_type in (MsgType.P2M_SYNC_SHARED_STATE, MsgType.M2P_SYNC_PLAN):
+    if msg_type in _STATE_SIZED:
         return MAX_STATE_FRAME
-    return MAX_CONTROL_FRAME
+    if msg_type == MsgType.M2P_TOPOLOGY:  # a ring of up to 4096 (id, host, port)
+        return 4 * MAX_CONTROL_FRAME
+    return MAX_SMALL_FRAME
 
 
 def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[MsgType, int]:

@@ -577,7 +577,10 @@ class Communicator:
     def _on_sync_plan(self, msg: m.Message) -> None:
         assert isinstance(msg, m.SyncPlan)
         if self._sync is None or self._sync[0].done():
-            raise ProtocolError("sync plan without a sync in progress")
+            # The plan of a sync we already gave up on (local timeout): release the group.
+            if msg.ok and self._link is not None:
+                self._link.send(m.SyncDone(msg.sync_id, False, "gave up before the plan arrived"))
+            return
         self._sync[0].set_result(msg)
 
     def _on_sync_complete(self, msg: m.Message) -> None:

@@ -27,7 +27,7 @@ from pccl.peer.state_sync import StateServer
 
 from pccl import messages as m
 from pccl.auth import new_nonce, prove, verify
-from pccl.config import MAX_CONTROL_FRAME, Config
+from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import (
     DATA_HEADER,
@@ -35,6 +35,7 @@ from pccl.frame import (
     DataHeader,
     FrameDecoder,
     MsgType,
+    max_body,
     parse_data_header,
     parse_header,
 )
@@ -142,7 +143,7 @@ class RxStream(asyncio.BufferedProtocol):
             self._discard_next()
         elif st == self.HELLO_HDR:
             mtype, length = parse_header(self.hdr)
-            limit = _MAX_HELLO if mtype == MsgType.P2P_HELLO else MAX_CONTROL_FRAME
+            limit = _MAX_HELLO if mtype == MsgType.P2P_HELLO else max_body(mtype)
             if mtype not in (MsgType.P2P_HELLO, MsgType.P2P_STATE_REQUEST) or length > limit:
                 raise ProtocolError(f"expected a hello, got {mtype.name} of {length} bytes")
             self.first_type = mtype

@@ -377,13 +377,15 @@ def test_data_types_have_no_control_body(mtype: MsgType) -> None:
 
 
 def test_oversized_control_body_is_refused_by_decode_and_encode() -> None:
+    from pccl.frame import max_body
+
+    bound = max_body(MsgType.P2M_LEAVE)  # small messages have a small bound
+    assert bound < MAX_CONTROL_FRAME
     with pytest.raises(ProtocolError):
-        m.decode(MsgType.P2M_LEAVE, b"\x91" + b"\x00" * MAX_CONTROL_FRAME)
+        m.decode(MsgType.P2M_LEAVE, b"\x91" + b"\x00" * bound)
     with pytest.raises(ValueError):
-        encode_frame(MsgType.P2M_LEAVE, b"\x00" * (MAX_CONTROL_FRAME + 1))
-    assert len(encode_frame(MsgType.P2M_LEAVE, b"\x00" * MAX_CONTROL_FRAME)) == (
-        HEADER.size + MAX_CONTROL_FRAME
-    )
+        encode_frame(MsgType.P2M_LEAVE, b"\x00" * (bound + 1))
+    assert len(encode_frame(MsgType.P2M_LEAVE, b"\x00" * bound)) == HEADER.size + bound
 
 
 def test_nan_and_inf_are_refused_in_every_float_field() -> None:
@@ -462,12 +464,16 @@ def test_length_bounds_per_type(mtype: MsgType) -> None:
         from pccl.frame import STATE_HEADER
 
         bound = STATE_HEADER.size + MAX_DATA_FRAME
-    elif mtype.name in ("P2M_SYNC_SHARED_STATE", "M2P_SYNC_PLAN"):
+    elif mtype.name in ("P2M_SYNC_SHARED_STATE", "M2P_SYNC_PLAN", "P2P_STATE_REQUEST"):
         from pccl.config import MAX_STATE_FRAME
 
         bound = MAX_STATE_FRAME  # they list every entry of a shared state
+    elif mtype.name == "M2P_TOPOLOGY":
+        bound = 4 * MAX_CONTROL_FRAME  # a ring of up to 4096 peers
     else:
-        bound = MAX_CONTROL_FRAME
+        from pccl.config import MAX_SMALL_FRAME
+
+        bound = MAX_SMALL_FRAME
     assert parse_header(HEADER.pack(MAGIC, VERSION, mtype, bound)) == (mtype, bound)
     assert parse_header(HEADER.pack(MAGIC, VERSION, mtype, 0)) == (mtype, 0)
     for length in (bound + 1, 0xFFFF_FFFF):

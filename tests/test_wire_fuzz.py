@@ -387,7 +387,7 @@ def test_trickled_maximum_frame_buffers_only_what_arrived() -> None:
     """A legitimate maximum-size frame streamed in 64 KiB pieces: memory is a small multiple
     of the frame, never of the claimed size of anything else."""
     body = b"\x91\xa0" + b"\x00" * (MAX_CONTROL_FRAME - 2)  # valid header, decode refuses
-    data = hdr(MsgType.P2M_LEAVE, len(body)) + body
+    data = hdr(MsgType.M2P_TOPOLOGY, len(body)) + body  # a type whose bound admits 1 MiB
     dec = FrameDecoder()
     tracemalloc.start()
     try:
@@ -412,7 +412,7 @@ def test_header_trickled_then_stalled_claim_costs_nothing() -> None:
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        for byte in hdr(MsgType.P2M_HELLO, MAX_CONTROL_FRAME):
+        for byte in hdr(MsgType.M2P_TOPOLOGY, MAX_CONTROL_FRAME):
             assert list(dec.feed(bytes([byte]))) == []
         _, peak = tracemalloc.get_traced_memory()
     finally:
