@@ -86,8 +86,11 @@ class _MasterLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.comm._adopt_link(self)  # the newest link is the current one from now on
 
     def data_received(self, data: bytes) -> None:
+        if self is not self.comm._link:
+            return  # a replaced link: whatever it still delivers is stale
         try:
             for mtype, body in self.decoder.feed(data):
                 self.comm._on_master(mtype, m.decode(mtype, body))
@@ -321,11 +324,7 @@ class Communicator:
                 f"cannot reach the master at {self.master_host}:{self.master_port}: {e}",
                 phase="connect",
             ) from None
-        assert isinstance(link, _MasterLink)
-        self._link = link
-        self._link_gen += 1
-        self._link_dead = False
-        self._last_master = time.monotonic()
+        assert isinstance(link, _MasterLink) and link is self._link
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -357,10 +356,18 @@ class Communicator:
             )
         return welcome
 
+    def _adopt_link(self, link: _MasterLink) -> None:
+        self._link = link
+        self._link_gen += 1
+        self._link_dead = False
+        self._last_master = time.monotonic()
+
     def _link_lost(self, link: _MasterLink, err: ConnectionLost) -> None:
         """The master link closed: terminal before admission or after a kick; else reconnect."""
         if link is not self._link or self._error is not None or self._closed:
             return
+        if self._reconnect_task is not None and self._link_dead:
+            return  # the loss that started this reconnection, reported again by its transport
         self._link_dead = True
         if not self._connected:
             self._lost(err)
@@ -473,12 +480,18 @@ class Communicator:
         interval = self.config.heartbeat_interval_s
         limit = self.config.heartbeat_timeout_s
         seq = 0
+        woke = time.monotonic()
         while self._error is None:
             link = self._link
+            now = time.monotonic()
+            frozen = now - woke > limit  # this process was stopped, not the master silent
+            woke = now
             if link is not None and not self._link_dead:
                 seq += 1
                 link.send(m.Heartbeat(seq))  # also while rejoining: the new master counts them
-                if time.monotonic() - self._last_master > limit:
+                if frozen:
+                    await asyncio.sleep(0)  # let the socket deliver what arrived meanwhile
+                elif now - self._last_master > limit:
                     self._link_lost(link, ConnectionLost(f"master silent for more than {limit}s"))
                     if link.transport is not None:
                         link.transport.abort()
