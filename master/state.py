@@ -452,6 +452,11 @@ class MasterState:
         rec = self.peers[pid]
         grp = self.groups.get(rec.group)
         rnd = grp.sync if grp else None
+        if grp is not None and rnd is not None and rnd.target < 0 and msg.sync_id == 0:
+            rnd.votes.pop(pid, None)  # withdrawn (the peer timed out before any plan)
+            if not rnd.votes:
+                grp.sync = None
+            return
         if grp is None or rnd is None or rnd.sync_id != msg.sync_id or pid not in rnd.waiting:
             return
         if not msg.ok:

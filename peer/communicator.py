@@ -955,7 +955,7 @@ class Communicator:
         snap = server.open(state)
         entries = state.entries
         staging: dict[str, np.ndarray] = {}
-        done_sent = False
+        done_sent = vote_sent = False
         budget = timeout or self.config.collective_timeout_s
         try:
             async with asyncio.timeout(budget):
@@ -974,6 +974,7 @@ class Communicator:
                     for k, h in digests
                 ]
                 self._link.send(m.SyncSharedState(state.revision, int(strategy), vote))
+                vote_sent = True
                 plan = await plan_f
                 if not plan.ok:
                     raise SharedStateError(plan.reason, phase="sync")
@@ -1013,6 +1014,8 @@ class Communicator:
                 p = plan_f.result()
                 if p.ok and self._link is not None:  # release the group: we give up
                     self._link.send(m.SyncDone(p.sync_id, False, "gave up (timeout or cancel)"))
+            elif not plan_f.done() and vote_sent and self._link is not None:
+                self._link.send(m.SyncDone(0, False, "vote withdrawn (timeout or cancel)"))
             server.close()
             self._sync = None
             for buf in staging.values():

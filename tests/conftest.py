@@ -267,9 +267,10 @@ class Workers:
             got = self._pump(left)
             if got is None:
                 continue
-            w, ev = got
-            if ev is None:
+            w, maybe_ev = got
+            if maybe_ev is None:
                 continue
+            ev = maybe_ev
             if ev.get("event") == "error":
                 raise AssertionError(f"worker {w.name} failed: {ev}\n" + self.report())
             if pred(w, ev):

@@ -106,6 +106,45 @@ def test_sigstop_mid_allreduce_evicts_hung_peer_and_retry_succeeds(master, worke
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(150)
+def test_sigkill_with_two_tags_in_flight_aborts_both_and_retry_succeeds(master, workers):
+    """Two concurrent in-place all-reduces (tag 1 SUM, tag 2 MAX) when a peer dies: survivors
+    get CollectiveAborted from both handles within 5 s, both buffers restored, and running both
+    again at world 3 gives exact, identical results."""
+    world = 4
+    ws = [
+        workers.spawn(
+            "churn_tags.py", master, {"world": world, "idx": i, "mib": 32}, name=f"peer{i}"
+        )
+        for i in range(world)
+    ]
+    victim = ws[-1]
+    for w in ws:
+        workers.wait_event(
+            lambda ww, ev, w=w: ww is w and ev.get("event") == "ready", 120, f"{w.name} ready"
+        )
+    _, progress = workers.wait_event(
+        lambda ww, ev: ww is victim and ev.get("event") == "progress", 60, "victim progress"
+    )
+    t_fault = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.proc.wait(10) == -signal.SIGKILL
+    results = workers.wait_exit(ws[:-1], 120)
+    assert 0 < progress["rx_bytes"] < progress["total_bytes"]
+    for w in ws[:-1]:
+        res = results[w.name]
+        assert not res["first_completed"], f"{w.name} completed an operation despite the fault"
+        (ab,) = [ev for ev in w.events if ev.get("event") == "aborted"]
+        assert ab["outcome"] == {"1": "CollectiveAborted", "2": "CollectiveAborted"}, ab
+        assert ab["intact"] == {"1": True, "2": True}, f"{w.name}: buffers not restored"
+        for t in ab["t_abort"].values():
+            assert 0 <= t - t_fault < ABORT_WITHIN_S
+        assert res["exact"] == {"1": True, "2": True}
+        assert res["worlds"] == [world - 1, world - 1]
+    assert len({tuple(results[w.name]["hashes"]) for w in ws[:-1]}) == 1
+
+
+@pytest.mark.chaos
 @pytest.mark.timeout(120)
 def test_sigkill_leaves_lone_survivor_with_too_few_peers(master, workers):
     """World 2, one killed mid all-reduce: the survivor aborts within 5 s with its buffer

@@ -84,12 +84,11 @@ def main() -> None:
     survivors = [i for i in range(world) if i != victim]
     retry_out: Any = None if inplace else np.zeros_like(x)
     if len(survivors) < 2:  # a lone survivor cannot all-reduce
+        raised: str | None = None
         try:
             comm.all_reduce(x, retry_out)
         except pccl.PCCLError as e:
             raised = type(e).__name__
-        else:
-            raised = None
         emit(
             "result",
             first_completed=False,

@@ -74,8 +74,8 @@ def make_input(case: dict[str, Any], seed: int, i: int, world: int) -> np.ndarra
             lo, hi = info.min, info.max
         return rng.integers(lo, hi, size=n, endpoint=True, dtype=dtype)
     if op == "PROD":
-        hi = 1.0 if case["quant"] == "UINT8" else 1.5  # |partial products| <= 1 for UINT8
-        mag = rng.uniform(0.5, hi, size=n)
+        top = 1.0 if case["quant"] == "UINT8" else 1.5  # |partial products| <= 1 for UINT8
+        mag = rng.uniform(0.5, top, size=n)
         return np.where(rng.random(n) < 0.5, -mag, mag)
     return rng.uniform(-1.0, 1.0, size=n)
 
