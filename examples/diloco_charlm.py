@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pccl.launch import spawn_master
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -183,32 +185,6 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
 # ---------------------------------------------------------------------------------- launcher
 
 
-def _spawn_master() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pccl.cli",
-            "master",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-level",
-            "error",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"master did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -241,7 +217,7 @@ def launch(args: argparse.Namespace) -> int:
 
     # SIGTERM unwinds (so the peers and the master are killed below) instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    master, addr = _spawn_master()
+    master, addr = spawn_master("error")
     print(
         f"pccl master on {addr}; {args.peers} peers train a char-LM with "
         f"{'async (delayed) ' if args.delayed else ''}DiLoCo, H={args.sync_every}, "

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pccl.launch import spawn_master
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -128,30 +130,11 @@ def run_rank(addr: str, p: dict[str, Any]) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # clean up children
-    master = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pccl.cli",
-            "master",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-level",
-            "error",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert master.stdout is not None
-    banner = master.stdout.readline()
-    if "listening on" not in banner:
-        master.kill()
-        print(f"master did not start: {banner!r}", file=sys.stderr)
+    try:
+        master, addr = spawn_master("error")
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
         return 1
-    addr = banner.rsplit(" ", 1)[1].strip()
     say = (lambda *a: None) if args.json else print
     say(
         f"pccl master on {addr}; {args.replicas} FSDP replicas x {args.ranks} ranks "

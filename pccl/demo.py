@@ -32,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pccl.launch import spawn_master
+
 __all__ = ["add_arguments", "main"]
 
 ALONE_TIMEOUT_S = 10.0  # an all-reduce demo peer left alone this long gives up
@@ -113,32 +115,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def _spawn_master() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pccl.cli",
-            "master",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"master did not start: {line!r}")
-    return proc, int(line.rsplit(":", 1)[1])
-
-
 def _spawn_peer(port: int, idx: int, args: argparse.Namespace) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -163,7 +139,8 @@ def _cmd_allreduce(args: argparse.Namespace) -> int:
     if args.peers < 2 or args.steps < 1 or args.mib < 1:
         print("need --peers >= 2, --steps >= 1, --mib >= 1", file=sys.stderr)
         return 2
-    master, port = _spawn_master()
+    master, addr = spawn_master()
+    port = int(addr.rsplit(":", 1)[1])
     print(f"master on 127.0.0.1:{port}; starting {args.peers} peers ({args.mib} MiB all-reduces)")
     procs: dict[int, subprocess.Popen[str]] = {}
     sel = selectors.DefaultSelector()
