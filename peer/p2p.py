@@ -500,10 +500,19 @@ class P2PNode:
             op.fail(reason)
 
     def expire_parked(self, older_than_s: float) -> None:
+        """Close streams parked on an unknown operation too long, and connections that have
+        not completed their hello within ``handshake_timeout_s`` (silent or stale dialers)."""
         now = time.monotonic()
         for s in list(self.parked):
             if now - s.parked_since > older_than_s:
                 s.fail(f"frame for unknown operation parked for {older_than_s:.0f}s")
+        limit = self.config.handshake_timeout_s
+        for s in list(self.pending_rx):
+            if now - s.opened > limit and s.transport is not None:
+                log.warning("closing p2p connection without a valid hello after %.0fs", limit)
+                self.pending_rx.discard(s)
+                s.closed = True
+                s.transport.abort()
 
     async def close(self) -> None:
         self.closing = True

@@ -170,3 +170,26 @@ def test_stranger_cannot_inject_into_a_p2p_port(secured_master, caplog) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(60)
+def test_silent_dialer_on_a_p2p_port_is_closed_at_the_handshake_deadline(secured_master) -> None:
+    port, _ = secured_master
+    cfg = pccl.Config(handshake_timeout_s=1.0)
+    a = pccl.Communicator(f"127.0.0.1:{port}", streams=1, auth_token=TOKEN, config=cfg)
+    a.connect(timeout=20)
+    try:
+        s = socket.create_connection(("127.0.0.1", a.aio._node.port))
+        t0 = time.monotonic()
+        got = _frames(s, 1)  # the challenge, then nothing: we never answer
+        assert isinstance(m.decode(*got[0]), m.P2PChallenge)
+        s.settimeout(10)
+        try:
+            rest = s.recv(4096)
+        except ConnectionResetError:
+            rest = b""
+        elapsed = time.monotonic() - t0
+        assert rest == b"" and 0.5 < elapsed < 6, elapsed  # closed by the peer, not by us
+        s.close()
+    finally:
+        a.close()
