@@ -341,6 +341,13 @@ K void dequantize_accumulate_block(const u8u *restrict q, float mn, float scale,
     for (size_t i = 0; i < m; i++) acc[i] = canon_f32(acc[i] + (mn + (float)q[i] * scale));
 }
 
+/* out = base + dequantised q: the bits of dequantising into out and then adding base (fp32
+ * addition commutes; one canonicalisation covers both, as NaN-ness ignores payloads). */
+K void dequantize_add_block(const u8u *restrict q, float mn, float scale,
+                            const f32u *restrict base, f32u *restrict out, size_t m) {
+    for (size_t i = 0; i < m; i++) out[i] = canon_f32(base[i] + (mn + (float)q[i] * scale));
+}
+
 K void quantize_body(const void *src, void *q, void *meta, size_t n, size_t block) {
     const f32u *x = (const f32u *)src;
     f32u *mt = (f32u *)meta;
@@ -365,6 +372,37 @@ K void dequantize_accumulate_body(const void *q, const void *meta, void *acc, si
         size_t m = n - lo < block ? n - lo : block;
         dequantize_accumulate_block((const u8u *)q + lo, mt[2 * b], mt[2 * b + 1],
                                     (f32u *)acc + lo, m);
+    }
+}
+
+K void dequantize_add_body(const void *q, const void *meta, const void *base, void *out,
+                           size_t n, size_t block) {
+    const f32u *mt = (const f32u *)meta;
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        dequantize_add_block((const u8u *)q + lo, mt[2 * b], mt[2 * b + 1],
+                             (const f32u *)base + lo, (f32u *)out + lo, m);
+    }
+}
+
+/* One reduce-scatter hop of the uint8 ring, block by block so each block is re-read from L1:
+ * acc = (base or acc) + dequant(q, meta); (q_out, meta_out) = quantize(acc); with adopt,
+ * acc = dequant(q_out, meta_out). Bytes equal those of the separate kernels called in turn. */
+K void ring_hop_body(const void *q, const void *meta, const void *base, void *acc, void *q_out,
+                     void *meta_out, size_t n, size_t block, int adopt) {
+    const f32u *mt = (const f32u *)meta;
+    f32u *mo = (f32u *)meta_out;
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        const u8u *qb = (const u8u *)q + lo;
+        f32u *ab = (f32u *)acc + lo;
+        u8u *qo = (u8u *)q_out + lo;
+        if (base != NULL)
+            dequantize_add_block(qb, mt[2 * b], mt[2 * b + 1], (const f32u *)base + lo, ab, m);
+        else
+            dequantize_accumulate_block(qb, mt[2 * b], mt[2 * b + 1], ab, m);
+        quantize_block(ab, qo, mo + 2 * b, m);
+        if (adopt) dequantize_block(qo, mo[2 * b], mo[2 * b + 1], ab, m);
     }
 }
 
@@ -394,6 +432,16 @@ K void accumulate_bf16_body(const u16u *restrict s, f32u *restrict acc, size_t n
     for (size_t i = 0; i < n; i++) acc[i] = canon_f32(acc[i] + bf16_to_f32(s[i]));
 }
 
+K void add_f16_body(const u16u *restrict s, const f32u *restrict base, f32u *restrict out,
+                    size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = canon_f32(base[i] + f16_to_f32(s[i]));
+}
+
+K void add_bf16_body(const u16u *restrict s, const f32u *restrict base, f32u *restrict out,
+                     size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = canon_f32(base[i] + bf16_to_f32(s[i]));
+}
+
 /* ---- per-ISA instantiation and dispatch ------------------------------------------------- */
 
 struct impl {
@@ -408,6 +456,11 @@ struct impl {
     void (*decode_bf16)(const void *, void *, size_t);
     void (*accumulate_f16)(const void *, void *, size_t);
     void (*accumulate_bf16)(const void *, void *, size_t);
+    void (*dequantize_add)(const void *, const void *, const void *, void *, size_t, size_t);
+    void (*add_f16)(const void *, const void *, void *, size_t);
+    void (*add_bf16)(const void *, const void *, void *, size_t);
+    void (*ring_hop)(const void *, const void *, const void *, void *, void *, void *, size_t,
+                     size_t, int);
 };
 
 #define INSTANTIATE(SFX, ATTR)                                                             \
@@ -446,11 +499,27 @@ struct impl {
     ATTR static void accumulate_bf16_##SFX(const void *s, void *a, size_t n) {             \
         accumulate_bf16_body((const u16u *)s, (f32u *)a, n);                               \
     }                                                                                      \
+    ATTR static void dequantize_add_##SFX(const void *q, const void *m, const void *bs,    \
+                                          void *o, size_t n, size_t b) {                   \
+        dequantize_add_body(q, m, bs, o, n, b);                                            \
+    }                                                                                      \
+    ATTR static void add_f16_##SFX(const void *s, const void *bs, void *o, size_t n) {     \
+        add_f16_body((const u16u *)s, (const f32u *)bs, (f32u *)o, n);                     \
+    }                                                                                      \
+    ATTR static void add_bf16_##SFX(const void *s, const void *bs, void *o, size_t n) {    \
+        add_bf16_body((const u16u *)s, (const f32u *)bs, (f32u *)o, n);                    \
+    }                                                                                      \
+    ATTR static void ring_hop_##SFX(const void *q, const void *m, const void *bs, void *a,  \
+                                    void *qo, void *mo, size_t n, size_t b, int ad) {      \
+        ring_hop_body(q, m, bs, a, qo, mo, n, b, ad);                                      \
+    }                                                                                      \
     static const struct impl impl_##SFX = {                                                \
         reduce_##SFX,          divide_##SFX,          quantize_##SFX,                      \
         dequantize_##SFX,      dequantize_accumulate_##SFX,                                \
         encode_f16_##SFX,      decode_f16_##SFX,      encode_bf16_##SFX,                   \
         decode_bf16_##SFX,     accumulate_f16_##SFX,  accumulate_bf16_##SFX,               \
+        dequantize_add_##SFX,  add_f16_##SFX,         add_bf16_##SFX,                      \
+        ring_hop_##SFX,                                                                    \
     };
 
 INSTANTIATE(generic, )
@@ -544,4 +613,18 @@ void pccl_accumulate_f16(const void *src, void *acc, size_t n) {
 }
 void pccl_accumulate_bf16(const void *src, void *acc, size_t n) {
     impl->accumulate_bf16(src, acc, n);
+}
+void pccl_dequantize_add_u8(const void *q, const void *meta, const void *base, void *out,
+                            size_t n, size_t block) {
+    impl->dequantize_add(q, meta, base, out, n, block);
+}
+void pccl_add_f16(const void *src, const void *base, void *out, size_t n) {
+    impl->add_f16(src, base, out, n);
+}
+void pccl_add_bf16(const void *src, const void *base, void *out, size_t n) {
+    impl->add_bf16(src, base, out, n);
+}
+void pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
+                      void *q_out, void *meta_out, size_t n, size_t block, int adopt) {
+    impl->ring_hop(q, meta, base, acc, q_out, meta_out, n, block, adopt);
 }

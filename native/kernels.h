@@ -69,4 +69,18 @@ void pccl_decode_bf16(const void *src, void *out, size_t n);
 void pccl_accumulate_f16(const void *src, void *acc, size_t n);
 void pccl_accumulate_bf16(const void *src, void *acc, size_t n);
 
+/* Out-of-place accumulation: out[i] = base[i] + decoded[i], byte-identical to decoding into out
+ * and then pccl_reduce(out, base, n, F32, SUM). base and out must not overlap. */
+void pccl_dequantize_add_u8(const void *q, const void *meta, const void *base, void *out,
+                            size_t n, size_t block);
+void pccl_add_f16(const void *src, const void *base, void *out, size_t n);
+void pccl_add_bf16(const void *src, const void *base, void *out, size_t n);
+
+/* One uint8 reduce-scatter hop, fused per block: acc = (base, or acc when base is NULL) +
+ * dequantize(q, meta); quantize acc into (q_out, meta_out); if adopt, acc = dequantize(q_out,
+ * meta_out). Byte-identical to the separate kernels in that order; no argument may overlap
+ * another (base may be NULL). */
+void pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
+                      void *q_out, void *meta_out, size_t n, size_t block, int adopt);
+
 #endif /* PCCL_KERNELS_H */

@@ -282,6 +282,148 @@ static PyObject *py_dequantize_accumulate(PyObject *self, PyObject *const *args,
     return dequant_common(args, nargs, "dequantize_accumulate_u8", "acc", 1);
 }
 
+PyDoc_STRVAR(dequantize_add_doc,
+             "dequantize_add_u8(q, meta, base, out, block)\n--\n\n"
+             "out[i] = base[i] + dequantize_u8(q, meta)[i] in one pass; the bytes of\n"
+             "dequantize_u8 into out followed by reduce(out, base, FLOAT32, SUM).");
+
+static PyObject *py_dequantize_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer q, m, b, o;
+    Py_ssize_t nq, nm, nb, no, block;
+    PyObject *ret = NULL;
+    (void)self;
+    if (check_nargs("dequantize_add_u8", nargs, 5) < 0 || get_block(args[4], &block) < 0)
+        return NULL;
+    if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
+    if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
+    if (get_buf(args[2], &b, "base", 4, "f", 0, &nb) < 0) goto release_m;
+    if (get_buf(args[3], &o, "out", 4, "f", 1, &no) < 0) goto release_b;
+    if (no != nq || nb != nq) {
+        PyErr_Format(PyExc_ValueError, "out has %zd elements, base %zd, q %zd", no, nb, nq);
+    } else if (nm != 2 * num_blocks(nq, block)) {
+        PyErr_Format(PyExc_ValueError, "meta has %zd elements, expected %zd", nm,
+                     2 * num_blocks(nq, block));
+    } else if (check_disjoint(&o, "out", &q, "q") == 0 &&
+               check_disjoint(&o, "out", &m, "meta") == 0 &&
+               check_disjoint(&o, "out", &b, "base") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pccl_dequantize_add_u8(q.buf, m.buf, b.buf, o.buf, (size_t)nq, (size_t)block);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&o);
+release_b:
+    PyBuffer_Release(&b);
+release_m:
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+    return ret;
+}
+
+PyDoc_STRVAR(ring_hop_doc,
+             "ring_hop_u8(q, meta, base, acc, q_out, meta_out, block, adopt)\n--\n\n"
+             "acc = (base if base is not None else acc) + dequantize_u8(q, meta); then\n"
+             "quantize_u8(acc, q_out, meta_out); then, if adopt, acc = dequantize_u8(q_out,\n"
+             "meta_out). Fused per block; the bytes of the separate kernels in turn.");
+
+static PyObject *py_ring_hop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer q, m, b, a, qo, mo;
+    Py_ssize_t nq, nm, nb = 0, na, nqo, nmo, block;
+    PyObject *ret = NULL;
+    int have_base, adopt;
+    (void)self;
+    if (check_nargs("ring_hop_u8", nargs, 8) < 0 || get_block(args[6], &block) < 0) return NULL;
+    adopt = PyObject_IsTrue(args[7]);
+    if (adopt < 0) return NULL;
+    have_base = args[2] != Py_None;
+    if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
+    if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
+    if (have_base && get_buf(args[2], &b, "base", 4, "f", 0, &nb) < 0) goto release_m;
+    if (get_buf(args[3], &a, "acc", 4, "f", 1, &na) < 0) goto release_b;
+    if (get_buf(args[4], &qo, "q_out", 1, "u", 1, &nqo) < 0) goto release_a;
+    if (get_buf(args[5], &mo, "meta_out", 4, "f", 1, &nmo) < 0) goto release_qo;
+    Py_ssize_t want_meta = 2 * num_blocks(nq, block);
+    if (na != nq || nqo != nq || (have_base && nb != nq)) {
+        PyErr_Format(PyExc_ValueError, "acc, q_out%s must have q's %zd elements",
+                     have_base ? " and base" : "", nq);
+    } else if (nm != want_meta || nmo != want_meta) {
+        PyErr_Format(PyExc_ValueError, "meta and meta_out must have %zd elements (%zd, %zd)",
+                     want_meta, nm, nmo);
+    } else if (check_disjoint(&a, "acc", &q, "q") == 0 &&
+               check_disjoint(&a, "acc", &m, "meta") == 0 &&
+               (!have_base || check_disjoint(&a, "acc", &b, "base") == 0) &&
+               check_disjoint(&qo, "q_out", &q, "q") == 0 &&
+               check_disjoint(&qo, "q_out", &m, "meta") == 0 &&
+               check_disjoint(&qo, "q_out", &a, "acc") == 0 &&
+               (!have_base || check_disjoint(&qo, "q_out", &b, "base") == 0) &&
+               check_disjoint(&mo, "meta_out", &q, "q") == 0 &&
+               check_disjoint(&mo, "meta_out", &m, "meta") == 0 &&
+               check_disjoint(&mo, "meta_out", &a, "acc") == 0 &&
+               check_disjoint(&mo, "meta_out", &qo, "q_out") == 0 &&
+               (!have_base || check_disjoint(&mo, "meta_out", &b, "base") == 0)) {
+        const void *bp = have_base ? b.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        pccl_ring_hop_u8(q.buf, m.buf, bp, a.buf, qo.buf, mo.buf, (size_t)nq, (size_t)block,
+                         adopt);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&mo);
+release_qo:
+    PyBuffer_Release(&qo);
+release_a:
+    PyBuffer_Release(&a);
+release_b:
+    if (have_base) PyBuffer_Release(&b);
+release_m:
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+    return ret;
+}
+
+/* add_f16 / add_bf16: out = base + decode(src), three arrays of one length. */
+static PyObject *add16_common(const char *name, void (*fn)(const void *, const void *, void *,
+                                                           size_t),
+                              const char *src_kinds, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer s, b, o;
+    Py_ssize_t ns, nb, no;
+    PyObject *ret = NULL;
+    if (check_nargs(name, nargs, 3) < 0) return NULL;
+    if (get_buf(args[0], &s, "src", 2, src_kinds, 0, &ns) < 0) return NULL;
+    if (get_buf(args[1], &b, "base", 4, "f", 0, &nb) < 0) goto release_s;
+    if (get_buf(args[2], &o, "out", 4, "f", 1, &no) < 0) goto release_b;
+    if (no != ns || nb != ns) {
+        PyErr_Format(PyExc_ValueError, "out has %zd elements, base %zd, src %zd", no, nb, ns);
+    } else if (check_disjoint(&o, "out", &s, "src") == 0 &&
+               check_disjoint(&o, "out", &b, "base") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        fn(s.buf, b.buf, o.buf, (size_t)ns);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&o);
+release_b:
+    PyBuffer_Release(&b);
+release_s:
+    PyBuffer_Release(&s);
+    return ret;
+}
+
+PyDoc_STRVAR(add_f16_doc, "add_f16(src, base, out)\n--\n\nout = base + decode_f16(src).");
+PyDoc_STRVAR(add_bf16_doc, "add_bf16(src, base, out)\n--\n\nout = base + decode_bf16(src).");
+
+static PyObject *py_add_f16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return add16_common("add_f16", pccl_add_f16, "fu", args, nargs);
+}
+
+static PyObject *py_add_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return add16_common("add_bf16", pccl_add_bf16, "u", args, nargs);
+}
+
 /* Element-wise kernels from one array into (or onto) another of the same length. */
 struct unary {
     const char *name;
@@ -355,6 +497,11 @@ static PyMethodDef methods[] = {
     FASTCALL(decode_bf16),
     FASTCALL(accumulate_f16),
     FASTCALL(accumulate_bf16),
+    {"dequantize_add_u8", (PyCFunction)(void (*)(void))py_dequantize_add, METH_FASTCALL,
+     dequantize_add_doc},
+    FASTCALL(add_f16),
+    FASTCALL(add_bf16),
+    {"ring_hop_u8", (PyCFunction)(void (*)(void))py_ring_hop, METH_FASTCALL, ring_hop_doc},
     {NULL, NULL, 0, NULL},
 };
 

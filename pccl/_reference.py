@@ -62,9 +62,12 @@ __all__ = [
     "F64_NAN",
     "accumulate_bf16",
     "accumulate_f16",
+    "add_bf16",
+    "add_f16",
     "decode_bf16",
     "decode_f16",
     "dequantize_accumulate_u8",
+    "dequantize_add_u8",
     "dequantize_u8",
     "divide_inplace",
     "encode_bf16",
@@ -72,6 +75,7 @@ __all__ = [
     "num_blocks",
     "quantize_u8",
     "reduce_inplace",
+    "ring_hop_u8",
 ]
 
 #: Canonical quiet NaN bit patterns, per output type.
@@ -275,6 +279,38 @@ def dequantize_accumulate_u8(q: np.ndarray, meta: np.ndarray, acc: np.ndarray, b
     _float_op(acc, tmp, ReduceOp.SUM)
 
 
+def dequantize_add_u8(
+    q: np.ndarray, meta: np.ndarray, base: np.ndarray, out: np.ndarray, block: int
+) -> None:
+    """``out = base + dequantize_u8(q, meta)``: dequantise into ``out``, then add ``base``."""
+    dequantize_u8(q, meta, out, block)
+    _float_op(out, base, ReduceOp.SUM)
+
+
+def ring_hop_u8(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray | None,
+    acc: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    block: int,
+    adopt: bool,
+) -> None:
+    """One uint8 reduce-scatter hop: accumulate, re-quantize, optionally adopt the decoding.
+
+    ``acc = (base if given else acc) + dequantize_u8(q, meta)``; ``quantize_u8(acc) ->
+    (q_out, meta_out)``; with ``adopt``, ``acc = dequantize_u8(q_out, meta_out)``.
+    """
+    if base is None:
+        dequantize_accumulate_u8(q, meta, acc, block)
+    else:
+        dequantize_add_u8(q, meta, base, acc, block)
+    quantize_u8(acc, q_out, meta_out, block)
+    if adopt:
+        dequantize_u8(q_out, meta_out, acc, block)
+
+
 # ---- conversions -----------------------------------------------------------------------------
 
 
@@ -309,3 +345,15 @@ def accumulate_f16(src: np.ndarray, acc: np.ndarray) -> None:
 def accumulate_bf16(src: np.ndarray, acc: np.ndarray) -> None:
     """``acc += decode_bf16(src)`` in float32."""
     _float_op(acc, _widen_bf16(src), ReduceOp.SUM)
+
+
+def add_f16(src: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    """``out = base + decode_f16(src)`` in float32."""
+    decode_f16(src, out)
+    _float_op(out, base, ReduceOp.SUM)
+
+
+def add_bf16(src: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    """``out = base + decode_bf16(src)`` in float32."""
+    decode_bf16(src, out)
+    _float_op(out, base, ReduceOp.SUM)

@@ -187,6 +187,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_bytes": cfg.chunk_bytes,
         "quant_block": cfg.quant_block,
         "socket_buffer_bytes": cfg.socket_buffer_bytes,
+        "local_socket_buffer_bytes": cfg.local_socket_buffer_bytes,
+        "local_streams": cfg.local_streams,
+        "streams_used": (
+            args.streams
+            if args.wan_delay_ms is not None or not cfg.local_streams
+            else min(args.streams, cfg.local_streams)
+        ),
         "backend": pccl.BACKEND,
         "simd": _simd() if pccl.BACKEND == "native" else None,
         "cpus": os.cpu_count(),
@@ -200,6 +207,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log(
             f"pccl: {args.peers} peers, {args.mib:g} MiB {args.dtype}, quantization "
             f"{args.quantization}, {args.streams} streams"
+            + (
+                f" ({config['streams_used']} opened: loopback links, Config.local_streams)"
+                if config["streams_used"] != args.streams
+                else ""
+            )
             + (
                 f", WAN {args.wan_delay_ms:g} ms / {args.wan_cap_mib:g} MiB cap"
                 if args.wan_delay_ms is not None
@@ -490,6 +502,7 @@ def _run_pccl(args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet) -> d
             "in_place": args.in_place,
             "p2p_port": p2p_port,
             "advertise_port": advertise_port,
+            "wan": args.wan_delay_ms is not None,
         }
         fleet.spawn(
             name, [sys.executable, "-m", "pccl.bench_allreduce", "--worker", json.dumps(params)]
@@ -654,11 +667,17 @@ def _worker(params: dict[str, Any]) -> None:
     idx, world, n = params["idx"], params["world"], params["n"]
     dtype = _np_dtype(params["dtype"])
     quant = pccl.Quantization[params["quantization"].upper()]
+    config = pccl.Config.from_env()
+    if params["wan"]:
+        # The delay proxies sit on loopback but stand for remote hosts: use the network
+        # settings (every stream, large socket buffers), not the loopback ones.
+        config = config.replace(local_streams=0, local_socket_buffer_bytes=0)
     comm = pccl.Communicator(
         params["master"],
         streams=params["streams"],
         p2p_port=params["p2p_port"],
         advertise_port=params["advertise_port"],
+        config=config,
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     comm.connect(timeout=JOIN_TIMEOUT_S)

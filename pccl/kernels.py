@@ -33,9 +33,12 @@ __all__ = [
     "DEFAULT_BLOCK",
     "accumulate_bf16",
     "accumulate_f16",
+    "add_bf16",
+    "add_f16",
     "decode_bf16",
     "decode_f16",
     "dequantize_accumulate_u8",
+    "dequantize_add_u8",
     "dequantize_u8",
     "divide_inplace",
     "encode_bf16",
@@ -43,6 +46,7 @@ __all__ = [
     "num_blocks",
     "quantize_u8",
     "reduce_inplace",
+    "ring_hop_u8",
 ]
 
 log = logging.getLogger("pccl")
@@ -276,6 +280,113 @@ def dequantize_accumulate_u8(
         _native.dequantize_accumulate_u8(q, meta, acc, b)
     else:
         _reference.dequantize_accumulate_u8(q, meta, acc, b)
+
+
+def dequantize_add_u8(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray,
+    out: np.ndarray,
+    block: int = DEFAULT_BLOCK,
+) -> None:
+    """``out[i] = base[i] + dequantize_u8(q, meta)[i]`` in one pass.
+
+    Byte-identical to :func:`dequantize_u8` into ``out`` followed by
+    ``reduce_inplace(out, base, FLOAT32, SUM)``; the ring's out-of-place reduce-scatter hop.
+
+    Raises:
+        ValueError: bad lengths, ``block < 1``, overlap (``base`` included), read-only ``out``.
+        TypeError: wrong dtypes (q uint8, meta, base and out float32).
+    """
+    b = _as_block(block)
+    _check_dequant(q, meta, "out", out, b)
+    _same_length("base", _array("base", base, _F32), "q", q.shape[0])
+    _disjoint("out", out, "base", base)
+    if _native is not None:
+        _native.dequantize_add_u8(q, meta, base, out, b)
+    else:
+        _reference.dequantize_add_u8(q, meta, base, out, b)
+
+
+def ring_hop_u8(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray | None,
+    acc: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    block: int = DEFAULT_BLOCK,
+    adopt: bool = False,
+) -> None:
+    """One uint8 reduce-scatter hop of the ring, fused block by block.
+
+    ``acc = (base if base is not None else acc) + dequantize_u8(q, meta)``, then
+    ``quantize_u8(acc, q_out, meta_out)``, then with ``adopt`` ``acc = dequantize_u8(q_out,
+    meta_out)`` (the owner adopting what every peer will decode). Byte-identical to those
+    kernels called in turn; each block is re-read from L1 instead of memory.
+
+    Raises:
+        ValueError: bad lengths, ``block < 1``, any two arrays overlap, read-only outputs.
+        TypeError: wrong dtypes (q, q_out uint8; meta, meta_out, base, acc float32).
+    """
+    b = _as_block(block)
+    _check_dequant(q, meta, "acc", acc, b)
+    n = q.shape[0]
+    _same_length("q_out", _array("q_out", q_out, _U8, out=True), "q", n)
+    _same_length(
+        "meta_out",
+        _array("meta_out", meta_out, _F32, out=True),
+        "2 * num_blocks(n, block)",
+        2 * _reference.num_blocks(n, b),
+    )
+    named = [("q", q), ("meta", meta), ("acc", acc), ("q_out", q_out), ("meta_out", meta_out)]
+    if base is not None:
+        _same_length("base", _array("base", base, _F32), "q", n)
+        named.append(("base", base))
+    for i, (na, a) in enumerate(named):
+        for nb_, b_ in named[i + 1 :]:
+            if na in ("q", "meta") and nb_ in ("q", "meta", "base"):
+                continue  # inputs may share memory with each other
+            _disjoint(na, a, nb_, b_)
+    if _native is not None:
+        _native.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, bool(adopt))
+    else:
+        _reference.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, bool(adopt))
+
+
+def _add16(
+    name: str, src: np.ndarray, src_dtypes: tuple[np.dtype, ...], base: np.ndarray, out: np.ndarray
+) -> None:
+    n = _array("src", src, src_dtypes)
+    _same_length("base", _array("base", base, _F32), "src", n)
+    _same_length("out", _array("out", out, _F32, out=True), "src", n)
+    _disjoint("out", out, "src", src)
+    _disjoint("out", out, "base", base)
+    if _native is not None:
+        getattr(_native, name)(src, base, out)
+    else:
+        getattr(_reference, name)(src, base, out)
+
+
+def add_f16(src: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = base[i] + decode_f16(src)[i]`` in float32 (one pass, same bytes as decode
+    then add).
+
+    Raises:
+        ValueError: lengths differ, overlap, read-only ``out``.
+        TypeError: wrong dtypes (src float16/uint16, base and out float32).
+    """
+    _add16("add_f16", src, _F16, base, out)
+
+
+def add_bf16(src: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = base[i] + decode_bf16(src)[i]`` in float32 (one pass).
+
+    Raises:
+        ValueError: lengths differ, overlap, read-only ``out``.
+        TypeError: wrong dtypes (src uint16, base and out float32).
+    """
+    _add16("add_bf16", src, _BF16, base, out)
 
 
 def _unary(

@@ -172,6 +172,7 @@ class Communicator:
         master: ``"host:port"`` of the master.
         peer_group: group whose ring this peer joins (collectives and shared state are per group).
         streams: TCP connections to the ring successor; one operation is striped across all.
+            A successor at a loopback address gets ``config.local_streams`` (default 1).
         config: timeouts and tunables (defaults: ``Config.from_env()``).
         advertise_host: address other peers should dial (default: what the master sees).
         p2p_port: port for the p2p listener (0: any free port).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import socket
 import time
@@ -54,14 +55,40 @@ _DISCARD = memoryview(bytearray(1 << 20))
 _NO_HEADER = DataHeader(0, 0, 0, 0, 0, 0, 0)
 
 
+def same_host(sock: socket.socket) -> bool:
+    """Whether both ends of a connected TCP socket are on this host (the link is loopback)."""
+    try:
+        here, there = sock.getsockname()[0], sock.getpeername()[0]
+        return here == there or ipaddress.ip_address(there).is_loopback
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def buffer_bytes(sock: socket.socket, cfg: Config) -> int:
+    """SO_SNDBUF/SO_RCVBUF for a p2p socket (0: leave the kernel's autotuning)."""
+    if cfg.local_socket_buffer_bytes and same_host(sock):
+        return cfg.local_socket_buffer_bytes
+    return cfg.socket_buffer_bytes
+
+
 def tune_socket(sock: socket.socket | None, cfg: Config) -> None:
     if sock is None:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if cfg.socket_buffer_bytes:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_buffer_bytes)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.socket_buffer_bytes)
+        size = buffer_bytes(sock, cfg)
+        if size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     except OSError:  # not fatal: defaults still work
         pass
 
@@ -441,13 +468,23 @@ class P2PNode:
         self.rx.setdefault(s.peer_id, set()).add(s)
         s.accept()
 
+    def streams_to(self, host: str) -> int:
+        """Streams to open to a successor at ``host``: ``config.local_streams`` when it is a
+        loopback address (striping exists to fill long-fat network pipes; on loopback every
+        extra stream only costs CPU), else the communicator's ``streams``."""
+        local = self.config.local_streams
+        if local and _is_loopback(host):
+            return min(local, self.nstreams)
+        return self.nstreams
+
     async def connect_next(self, next_id: int, host: str, port: int, epoch: int) -> None:
-        """Make sure ``nstreams`` healthy streams lead to ``next_id``; reuse when unchanged.
+        """Make sure :meth:`streams_to` healthy streams lead to ``next_id``; reuse when unchanged.
 
         Raises:
             ConnectionError, OSError, TimeoutError: the successor could not be reached.
         """
-        healthy = all(not s.closed for s in self.tx) and len(self.tx) == self.nstreams
+        want = self.streams_to(host)
+        healthy = all(not s.closed for s in self.tx) and len(self.tx) == want
         same = next_id == self.next_id and (host, port) == self.next_addr
         if same and healthy and not self.tx_broken:
             return
@@ -465,7 +502,7 @@ class P2PNode:
             await proto.acked
             return proto
 
-        tasks = [asyncio.ensure_future(one(i)) for i in range(self.nstreams)]
+        tasks = [asyncio.ensure_future(one(i)) for i in range(want)]
         try:
             async with asyncio.timeout(deadline):
                 self.tx = list(await asyncio.gather(*tasks))

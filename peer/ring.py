@@ -47,9 +47,10 @@ def wire_len(n: int, itemsize: int, quant: Quantization, block: int) -> int:
 class BufferPool:
     """Reusable scratch buffers: fresh pages cost more than the reduction itself."""
 
-    def __init__(self, keep: int = 6) -> None:
+    def __init__(self, keep: int = 8, per_size: int = 4) -> None:
         self._free: dict[int, list[np.ndarray]] = {}
         self._keep = keep
+        self._per_size = per_size  # a quantized operation takes three buffers of one size
 
     def get(self, nbytes: int) -> np.ndarray:
         lst = self._free.get(nbytes)
@@ -60,7 +61,7 @@ class BufferPool:
     def put(self, buf: np.ndarray) -> None:
         n = buf.nbytes
         lst = self._free.setdefault(n, [])
-        if len(lst) < 2 and sum(len(v) for v in self._free.values()) < self._keep:
+        if len(lst) < self._per_size and sum(len(v) for v in self._free.values()) < self._keep:
             lst.append(buf)
 
 
@@ -203,7 +204,16 @@ class RingOp:
 
     def _accumulate(self, slot: np.ndarray, e0: int, n: int) -> None:
         acc = self.work[e0 : e0 + n]
-        if self.separate:  # decode the partial into place, then combine with our input
+        if self.separate and self.kop == ReduceOp.SUM:  # one pass: acc = src + decoded
+            base = self.src[e0 : e0 + n]
+            if self.quant == Quantization.UINT8:
+                meta, q = self._split(slot, n)
+                K.dequantize_add_u8(q, meta, base, acc, self.block)
+            elif self.quant == Quantization.FP16:
+                K.add_f16(slot.view(np.uint16), base, acc)
+            else:
+                K.add_bf16(slot.view(np.uint16), base, acc)
+        elif self.separate:  # decode the partial into place, then combine with our input
             self._decode(slot, acc)
             K.reduce_inplace(acc, self.src[e0 : e0 + n], DType.FLOAT32, self.kop)
         elif self.kop != ReduceOp.SUM:
@@ -308,17 +318,25 @@ class RingOp:
             if s < W - 1:
                 self.rs_got[g] = 1
                 self.rs_left -= 1
-                if self.quant == Quantization.NONE:
-                    other = self.src if self.separate else self.scratch
-                    K.reduce_inplace(
-                        self.work[e0 : e0 + n], other[e0 : e0 + n], self.dtype, self.kop
-                    )
+                last = s == W - 2
+                if (
+                    self.quant == Quantization.UINT8
+                    and self.kop == ReduceOp.SUM
+                    and not (last and self.op == ReduceOp.AVG)
+                ):
+                    self._hop_u8(s, c, k, e0, n, last)
                 else:
-                    self._accumulate(self._slot(self.rs_recv, c, k), e0, n)
-                if s < W - 2:
-                    self._send_partial(s + 1, c, k)
-                else:
-                    self._own(c, k, e0, n)
+                    if self.quant == Quantization.NONE:
+                        other = self.src if self.separate else self.scratch
+                        K.reduce_inplace(
+                            self.work[e0 : e0 + n], other[e0 : e0 + n], self.dtype, self.kop
+                        )
+                    else:
+                        self._accumulate(self._slot(self.rs_recv, c, k), e0, n)
+                    if s < W - 2:
+                        self._send_partial(s + 1, c, k)
+                    else:
+                        self._own(c, k, e0, n)
             else:
                 self.ag_got[g] = 1
                 self.ag_left -= 1
@@ -333,6 +351,17 @@ class RingOp:
             self.fail(f"kernel error: {e}")
             return
         self._check_done()
+
+    def _hop_u8(self, s: int, c: int, k: int, e0: int, n: int, last: bool) -> None:
+        """A uint8 SUM reduce-scatter hop in one fused pass: add the received partial (to our
+        input, or in place), re-quantize it for the next hop, and on the last hop (we own the
+        chunk) adopt the decoded values. The same bytes as the unfused path."""
+        meta, q = self._split(self._slot(self.rs_recv, c, k), n)
+        out = self._slot(self.ag_wire if last else self.rs_send, c, k)
+        meta_out, q_out = self._split(out, n)
+        base = self.src[e0 : e0 + n] if self.separate else None
+        K.ring_hop_u8(q, meta, base, self.work[e0 : e0 + n], q_out, meta_out, self.block, last)
+        self._send(self.world - 1 if last else s + 1, c, k, out)
 
     def _own(self, c: int, k: int, e0: int, n: int) -> None:
         """Finalise a sub-chunk of the chunk we own and start its all-gather."""

@@ -18,7 +18,13 @@ pytestmark = pytest.mark.timeout(30)
 
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TIMEOUTS = [n for n in FIELDS if n.endswith("_s")]
-INTS = ["chunk_bytes", "quant_block", "socket_buffer_bytes"]
+INTS = [
+    "chunk_bytes",
+    "quant_block",
+    "socket_buffer_bytes",
+    "local_socket_buffer_bytes",
+    "local_streams",
+]
 
 
 @pytest.fixture
@@ -107,6 +113,8 @@ def test_heartbeat_timeout_must_exceed_interval(interval: float, timeout: float)
         ("chunk_bytes", [0, 4095, (32 << 20) + 1, -4096], [4096, 32 << 20, 65536]),
         ("quant_block", [0, 63, (1 << 20) + 1, -64], [64, 1 << 20, 256]),
         ("socket_buffer_bytes", [-1, -(1 << 20)], [0, 1, 64 << 20]),
+        ("local_socket_buffer_bytes", [-1], [0, 4096, 16 << 20]),
+        ("local_streams", [-1, 65], [0, 1, 64]),
     ],
 )
 def test_integer_ranges(name: str, bad: list[int], good: list[int]) -> None:
@@ -143,6 +151,8 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
         "chunk_bytes": "65536",
         "quant_block": "256",
         "socket_buffer_bytes": "0",
+        "local_socket_buffer_bytes": "131072",
+        "local_streams": "2",
         "reconnect_timeout_s": "30",
         "restart_grace_s": "1.5",
     }
@@ -157,6 +167,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
     assert c.collective_timeout_s == 120.0
     assert c.progress_timeout_s == 4.5
     assert (c.chunk_bytes, c.quant_block, c.socket_buffer_bytes) == (65536, 256, 0)
+    assert (c.local_socket_buffer_bytes, c.local_streams) == (131072, 2)
     assert (c.reconnect_timeout_s, c.restart_grace_s) == (30.0, 1.5)
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
@@ -212,6 +223,7 @@ def test_from_env_unparsable_names_the_variable(
         ("PCCL_CHUNK_BYTES", "1024", "chunk_bytes"),
         ("PCCL_QUANT_BLOCK", "2", "quant_block"),
         ("PCCL_SOCKET_BUFFER_BYTES", "-1", "socket_buffer_bytes"),
+        ("PCCL_LOCAL_SOCKET_BUFFER_BYTES", "-5", "local_socket_buffer_bytes"),
     ],
 )
 def test_from_env_out_of_range_is_a_value_error(
@@ -234,3 +246,51 @@ def test_master_and_communicator_read_the_environment(clean_env: pytest.MonkeyPa
     clean_env.setenv("PCCL_HEARTBEAT_TIMEOUT_S", "zero")
     with pytest.raises(ValueError, match="PCCL_HEARTBEAT_TIMEOUT_S"):
         Master("127.0.0.1", 0)
+
+
+def test_p2p_socket_buffers_small_on_loopback_large_across_hosts() -> None:
+    """Loopback links get ``local_socket_buffer_bytes``; links to another host keep
+    ``socket_buffer_bytes`` (WAN windows need the large buffer)."""
+    import socket
+
+    from pccl.peer.p2p import buffer_bytes, same_host, tune_socket
+
+    cfg = Config(socket_buffer_bytes=4 << 20, local_socket_buffer_bytes=256 << 10)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as srv,
+        socket.create_connection(srv.getsockname()) as c,
+    ):
+        a, _ = srv.accept()
+        with a:
+            assert same_host(c) and same_host(a)
+            assert buffer_bytes(c, cfg) == 256 << 10
+            assert buffer_bytes(c, cfg.replace(local_socket_buffer_bytes=0)) == 4 << 20
+            tune_socket(c, cfg)
+            # Linux doubles the request for bookkeeping; the point is it is small.
+            assert c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * (256 << 10)
+    # A datagram socket "connected" to a routable non-local address sends nothing.
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with u:
+        try:
+            u.connect(("192.0.2.1", 9))  # TEST-NET-1
+        except OSError:
+            pytest.skip("no route to a non-local address here")
+        assert not same_host(u)
+        assert buffer_bytes(u, cfg) == 4 << 20
+    unconnected = socket.socket()
+    with unconnected:
+        assert not same_host(unconnected)  # getpeername fails: treated as remote
+
+
+def test_streams_opened_to_a_loopback_successor() -> None:
+    """Striping is for network links: a loopback successor gets ``local_streams``."""
+    from pccl.peer.p2p import P2PNode
+
+    node = P2PNode(Config(), streams=4)
+    assert node.streams_to("127.0.0.1") == 1
+    assert node.streams_to("::1") == 1
+    assert node.streams_to("localhost") == 1
+    assert node.streams_to("10.1.2.3") == 4
+    assert node.streams_to("peer7.example") == 4
+    assert P2PNode(Config(local_streams=0), streams=4).streams_to("127.0.0.1") == 4
+    assert P2PNode(Config(local_streams=8), streams=3).streams_to("127.0.0.1") == 3

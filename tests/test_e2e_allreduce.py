@@ -38,11 +38,12 @@ ITEMSIZE = {
 
 # (streams, Config kwargs) per world size: one run with the defaults (one sub-chunk per chunk),
 # two with the smallest sub-chunks and small uint8 blocks so 100003 elements are pipelined over
-# hundreds of frames striped across several streams.
+# hundreds of frames striped across several streams (``local_streams=0``: open every stream
+# even though the successor is on loopback, where the default opens one).
 SETUPS = {
     2: (1, {}),
-    3: (4, {"chunk_bytes": 4096, "quant_block": 256}),
-    4: (3, {"chunk_bytes": 4096, "quant_block": 256}),
+    3: (4, {"chunk_bytes": 4096, "quant_block": 256, "local_streams": 0}),
+    4: (3, {"chunk_bytes": 4096, "quant_block": 256, "local_streams": 0}),
 }
 
 

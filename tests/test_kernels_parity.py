@@ -308,6 +308,27 @@ def test_quantize_dequantize_parity(block: int) -> None:
             NATIVE.dequantize_accumulate_u8(q, meta, got, block)
             assert_same_bytes(got, want, f"dequantize_accumulate n={n} block={block}")
 
+            base = random_bits(rng, np.float32, n)
+            want = np.empty(n, np.float32)
+            ref.dequantize_add_u8(q, meta, base, want, block)
+            got = unaligned(np.zeros(n, np.float32), 2)
+            NATIVE.dequantize_add_u8(q, meta, unaligned(base, 3), got, block)
+            assert_same_bytes(got, want, f"dequantize_add n={n} block={block}")
+
+            for base_, adopt in ((None, False), (base, False), (base, True), (None, True)):
+                acc_w = acc.copy()
+                qo_w, mo_w = np.empty(n, np.uint8), np.empty(2 * nb, np.float32)
+                ref.ring_hop_u8(q, meta, base_, acc_w, qo_w, mo_w, block, adopt)
+                acc_g = unaligned(acc, 1)
+                qo_g = unaligned(np.zeros(n, np.uint8), 3)
+                mo_g = unaligned(np.zeros(2 * nb, np.float32), 2)
+                b_g = None if base_ is None else unaligned(base_, 2)
+                NATIVE.ring_hop_u8(q, meta, b_g, acc_g, qo_g, mo_g, block, adopt)
+                what = f"ring_hop base={base_ is not None} adopt={adopt} n={n} block={block}"
+                assert_same_bytes(acc_g, acc_w, what + " acc")
+                assert_same_bytes(qo_g, qo_w, what + " q_out")
+                assert_same_bytes(mo_g, mo_w, what + " meta_out")
+
 
 @native
 @requires_native
@@ -363,6 +384,10 @@ _LEVEL_SCRIPT = textwrap.dedent(
         for name in ("decode_f16", "decode_bf16", "accumulate_f16", "accumulate_bf16"):
             w = x.copy(); getattr(R, name)(h, w)
             g = off(x, 1); getattr(N, name)(off(h, 1), g); same(g, w, name)
+        for name in ("add_f16", "add_bf16"):
+            base = bits(np.float32, n)
+            w = x.copy(); getattr(R, name)(h, base, w)
+            g = off(x, 1); getattr(N, name)(off(h, 1), off(base, 3), g); same(g, w, name)
         for x in (x, rng.standard_normal(n).astype(np.float32)):
             nb = R.num_blocks(n, 7)
             qw, mw = np.empty(n, np.uint8), np.empty(2 * nb, np.float32)
@@ -371,6 +396,9 @@ _LEVEL_SCRIPT = textwrap.dedent(
             N.quantize_u8(off(x, 1), qg, mg, 7); same(qg, qw, "q"); same(mg, mw, "meta")
             w = x.copy(); R.dequantize_accumulate_u8(qw, mw, w, 7)
             g = off(x, 1); N.dequantize_accumulate_u8(qw, mw, g, 7); same(g, w, "dqa")
+            base = bits(np.float32, n)
+            w = x.copy(); R.dequantize_add_u8(qw, mw, base, w, 7)
+            g = off(x, 1); N.dequantize_add_u8(qw, mw, off(base, 2), g, 7); same(g, w, "dqadd")
     print(N.SIMD)
     """
 )
@@ -652,6 +680,22 @@ def _rejections() -> list[tuple[str, type[Exception], Call]]:
         ("decode length", ValueError, lambda: kernels.decode_bf16(u16, f[:4])),
         ("encode overlap", ValueError, lambda: kernels.encode_bf16(f, f.view(np.uint16)[:8])),
         ("accumulate ro", ValueError, lambda: kernels.accumulate_f16(u16, ro)),
+        ("dq add base overlaps out", ValueError,
+         lambda: kernels.dequantize_add_u8(q, meta, f, f, 8)),
+        ("dq add base length", ValueError,
+         lambda: kernels.dequantize_add_u8(q, meta, g[:4], f, 8)),
+        ("dq add base dtype", TypeError,
+         lambda: kernels.dequantize_add_u8(q, meta, g.astype(np.float64), f, 8)),
+        ("add_f16 base overlaps out", ValueError, lambda: kernels.add_f16(u16, f, f)),
+        ("add_bf16 out read-only", ValueError, lambda: kernels.add_bf16(u16, g, ro)),
+        ("ring hop q_out is q", ValueError,
+         lambda: kernels.ring_hop_u8(q, meta, None, f, q, meta.copy(), 8)),
+        ("ring hop base is acc", ValueError,
+         lambda: kernels.ring_hop_u8(q, meta, f, f, q.copy(), meta.copy(), 8)),
+        ("ring hop meta_out length", ValueError,
+         lambda: kernels.ring_hop_u8(q, meta, None, f, q.copy(), meta[:1].copy(), 8)),
+        ("ring hop q_out dtype", TypeError,
+         lambda: kernels.ring_hop_u8(q, meta, None, f, g, meta.copy(), 8)),
     ]  # fmt: skip
 
 
@@ -728,6 +772,21 @@ def test_native_rejects_bad_arguments_directly() -> None:
         (ValueError, lambda: NATIVE.encode_bf16(f, f.view(np.uint16)[:8])),
         (TypeError, lambda: NATIVE.decode_bf16(np.zeros(8, np.float16), f)),
         (TypeError, lambda: NATIVE.accumulate_bf16(np.zeros(8, np.uint16))),
+        (ValueError, lambda: NATIVE.dequantize_add_u8(q, meta, f, f, 8)),
+        (ValueError, lambda: NATIVE.dequantize_add_u8(q, meta, f[:4], f.copy(), 8)),
+        (ValueError, lambda: NATIVE.dequantize_add_u8(q, meta, f, ro, 8)),
+        (TypeError, lambda: NATIVE.dequantize_add_u8(q, meta, q, f, 8)),
+        (TypeError, lambda: NATIVE.dequantize_add_u8(q, meta, f, f.copy())),
+        (ValueError, lambda: NATIVE.add_f16(np.zeros(8, np.uint16), f, f)),
+        (ValueError, lambda: NATIVE.add_bf16(np.zeros(8, np.uint16), f[:4], f.copy())),
+        (TypeError, lambda: NATIVE.add_bf16(np.zeros(8, np.float16), f, f.copy())),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q, meta.copy(), 8, True)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, f, f, q.copy(), meta.copy(), 8, 0)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta, 8, 0)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q[:4].copy(), meta.copy(), 8, 0)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, ro, q.copy(), meta.copy(), 8, 0)),
+        (TypeError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, f.copy(), meta.copy(), 8, 0)),
+        (TypeError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8)),
     ]
     for exc, call in bad_calls:
         with pytest.raises(exc):

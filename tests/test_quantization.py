@@ -180,6 +180,54 @@ def test_dequantize_accumulate_equals_two_step(mod: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("mod", BACKENDS)
+def test_dequantize_add_equals_two_step(mod: ModuleType) -> None:
+    """The ring's out-of-place hop: out = base + dequant(q), the bytes of the two-step form."""
+    rng = np.random.default_rng(12)
+    n, block = 10_000, 1000
+    q = rng.integers(0, 256, n, dtype=np.uint8)
+    meta = rng.standard_normal(2 * ref.num_blocks(n, block)).astype(np.float32)
+    meta[4:6] = np.nan
+    meta[7] = np.inf
+    base = rng.standard_normal(n).astype(np.float32)
+    base[::97] = np.nan
+    base[5::101] = -np.inf
+    fused = np.full(n, 7.0, np.float32)
+    mod.dequantize_add_u8(q, meta, base, fused, block)
+    two_step = dequantize(mod, q, meta, block)
+    kernels.reduce_inplace(two_step, base, DType.FLOAT32, ReduceOp.SUM)
+    assert fused.tobytes() == two_step.tobytes()
+    assert np.isnan(fused).any()  # the NaN cases were exercised
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("adopt", [False, True])
+def test_ring_hop_equals_separate_kernels(mod: ModuleType, with_base: bool, adopt: bool) -> None:
+    """The fused uint8 hop gives the bytes of accumulate, quantize and (adopt) dequantize."""
+    rng = np.random.default_rng(13)
+    n, block = 10_007, 1000
+    q = rng.integers(0, 256, n, dtype=np.uint8)
+    meta = rng.standard_normal(2 * ref.num_blocks(n, block)).astype(np.float32)
+    meta[4:6] = np.nan
+    base = rng.standard_normal(n).astype(np.float32) if with_base else None
+    acc0 = rng.standard_normal(n).astype(np.float32)
+    acc0[::89] = np.inf
+    acc = acc0.copy()
+    qo, mo = np.empty(n, np.uint8), np.empty(2 * ref.num_blocks(n, block), np.float32)
+    mod.ring_hop_u8(q, meta, base, acc, qo, mo, block, adopt)
+    want = acc0.copy()
+    if base is None:
+        kernels.dequantize_accumulate_u8(q, meta, want, block)
+    else:
+        kernels.dequantize_add_u8(q, meta, base, want, block)
+    q_want, m_want = quantize(kernels, want, block)
+    if adopt:
+        want = dequantize(kernels, q_want, m_want, block)
+    assert qo.tobytes() == q_want.tobytes() and mo.tobytes() == m_want.tobytes()
+    assert acc.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("mod", BACKENDS)
 def test_empty_input(mod: ModuleType) -> None:
     q, meta = quantize(mod, np.empty(0, np.float32), 4096)
     assert q.size == 0 and meta.size == 0

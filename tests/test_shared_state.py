@@ -432,7 +432,9 @@ def test_rejected_peer_retrying_while_the_group_transfers_stays_in_the_run(clust
     """An application that catches the rejection, fixes its revision and retries at once must
     not lose its place in the run because the rest of the group is still transferring."""
     sizes = {"big": 4 * MIB}  # 16 MiB of float32
-    a, b, c = peers = cluster.start(3, config={"socket_buffer_bytes": 64 * KIB})
+    a, b, c = peers = cluster.start(
+        3, config={"socket_buffer_bytes": 64 * KIB, "local_socket_buffer_bytes": 0}
+    )
     gather(peers, "state", entries=spec(sizes, seed=1))
     gather(peers, "sync")
     b.call("fill", name="big", seed=5)  # b will fetch 16 MiB from a
@@ -489,7 +491,9 @@ def test_sync_timed_out_waiting_for_a_late_peer_can_be_retried(cluster):
 @pytest.mark.chaos
 @pytest.mark.timeout(90)
 def test_sync_timed_out_mid_transfer_releases_the_group(patient_cluster):
-    a, n = peers = patient_cluster.start(2, config={"socket_buffer_bytes": 64 * KIB})
+    a, n = peers = patient_cluster.start(
+        2, config={"socket_buffer_bytes": 64 * KIB, "local_socket_buffer_bytes": 0}
+    )
     a.call("state", entries=spec({"big": 4 * MIB}, seed=1))  # 16 MiB
     original = n.call("state", entries=spec({"big": 4 * MIB}, seed=2))["digests"]  # a wins tie
     a.call("arm_signal", min_tx=4 * MIB, signal_name="SIGSTOP")
@@ -716,7 +720,9 @@ def test_every_dtype_transfers_and_verifies(cluster):
 def test_source_killed_mid_transfer_leaves_verified_state_or_clean_error(cluster):
     big = {"big": 64 * MIB}  # 256 MiB of float32, striped over 3 sources (~85 MiB each)
     # Small socket buffers on the sources keep each share in flight long enough to kill one.
-    sources = cluster.start(3, config={"socket_buffer_bytes": 64 * KIB})
+    sources = cluster.start(
+        3, config={"socket_buffer_bytes": 64 * KIB, "local_socket_buffer_bytes": 0}
+    )
     gather(sources, "state", entries=spec(big, seed=1), timeout=60)
     for r in gather(sources, "sync", timeout=60):
         synced(r)
@@ -763,7 +769,9 @@ def test_only_source_killed_mid_transfer_clean_error_then_retry_succeeds(cluster
     big = {"big": 32 * MIB}  # 128 MiB of float32
     # v holds X, a (dirty) holds Y at the same revision: a tie, so v (lowest id) wins and is
     # the only source for both a and the newcomer n.
-    v, a = cluster.start(2, config={"socket_buffer_bytes": 64 * KIB})
+    v, a = cluster.start(
+        2, config={"socket_buffer_bytes": 64 * KIB, "local_socket_buffer_bytes": 0}
+    )
     gather([v, a], "state", entries=spec(big, seed=1), timeout=60)
     gather([v, a], "sync", timeout=60)
     dirty = a.call("fill", name="big", seed=77)["digests"]
@@ -915,7 +923,9 @@ def test_non_contiguous_torch_tensor_refused_like_numpy():
 @pytest.mark.timeout(90)
 def test_requester_killed_mid_transfer_does_not_wedge_its_sources(cluster):
     big = {"big": 16 * MIB}  # 64 MiB
-    a, b = sources = cluster.start(2, config={"socket_buffer_bytes": 64 * KIB})
+    a, b = sources = cluster.start(
+        2, config={"socket_buffer_bytes": 64 * KIB, "local_socket_buffer_bytes": 0}
+    )
     gather(sources, "state", entries=spec(big, seed=1), timeout=60)
     for r in gather(sources, "sync"):
         synced(r)
@@ -950,7 +960,11 @@ def test_source_hung_mid_transfer_fails_over_or_fails_fast(fast_cluster):
     cluster = fast_cluster
     big = {"big": 16 * MIB}  # 64 MiB, striped over 2 sources
     progress_s = 2.0
-    cfg = {"socket_buffer_bytes": 64 * KIB, "progress_timeout_s": progress_s}
+    cfg = {
+        "socket_buffer_bytes": 64 * KIB,
+        "local_socket_buffer_bytes": 0,
+        "progress_timeout_s": progress_s,
+    }
     a, v = sources = cluster.start(2, config=cfg)
     gather(sources, "state", entries=spec(big, seed=1), timeout=60)
     for r in gather(sources, "sync"):
