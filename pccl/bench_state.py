@@ -11,6 +11,11 @@ threads: when CPU is close to the wall time the receiver is CPU-bound and more s
 help), and whether its state ended hash-equal to the sources'. A fresh master serves
 each source count.
 
+On loopback every process shares this machine's cores and memory bandwidth, so extra sources
+mostly add contention. ``--uplink RATE`` (root, iproute2) measures what several sources are for:
+each process runs in its own network namespace (``deploy/netns.py``) and each source's link is
+limited to ``RATE`` with ``tc tbf``, as an internet peer is bound by its uplink.
+
 Then the launcher times ``SharedState.hashes()`` over a ``--hash-gib`` GiB state in its own
 process (median of ``--runs``), the cost every peer pays per sync to vote, for comparison with
 the transfer.
@@ -28,6 +33,7 @@ import json
 import os
 import platform
 import queue
+import re
 import resource
 import select
 import signal
@@ -60,10 +66,11 @@ def _pattern(raw: np.ndarray, seed: int) -> None:
 def _make_state(mib: int, entries: int, seed: int) -> Any:
     import pccl
 
-    per = mib * MIB // entries // 4
+    total = mib * MIB // 4
+    per, extra = divmod(total, entries)
     arrays = {}
     for i in range(entries):
-        a = np.empty(per, np.float32)
+        a = np.empty(per + (i < extra), np.float32)  # exactly --mib MiB in all
         _pattern(a.view(np.uint8), seed * 1000 + i)
         arrays[f"layer{i}"] = a
     return pccl.SharedState(arrays)
@@ -189,10 +196,19 @@ class _Child:
         self.proc.wait(10)
 
 
-def _start_master(logdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+Wrap = Callable[[str, list[str]], list[str]]
+
+
+def _here(node: str, argv: list[str]) -> list[str]:
+    return argv  # loopback mode: every process in this namespace
+
+
+def _start_master(
+    logdir: Path, wrap: Wrap = _here, host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen[bytes], str]:
     log = (logdir / "master.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", "0"],
+        wrap("m", [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", "0"]),
         stdout=subprocess.PIPE,
         stderr=log,
         start_new_session=True,
@@ -235,12 +251,43 @@ def _log(msg: str) -> None:
 
 
 def _bench_sources(args: argparse.Namespace, n_sources: int, logdir: Path) -> dict[str, Any]:
-    master, addr = _start_master(logdir)
+    if args.uplink:
+        return _bench_sources_netns(args, n_sources, logdir)
+    return _bench_sources_in(args, n_sources, logdir, _here, "127.0.0.1")
+
+
+def _bench_sources_netns(args: argparse.Namespace, n_sources: int, logdir: Path) -> dict[str, Any]:
+    """The same measurement with one network namespace per process and every source's link
+    limited to ``--uplink`` (tc tbf): peers on the internet are bound by their uplinks, which is
+    what pulling from several sources at once is for."""
+    from pccl.chaos import load_netns_harness
+
+    netns = load_netns_harness()
+    nodes = ["m", *(f"s{i}" for i in range(n_sources)), "nc"]
+    with netns.Cluster(nodes) as cluster:
+        for i in range(n_sources):
+            cluster.set_rate(f"s{i}", args.uplink)
+        _log(f"netns cluster {cluster.tag}: {n_sources} source(s) limited to {args.uplink}")
+
+        def wrap(node: str, argv: list[str]) -> list[str]:
+            return cluster.exec_argv(node, argv)
+
+        out = _bench_sources_in(args, n_sources, logdir, wrap, cluster.ip("m"))
+    out["uplink"] = args.uplink
+    return out
+
+
+def _bench_sources_in(
+    args: argparse.Namespace, n_sources: int, logdir: Path, wrap: Wrap, master_host: str
+) -> dict[str, Any]:
+    master, addr = _start_master(logdir, wrap, master_host)
     children: list[_Child] = []
     try:
         sources = []
         for i in range(n_sources):
-            c = _Child(f"s{n_sources}-source{i}", _peer_argv(args, "source", addr), logdir)
+            c = _Child(
+                f"s{n_sources}-source{i}", wrap(f"s{i}", _peer_argv(args, "source", addr)), logdir
+            )
             children.append(c)
             sources.append(c)
             for s in sources[:-1]:  # one newcomer per epoch: the incumbents admit it
@@ -254,7 +301,9 @@ def _bench_sources(args: argparse.Namespace, n_sources: int, logdir: Path) -> di
         assert all(h == want[0] for h in want), "sources disagree after their first sync"
         runs = []
         for r in range(args.runs):
-            new = _Child(f"s{n_sources}-newcomer{r}", _peer_argv(args, "newcomer", addr), logdir)
+            new = _Child(
+                f"s{n_sources}-newcomer{r}", wrap("nc", _peer_argv(args, "newcomer", addr)), logdir
+            )
             children.append(new)
             for s in sources:
                 s.send(op="admit", world=n_sources + 1)
@@ -341,6 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),
+        "uplink": args.uplink,
         "pull": [],
     }
     for n in args.sources:
@@ -379,12 +429,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="runs per source count (median)")
     p.add_argument("--hash-gib", type=float, default=1.0, help="state size for the hash timing")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of every step (s)")
+    p.add_argument(
+        "--uplink",
+        help="run every process in its own network namespace and limit each source's link to "
+        "this tc rate (e.g. 1gbit, 500mbit); needs root and iproute2",
+    )
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--role", choices=["source", "newcomer"], help=argparse.SUPPRESS)
     p.add_argument("--master", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mib < 1 or args.entries < 1 or args.runs < 1 or any(n < 1 for n in args.sources):
         p.error("--mib, --entries, --runs and --sources must be >= 1")
+    if args.uplink and not args.role:
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit)", args.uplink):
+            p.error(f"--uplink {args.uplink!r}: expected a tc rate such as 1gbit or 500mbit")
+        from pccl.chaos import load_netns_harness
+
+        ok, why = load_netns_harness().available()
+        if not ok:
+            p.error(f"--uplink needs network namespaces: {why}")
     return args
 
 

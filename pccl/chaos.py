@@ -1052,7 +1052,9 @@ def _worker_main(p: dict[str, Any]) -> int:
         except _Leave:
             _emit("left", incarnation=incarnation)
             return 0
-        comm = pccl.Communicator(p["master"], streams=2, auth_token=token)
+        # Two real streams even on loopback (local_streams=0): faults must hit the striped path.
+        cfg = pccl.Config.from_env(local_streams=0)
+        comm = pccl.Communicator(p["master"], streams=2, auth_token=token, config=cfg)
         try:
             comm.connect(timeout=CALL_TIMEOUT_S)
         except pccl.PCCLError as e:

@@ -214,3 +214,28 @@ def test_chaos_with_link_cuts_and_rate_limits(tmp_path):
     assert report["netns"] is True
     leaked = [ns for ns in set(netns.list_namespaces()) - before if ns.startswith("pccl-")]
     assert not leaked, f"chaos left namespaces behind: {leaked}"
+
+
+@pytest.mark.timeout(180)
+def test_bench_state_uplink_mode_pulls_from_rate_limited_sources(tmp_path: Path) -> None:
+    """``bench_state --uplink``: sources in their own namespaces behind tbf-limited links; the
+    newcomer's state is verified and the bytes are split over the sources. (The speed figure
+    is the benchmark's business, not this test's.)"""
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pccl.bench_state", "--mib", "8", "--entries", "3"]
+    cmd += ["--sources", "1,2", "--runs", "1", "--hash-gib", "0.01", "--timeout", "60"]
+    cmd += ["--uplink", "400mbit", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    res = json.loads(out.read_text())
+    assert res["uplink"] == "400mbit"
+    for p in res["pull"]:
+        assert p["all_verified"] and p["uplink"] == "400mbit"
+        [run] = p["runs"]
+        assert run["rx_bytes"] == 8 << 20 == sum(run["source_tx_bytes"])
+        assert len(run["source_tx_bytes"]) == p["sources"] and min(run["source_tx_bytes"]) > 0
+    left = [ns for ns in netns.list_namespaces() if ns.startswith("pccl-o")]
+    assert not left, f"namespaces left behind: {left}"

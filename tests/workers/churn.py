@@ -48,7 +48,8 @@ def main() -> None:
     addr, p = params()
     world, idx, victim, inplace = p["world"], p["idx"], p["victim"], p["inplace"]
     n = p["mib"] * (1 << 20) // 4
-    cfg = pccl.Config(**p.get("config", {}))
+    # Every stream opened even on loopback (local_streams=0): the kill lands mid-stripe.
+    cfg = pccl.Config(**{"local_streams": 0, **p.get("config", {})})
     comm = pccl.Communicator(addr, streams=p.get("streams", 4), config=cfg)
     join(comm, world)
     x = make_input(idx, n)
