@@ -15,6 +15,7 @@
 
 #include <float.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__)
@@ -386,10 +387,21 @@ K void dequantize_add_body(const void *q, const void *meta, const void *base, vo
 }
 
 /* One reduce-scatter hop of the uint8 ring, block by block so each block is re-read from L1:
- * acc = (base or acc) + dequant(q, meta); (q_out, meta_out) = quantize(acc); with adopt,
- * acc = dequant(q_out, meta_out). Bytes equal those of the separate kernels called in turn. */
-K void ring_hop_body(const void *q, const void *meta, const void *base, void *acc, void *q_out,
-                     void *meta_out, size_t n, size_t block, int adopt) {
+ * sum = (base or acc) + dequant(q, meta); (q_out, meta_out) = quantize(sum); then keep = 0
+ * leaves acc alone (the partial sum is only needed on the wire), 1 stores sum into acc, 2 stores
+ * dequant(q_out, meta_out) into acc. Bytes equal those of the separate kernels in turn.
+ * Returns 0, or -1 when the scratch block cannot be allocated (block > 4096, keep = 0). */
+#define HOP_STACK 4096
+K int ring_hop_body(const void *q, const void *meta, const void *base, void *acc, void *q_out,
+                    void *meta_out, size_t n, size_t block, int keep) {
+    float stack[HOP_STACK];
+    float *heap = NULL;
+    f32u *tmp = stack;
+    if (keep == 0 && block > HOP_STACK) {
+        heap = (float *)malloc(block * sizeof(float));
+        if (heap == NULL) return -1;
+        tmp = heap;
+    }
     const f32u *mt = (const f32u *)meta;
     f32u *mo = (f32u *)meta_out;
     for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
@@ -397,13 +409,17 @@ K void ring_hop_body(const void *q, const void *meta, const void *base, void *ac
         const u8u *qb = (const u8u *)q + lo;
         f32u *ab = (f32u *)acc + lo;
         u8u *qo = (u8u *)q_out + lo;
-        if (base != NULL)
-            dequantize_add_block(qb, mt[2 * b], mt[2 * b + 1], (const f32u *)base + lo, ab, m);
+        const f32u *in = base != NULL ? (const f32u *)base + lo : ab;
+        f32u *sum = keep == 0 ? tmp : ab;
+        if (in == sum)
+            dequantize_accumulate_block(qb, mt[2 * b], mt[2 * b + 1], sum, m);
         else
-            dequantize_accumulate_block(qb, mt[2 * b], mt[2 * b + 1], ab, m);
-        quantize_block(ab, qo, mo + 2 * b, m);
-        if (adopt) dequantize_block(qo, mo[2 * b], mo[2 * b + 1], ab, m);
+            dequantize_add_block(qb, mt[2 * b], mt[2 * b + 1], in, sum, m);
+        quantize_block(sum, qo, mo + 2 * b, m);
+        if (keep == 2) dequantize_block(qo, mo[2 * b], mo[2 * b + 1], ab, m);
     }
+    free(heap);
+    return 0;
 }
 
 /* ---- fp16 / bf16 conversion ------------------------------------------------------------- */
@@ -459,8 +475,8 @@ struct impl {
     void (*dequantize_add)(const void *, const void *, const void *, void *, size_t, size_t);
     void (*add_f16)(const void *, const void *, void *, size_t);
     void (*add_bf16)(const void *, const void *, void *, size_t);
-    void (*ring_hop)(const void *, const void *, const void *, void *, void *, void *, size_t,
-                     size_t, int);
+    int (*ring_hop)(const void *, const void *, const void *, void *, void *, void *, size_t,
+                    size_t, int);
 };
 
 #define INSTANTIATE(SFX, ATTR)                                                             \
@@ -509,9 +525,9 @@ struct impl {
     ATTR static void add_bf16_##SFX(const void *s, const void *bs, void *o, size_t n) {    \
         add_bf16_body((const u16u *)s, (const f32u *)bs, (f32u *)o, n);                    \
     }                                                                                      \
-    ATTR static void ring_hop_##SFX(const void *q, const void *m, const void *bs, void *a,  \
-                                    void *qo, void *mo, size_t n, size_t b, int ad) {      \
-        ring_hop_body(q, m, bs, a, qo, mo, n, b, ad);                                      \
+    ATTR static int ring_hop_##SFX(const void *q, const void *m, const void *bs, void *a,   \
+                                   void *qo, void *mo, size_t n, size_t b, int kp) {       \
+        return ring_hop_body(q, m, bs, a, qo, mo, n, b, kp);                               \
     }                                                                                      \
     static const struct impl impl_##SFX = {                                                \
         reduce_##SFX,          divide_##SFX,          quantize_##SFX,                      \
@@ -624,7 +640,7 @@ void pccl_add_f16(const void *src, const void *base, void *out, size_t n) {
 void pccl_add_bf16(const void *src, const void *base, void *out, size_t n) {
     impl->add_bf16(src, base, out, n);
 }
-void pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
-                      void *q_out, void *meta_out, size_t n, size_t block, int adopt) {
-    impl->ring_hop(q, meta, base, acc, q_out, meta_out, n, block, adopt);
+int pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
+                     void *q_out, void *meta_out, size_t n, size_t block, int keep) {
+    return impl->ring_hop(q, meta, base, acc, q_out, meta_out, n, block, keep);
 }

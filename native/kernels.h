@@ -76,11 +76,12 @@ void pccl_dequantize_add_u8(const void *q, const void *meta, const void *base, v
 void pccl_add_f16(const void *src, const void *base, void *out, size_t n);
 void pccl_add_bf16(const void *src, const void *base, void *out, size_t n);
 
-/* One uint8 reduce-scatter hop, fused per block: acc = (base, or acc when base is NULL) +
- * dequantize(q, meta); quantize acc into (q_out, meta_out); if adopt, acc = dequantize(q_out,
- * meta_out). Byte-identical to the separate kernels in that order; no argument may overlap
- * another (base may be NULL). */
-void pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
-                      void *q_out, void *meta_out, size_t n, size_t block, int adopt);
+/* One uint8 reduce-scatter hop, fused per block: sum = (base, or acc when base is NULL) +
+ * dequantize(q, meta); quantize sum into (q_out, meta_out); keep = 0: acc untouched (sum lives
+ * in a scratch block only), 1: acc = sum, 2: acc = dequantize(q_out, meta_out). Byte-identical
+ * to the separate kernels in that order; no argument may overlap another (base may be NULL).
+ * Returns 0, or -1 if a scratch block could not be allocated (keep 0 with block > 4096). */
+int pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
+                     void *q_out, void *meta_out, size_t n, size_t block, int keep);
 
 #endif /* PCCL_KERNELS_H */

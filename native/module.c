@@ -322,20 +322,25 @@ release_q:
 }
 
 PyDoc_STRVAR(ring_hop_doc,
-             "ring_hop_u8(q, meta, base, acc, q_out, meta_out, block, adopt)\n--\n\n"
-             "acc = (base if base is not None else acc) + dequantize_u8(q, meta); then\n"
-             "quantize_u8(acc, q_out, meta_out); then, if adopt, acc = dequantize_u8(q_out,\n"
-             "meta_out). Fused per block; the bytes of the separate kernels in turn.");
+             "ring_hop_u8(q, meta, base, acc, q_out, meta_out, block, keep)\n--\n\n"
+             "sum = (base if base is not None else acc) + dequantize_u8(q, meta);\n"
+             "quantize_u8(sum, q_out, meta_out); keep 0: acc untouched, 1: acc = sum,\n"
+             "2: acc = dequantize_u8(q_out, meta_out). Fused per block; the bytes of the\n"
+             "separate kernels in turn.");
 
 static PyObject *py_ring_hop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer q, m, b, a, qo, mo;
     Py_ssize_t nq, nm, nb = 0, na, nqo, nmo, block;
     PyObject *ret = NULL;
-    int have_base, adopt;
+    int have_base, overflow = 0;
     (void)self;
     if (check_nargs("ring_hop_u8", nargs, 8) < 0 || get_block(args[6], &block) < 0) return NULL;
-    adopt = PyObject_IsTrue(args[7]);
-    if (adopt < 0) return NULL;
+    long keep = PyLong_AsLongAndOverflow(args[7], &overflow);
+    if (keep == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || keep < 0 || keep > 2) {
+        PyErr_SetString(PyExc_ValueError, "keep must be 0 (discard), 1 (sum) or 2 (adopt)");
+        return NULL;
+    }
     have_base = args[2] != Py_None;
     if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
     if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
@@ -363,11 +368,13 @@ static PyObject *py_ring_hop(PyObject *self, PyObject *const *args, Py_ssize_t n
                check_disjoint(&mo, "meta_out", &qo, "q_out") == 0 &&
                (!have_base || check_disjoint(&mo, "meta_out", &b, "base") == 0)) {
         const void *bp = have_base ? b.buf : NULL;
+        int rc;
         Py_BEGIN_ALLOW_THREADS
-        pccl_ring_hop_u8(q.buf, m.buf, bp, a.buf, qo.buf, mo.buf, (size_t)nq, (size_t)block,
-                         adopt);
+        rc = pccl_ring_hop_u8(q.buf, m.buf, bp, a.buf, qo.buf, mo.buf, (size_t)nq, (size_t)block,
+                              (int)keep);
         Py_END_ALLOW_THREADS
-        ret = Py_NewRef(Py_None);
+        if (rc == 0) ret = Py_NewRef(Py_None);
+        else PyErr_NoMemory();
     }
     PyBuffer_Release(&mo);
 release_qo:

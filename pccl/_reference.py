@@ -295,19 +295,20 @@ def ring_hop_u8(
     q_out: np.ndarray,
     meta_out: np.ndarray,
     block: int,
-    adopt: bool,
+    keep: int,
 ) -> None:
-    """One uint8 reduce-scatter hop: accumulate, re-quantize, optionally adopt the decoding.
+    """One uint8 reduce-scatter hop: accumulate, re-quantize, then keep 0/1/2.
 
-    ``acc = (base if given else acc) + dequantize_u8(q, meta)``; ``quantize_u8(acc) ->
-    (q_out, meta_out)``; with ``adopt``, ``acc = dequantize_u8(q_out, meta_out)``.
+    ``sum = (base if given else acc) + dequantize_u8(q, meta)``; ``quantize_u8(sum) ->
+    (q_out, meta_out)``; ``keep`` 0 leaves ``acc`` alone, 1 stores ``sum`` in it, 2 stores
+    ``dequantize_u8(q_out, meta_out)`` in it.
     """
-    if base is None:
-        dequantize_accumulate_u8(q, meta, acc, block)
-    else:
-        dequantize_add_u8(q, meta, base, acc, block)
-    quantize_u8(acc, q_out, meta_out, block)
-    if adopt:
+    total = np.empty(q.shape[0], _F32)
+    dequantize_add_u8(q, meta, acc if base is None else base, total, block)
+    quantize_u8(total, q_out, meta_out, block)
+    if keep == 1:
+        acc[...] = total
+    elif keep == 2:
         dequantize_u8(q_out, meta_out, acc, block)
 
 

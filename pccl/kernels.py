@@ -308,6 +308,10 @@ def dequantize_add_u8(
         _reference.dequantize_add_u8(q, meta, base, out, b)
 
 
+#: ``keep`` values of :func:`ring_hop_u8`.
+HOP_KEEP = {"discard": 0, "sum": 1, "adopt": 2}
+
+
 def ring_hop_u8(
     q: np.ndarray,
     meta: np.ndarray,
@@ -316,20 +320,26 @@ def ring_hop_u8(
     q_out: np.ndarray,
     meta_out: np.ndarray,
     block: int = DEFAULT_BLOCK,
-    adopt: bool = False,
+    keep: str = "sum",
 ) -> None:
     """One uint8 reduce-scatter hop of the ring, fused block by block.
 
-    ``acc = (base if base is not None else acc) + dequantize_u8(q, meta)``, then
-    ``quantize_u8(acc, q_out, meta_out)``, then with ``adopt`` ``acc = dequantize_u8(q_out,
+    ``sum = (base if base is not None else acc) + dequantize_u8(q, meta)``, then
+    ``quantize_u8(sum, q_out, meta_out)``, then by ``keep``: ``"discard"`` leaves ``acc``
+    untouched (a forwarding hop needs the partial sum only on the wire, so it never goes to
+    memory), ``"sum"`` stores it in ``acc``, ``"adopt"`` stores ``dequantize_u8(q_out,
     meta_out)`` (the owner adopting what every peer will decode). Byte-identical to those
     kernels called in turn; each block is re-read from L1 instead of memory.
 
     Raises:
-        ValueError: bad lengths, ``block < 1``, any two arrays overlap, read-only outputs.
+        ValueError: bad lengths, ``block < 1``, unknown ``keep``, any two arrays overlap,
+            read-only outputs.
         TypeError: wrong dtypes (q, q_out uint8; meta, meta_out, base, acc float32).
+        MemoryError: no scratch block (``"discard"`` with ``block > 4096``).
     """
     b = _as_block(block)
+    if keep not in HOP_KEEP:
+        raise ValueError(f"keep must be one of {sorted(HOP_KEEP)}, got {keep!r}")
     _check_dequant(q, meta, "acc", acc, b)
     n = q.shape[0]
     _same_length("q_out", _array("q_out", q_out, _U8, out=True), "q", n)
@@ -349,9 +359,9 @@ def ring_hop_u8(
                 continue  # inputs may share memory with each other
             _disjoint(na, a, nb_, b_)
     if _native is not None:
-        _native.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, bool(adopt))
+        _native.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, HOP_KEEP[keep])
     else:
-        _reference.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, bool(adopt))
+        _reference.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, HOP_KEEP[keep])
 
 
 def _add16(

@@ -355,12 +355,15 @@ class RingOp:
     def _hop_u8(self, s: int, c: int, k: int, e0: int, n: int, last: bool) -> None:
         """A uint8 SUM reduce-scatter hop in one fused pass: add the received partial (to our
         input, or in place), re-quantize it for the next hop, and on the last hop (we own the
-        chunk) adopt the decoded values. The same bytes as the unfused path."""
+        chunk) adopt the decoded values. A forwarding hop's partial sum exists only in an L1
+        scratch block: ``work`` of that chunk is next written by the all-gather. The wire bytes
+        equal the unfused path's."""
         meta, q = self._split(self._slot(self.rs_recv, c, k), n)
         out = self._slot(self.ag_wire if last else self.rs_send, c, k)
         meta_out, q_out = self._split(out, n)
         base = self.src[e0 : e0 + n] if self.separate else None
-        K.ring_hop_u8(q, meta, base, self.work[e0 : e0 + n], q_out, meta_out, self.block, last)
+        keep = "adopt" if last else "discard"  # a forwarded partial is never read again
+        K.ring_hop_u8(q, meta, base, self.work[e0 : e0 + n], q_out, meta_out, self.block, keep)
         self._send(self.world - 1 if last else s + 1, c, k, out)
 
     def _own(self, c: int, k: int, e0: int, n: int) -> None:

@@ -7,6 +7,7 @@ validation, backend selection) run on whichever backend is live.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -315,16 +316,16 @@ def test_quantize_dequantize_parity(block: int) -> None:
             NATIVE.dequantize_add_u8(q, meta, unaligned(base, 3), got, block)
             assert_same_bytes(got, want, f"dequantize_add n={n} block={block}")
 
-            for base_, adopt in ((None, False), (base, False), (base, True), (None, True)):
+            for base_, keep in itertools.product((None, base), (0, 1, 2)):
                 acc_w = acc.copy()
                 qo_w, mo_w = np.empty(n, np.uint8), np.empty(2 * nb, np.float32)
-                ref.ring_hop_u8(q, meta, base_, acc_w, qo_w, mo_w, block, adopt)
+                ref.ring_hop_u8(q, meta, base_, acc_w, qo_w, mo_w, block, keep)
                 acc_g = unaligned(acc, 1)
                 qo_g = unaligned(np.zeros(n, np.uint8), 3)
                 mo_g = unaligned(np.zeros(2 * nb, np.float32), 2)
                 b_g = None if base_ is None else unaligned(base_, 2)
-                NATIVE.ring_hop_u8(q, meta, b_g, acc_g, qo_g, mo_g, block, adopt)
-                what = f"ring_hop base={base_ is not None} adopt={adopt} n={n} block={block}"
+                NATIVE.ring_hop_u8(q, meta, b_g, acc_g, qo_g, mo_g, block, keep)
+                what = f"ring_hop base={base_ is not None} keep={keep} n={n} block={block}"
                 assert_same_bytes(acc_g, acc_w, what + " acc")
                 assert_same_bytes(qo_g, qo_w, what + " q_out")
                 assert_same_bytes(mo_g, mo_w, what + " meta_out")
@@ -399,6 +400,13 @@ _LEVEL_SCRIPT = textwrap.dedent(
             base = bits(np.float32, n)
             w = x.copy(); R.dequantize_add_u8(qw, mw, base, w, 7)
             g = off(x, 1); N.dequantize_add_u8(qw, mw, off(base, 2), g, 7); same(g, w, "dqadd")
+            for keep in (0, 1, 2):
+                for b_ in (None, base):
+                    w, qo, mo = x.copy(), qw * 0, mw * 0
+                    R.ring_hop_u8(qw, mw, b_, w, qo, mo, 7, keep)
+                    g, qg, mg = off(x, 1), off(qw * 0, 3), off(mw * 0, 2)
+                    N.ring_hop_u8(qw, mw, b_, g, qg, mg, 7, keep)
+                    same(g, w, "hop"); same(qg, qo, "hop q"); same(mg, mo, "hop meta")
     print(N.SIMD)
     """
 )
@@ -696,6 +704,8 @@ def _rejections() -> list[tuple[str, type[Exception], Call]]:
          lambda: kernels.ring_hop_u8(q, meta, None, f, q.copy(), meta[:1].copy(), 8)),
         ("ring hop q_out dtype", TypeError,
          lambda: kernels.ring_hop_u8(q, meta, None, f, g, meta.copy(), 8)),
+        ("ring hop keep", ValueError,
+         lambda: kernels.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8, "store")),
     ]  # fmt: skip
 
 
@@ -780,7 +790,10 @@ def test_native_rejects_bad_arguments_directly() -> None:
         (ValueError, lambda: NATIVE.add_f16(np.zeros(8, np.uint16), f, f)),
         (ValueError, lambda: NATIVE.add_bf16(np.zeros(8, np.uint16), f[:4], f.copy())),
         (TypeError, lambda: NATIVE.add_bf16(np.zeros(8, np.float16), f, f.copy())),
-        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q, meta.copy(), 8, True)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q, meta.copy(), 8, 2)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8, 3)),
+        (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8, -1)),
+        (TypeError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8, "x")),
         (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, f, f, q.copy(), meta.copy(), 8, 0)),
         (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta, 8, 0)),
         (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q[:4].copy(), meta.copy(), 8, 0)),
