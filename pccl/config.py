@@ -25,6 +25,10 @@ MAX_STATE_FRAME = 16 << 20
 MAX_DATA_FRAME = 64 << 20
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class Config:
     """Tunables with safe defaults.
@@ -50,6 +54,8 @@ class Config:
             loopback each extra stream only costs CPU (4 peers, 256 MiB fp32 on 2 cores: about
             15% more CPU per operation with 4 streams than with 1). 0 = always ``streams``
             (tests and WAN emulation through a local proxy use that).
+        send_threads: each plain-TCP send stream writes from its own thread (GIL released in
+            the copy), beside the event loop that receives and reduces. False: the loop writes.
         reconnect_timeout_s: how long a peer keeps reconnecting to a lost master (restart)
             before giving up with ``ConnectionLost``.
         restart_grace_s: a restarted master waits this long for its previous peers to
@@ -67,12 +73,17 @@ class Config:
     socket_buffer_bytes: int = 4 << 20
     local_socket_buffer_bytes: int = 256 << 10
     local_streams: int = 1
+    send_threads: bool = True
     reconnect_timeout_s: float = 60.0
     restart_grace_s: float = 3.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    raise TypeError(f"Config.{f.name} must be a bool, got {v!r}")
+                continue
             whole = f.type in ("int", int)
             if isinstance(v, bool) or not isinstance(v, int if whole else int | float):
                 kind = "an int" if whole else "a number"
@@ -93,16 +104,22 @@ class Config:
             raise ValueError("local_streams must be within [0, 64]")
 
     @classmethod
-    def from_env(cls, **overrides: float) -> Config:
+    def from_env(cls, **overrides: float | bool) -> Config:
         """Build a config from ``PCCL_*`` environment variables, then ``overrides``.
 
         Raises:
             ValueError: a variable does not parse as a number or fails validation.
         """
-        values: dict[str, float] = {}
+        values: dict[str, float | bool] = {}
         for f in fields(cls):
             raw = os.environ.get(f"PCCL_{f.name.upper()}")
             if raw is None:
+                continue
+            if f.type in ("bool", bool):
+                flag = raw.strip().lower()
+                if flag not in _TRUE + _FALSE:
+                    raise ValueError(f"PCCL_{f.name.upper()}={raw!r} is not a boolean (1/0)")
+                values[f.name] = flag in _TRUE
                 continue
             try:
                 values[f.name] = int(raw) if f.type in ("int", int) else float(raw)
@@ -111,6 +128,6 @@ class Config:
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
-    def replace(self, **changes: float) -> Config:
+    def replace(self, **changes: float | bool) -> Config:
         """Return a copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
+import os
+import select
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from pccl.peer.state_sync import StateServer
@@ -310,6 +315,7 @@ class TxStream(asyncio.Protocol):
         self.queue: collections.deque[tuple[bytes, memoryview]] = collections.deque()
         self.paused = False
         self.closed = False
+        self.sender: _Sender | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -347,9 +353,33 @@ class TxStream(asyncio.Protocol):
             self.transport.abort()
 
     def send(self, header: bytes, payload: memoryview) -> None:
+        sender = self.sender
+        if sender is not None:
+            sender.put(header, payload)
+            return
         self.queue.append((header, payload))
         if not self.paused:
             self._pump()
+
+    def start_sender(self) -> None:
+        """Move the data phase to a sender thread (after the hello; plain TCP only)."""
+        if self.sender is not None or self.transport is None or self.closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or self.transport.get_extra_info("sslcontext") is not None:
+            return
+        try:
+            self.sender = _Sender(sock.fileno(), self._sender_failed)
+        except OSError as e:  # not fatal: the transport path still works
+            log.debug("no sender thread for the stream to peer %d: %s", self.peer_id, e)
+
+    def _sender_failed(self, err: OSError) -> None:
+        if self.closed or self.node.closing:
+            return
+        self.node.tx_broken = True
+        self.node.fail_ops(f"stream to peer {self.peer_id} lost ({err})")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _pump(self) -> None:
         t = self.transport
@@ -370,6 +400,8 @@ class TxStream(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self.queue.clear()
+        if self.sender is not None:
+            self.sender.stop()
         if self.transport is not None:
             self.transport.close()
 
@@ -377,11 +409,81 @@ class TxStream(asyncio.Protocol):
         was_open = not self.closed
         self.closed = True
         self.queue.clear()
+        if self.sender is not None:
+            self.sender.stop()
         if not self.acked.done():
             self.acked.set_exception(ConnectionError(f"closed before hello ack: {exc}"))
         if was_open and not self.node.closing:
             self.node.tx_broken = True
             self.node.fail_ops(f"stream to peer {self.peer_id} lost ({exc or 'closed'})")
+
+
+class _Sender:
+    """A thread that writes one stream's frames, so the kernel's send copies run beside the
+    event loop's receive copies and reductions instead of after them.
+
+    It writes to a duplicate of the stream's descriptor (same socket, still non-blocking: the
+    transport's reads are unaffected) with the GIL released in each ``sendmsg`` and waits for
+    room with ``poll``; frames leave in :meth:`put` order. The transport writes nothing after
+    the hello, so the two never interleave. :meth:`stop` makes the thread close its descriptor
+    within ``_POLL_MS``; a write error is reported once through ``on_error`` on the loop.
+    """
+
+    _POLL_MS = 100
+
+    def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._loop = asyncio.get_running_loop()
+        self._on_error = on_error
+        self._cv = threading.Condition()
+        self._q: collections.deque[tuple[bytes, memoryview]] = collections.deque()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="pccl-send", daemon=True)
+        self._thread.start()
+
+    def put(self, header: bytes, payload: memoryview) -> None:
+        with self._cv:
+            self._q.append((header, payload))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._q.clear()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        sock = self._sock
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        try:
+            while True:
+                with self._cv:
+                    while not self._q and not self._stopped:
+                        self._cv.wait()
+                    if self._stopped:
+                        return
+                    header, payload = self._q.popleft()
+                bufs = [memoryview(header), payload]
+                while bufs:
+                    try:
+                        sent = sock.sendmsg(bufs)
+                    except (BlockingIOError, InterruptedError):
+                        poller.poll(self._POLL_MS)
+                        if self._stopped:
+                            return
+                        continue
+                    while bufs and sent >= len(bufs[0]):
+                        sent -= len(bufs[0])
+                        bufs.pop(0)
+                    if sent:
+                        bufs[0] = bufs[0][sent:]
+        except OSError as e:
+            if not self._stopped:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    self._loop.call_soon_threadsafe(self._on_error, e)
+        finally:
+            sock.close()
 
 
 class P2PNode:
@@ -500,6 +602,8 @@ class P2PNode:
             )
             assert isinstance(proto, TxStream)
             await proto.acked
+            if self.config.send_threads:
+                proto.start_sender()
             return proto
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(want)]

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.timeout(30)
 
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TIMEOUTS = [n for n in FIELDS if n.endswith("_s")]
+BOOLS = ["send_threads"]
+NUMBERS = [n for n in FIELDS if n not in BOOLS]
 INTS = [
     "chunk_bytes",
     "quant_block",
@@ -53,7 +55,8 @@ def test_defaults_are_valid_and_documented_values() -> None:
     assert 64 <= c.quant_block <= 1 << 20
     assert c.socket_buffer_bytes >= 0
     assert all(type(getattr(c, n)) is int for n in INTS)
-    assert set(FIELDS) == set(TIMEOUTS) | set(INTS)
+    assert set(FIELDS) == set(TIMEOUTS) | set(INTS) | set(BOOLS)
+    assert c.send_threads is True
 
 
 def test_frame_bounds_are_sane() -> None:
@@ -94,11 +97,29 @@ def test_timeouts_must_be_positive(name: str, value: float) -> None:
         Config(**kw)
 
 
-@pytest.mark.parametrize("name", FIELDS)
+@pytest.mark.parametrize("name", NUMBERS)
 @pytest.mark.parametrize("value", ["5", None, True, False, [1], b"1", 1j])
 def test_non_numbers_are_type_errors(name: str, value: object) -> None:
     with pytest.raises(TypeError, match=name):
         Config(**{name: value})
+
+
+@pytest.mark.parametrize("name", BOOLS)
+@pytest.mark.parametrize("value", ["1", None, 1, 0, 1.0])
+def test_flags_must_be_bools(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=name):
+        Config(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"), [("1", True), ("yes", True), (" off ", False), ("0", False)]
+)
+def test_flags_from_env(clean_env: pytest.MonkeyPatch, raw: str, want: bool) -> None:
+    clean_env.setenv("PCCL_SEND_THREADS", raw)
+    assert Config.from_env().send_threads is want
+    clean_env.setenv("PCCL_SEND_THREADS", "maybe")
+    with pytest.raises(ValueError, match="PCCL_SEND_THREADS"):
+        Config.from_env()
 
 
 @pytest.mark.parametrize(("interval", "timeout"), [(1.0, 1.0), (2.0, 1.0), (0.5, 0.5), (0.5, 0.49)])
@@ -153,6 +174,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
         "socket_buffer_bytes": "0",
         "local_socket_buffer_bytes": "131072",
         "local_streams": "2",
+        "send_threads": "false",
         "reconnect_timeout_s": "30",
         "restart_grace_s": "1.5",
     }
@@ -168,6 +190,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
     assert c.progress_timeout_s == 4.5
     assert (c.chunk_bytes, c.quant_block, c.socket_buffer_bytes) == (65536, 256, 0)
     assert (c.local_socket_buffer_bytes, c.local_streams) == (131072, 2)
+    assert c.send_threads is False
     assert (c.reconnect_timeout_s, c.restart_grace_s) == (30.0, 1.5)
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
