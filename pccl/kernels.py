@@ -219,13 +219,7 @@ def quantize_u8(
     """
     b = _as_block(block)
     n = _array("src", src, _F32)
-    _same_length("q_out", _array("q_out", q_out, _U8, out=True), "src", n)
-    _same_length(
-        "meta_out",
-        _array("meta_out", meta_out, _F32, out=True),
-        "2 * num_blocks(n, block)",
-        2 * _reference.num_blocks(n, b),
-    )
+    _check_quant_out("src", n, q_out, meta_out, b)
     _disjoint("src", src, "q_out", q_out)
     _disjoint("src", src, "meta_out", meta_out)
     _disjoint("q_out", q_out, "meta_out", meta_out)
@@ -233,6 +227,19 @@ def quantize_u8(
         _native.quantize_u8(src, q_out, meta_out, b)
     else:
         _reference.quantize_u8(src, q_out, meta_out, b)
+
+
+def _check_quant_out(
+    src_name: str, n: int, q_out: np.ndarray, meta_out: np.ndarray, b: int
+) -> None:
+    """The outputs of a quantisation of ``n`` elements: uint8[n] and float32[2 * blocks]."""
+    _same_length("q_out", _array("q_out", q_out, _U8, out=True), src_name, n)
+    _same_length(
+        "meta_out",
+        _array("meta_out", meta_out, _F32, out=True),
+        "2 * num_blocks(n, block)",
+        2 * _reference.num_blocks(n, b),
+    )
 
 
 def _check_dequant(q: np.ndarray, meta: np.ndarray, out_name: str, out: np.ndarray, b: int) -> None:
@@ -342,13 +349,7 @@ def ring_hop_u8(
         raise ValueError(f"keep must be one of {sorted(HOP_KEEP)}, got {keep!r}")
     _check_dequant(q, meta, "acc", acc, b)
     n = q.shape[0]
-    _same_length("q_out", _array("q_out", q_out, _U8, out=True), "q", n)
-    _same_length(
-        "meta_out",
-        _array("meta_out", meta_out, _F32, out=True),
-        "2 * num_blocks(n, block)",
-        2 * _reference.num_blocks(n, b),
-    )
+    _check_quant_out("q", n, q_out, meta_out, b)
     named = [("q", q), ("meta", meta), ("acc", acc), ("q_out", q_out), ("meta_out", meta_out)]
     if base is not None:
         _same_length("base", _array("base", base, _F32), "q", n)

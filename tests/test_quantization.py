@@ -163,26 +163,11 @@ def test_subnormal_block(mod: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("mod", BACKENDS)
-def test_dequantize_accumulate_equals_two_step(mod: ModuleType) -> None:
+@pytest.mark.parametrize("out_of_place", [False, True])
+def test_fused_dequantize_sum_equals_two_step(mod: ModuleType, out_of_place: bool) -> None:
+    """``dequantize_accumulate_u8`` (acc += dequant) and ``dequantize_add_u8`` (out = base +
+    dequant, the ring's out-of-place hop) give the bytes of dequantize-then-reduce."""
     rng = np.random.default_rng(11)
-    n, block = 10_000, 1000
-    q = rng.integers(0, 256, n, dtype=np.uint8)
-    meta = rng.standard_normal(2 * ref.num_blocks(n, block)).astype(np.float32)
-    meta[4:6] = np.nan
-    meta[7] = np.inf
-    acc = rng.standard_normal(n).astype(np.float32)
-    acc[::97] = np.nan
-    fused = acc.copy()
-    mod.dequantize_accumulate_u8(q, meta, fused, block)
-    two_step = acc.copy()
-    kernels.reduce_inplace(two_step, dequantize(mod, q, meta, block), DType.FLOAT32, ReduceOp.SUM)
-    assert fused.tobytes() == two_step.tobytes()
-
-
-@pytest.mark.parametrize("mod", BACKENDS)
-def test_dequantize_add_equals_two_step(mod: ModuleType) -> None:
-    """The ring's out-of-place hop: out = base + dequant(q), the bytes of the two-step form."""
-    rng = np.random.default_rng(12)
     n, block = 10_000, 1000
     q = rng.integers(0, 256, n, dtype=np.uint8)
     meta = rng.standard_normal(2 * ref.num_blocks(n, block)).astype(np.float32)
@@ -191,8 +176,12 @@ def test_dequantize_add_equals_two_step(mod: ModuleType) -> None:
     base = rng.standard_normal(n).astype(np.float32)
     base[::97] = np.nan
     base[5::101] = -np.inf
-    fused = np.full(n, 7.0, np.float32)
-    mod.dequantize_add_u8(q, meta, base, fused, block)
+    if out_of_place:
+        fused = np.full(n, 7.0, np.float32)
+        mod.dequantize_add_u8(q, meta, base, fused, block)
+    else:
+        fused = base.copy()
+        mod.dequantize_accumulate_u8(q, meta, fused, block)
     two_step = dequantize(mod, q, meta, block)
     kernels.reduce_inplace(two_step, base, DType.FLOAT32, ReduceOp.SUM)
     assert fused.tobytes() == two_step.tobytes()
