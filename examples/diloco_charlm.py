@@ -60,7 +60,8 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     inner step, to watch a run at human pace), ``task`` (TaskConfig overrides), ``threads``,
     ``streams``, ``config`` (pccl.Config overrides).
     Events: ``gated``, ``joined``, ``outer`` (every boundary, with the held-out loss of the outer
-    parameters and their digest), ``result``.
+    parameters and their digest), ``result``; ``too_late`` (then it exits) when a late joiner
+    finds itself alone: the run ended before it was admitted.
     """
     import charlm as T
     import torch
@@ -88,6 +89,12 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     )
     comm.connect(timeout=float(p.get("connect_timeout", 60)))
     wait_world = int(p.get("wait_world", 0))
+    if wait_world == 0 and comm.world_size == 1:
+        # A newcomer admitted alone: the run it came to join has already ended. Training on
+        # its own would be a different run, so it leaves.
+        emit("too_late", peer_id=comm.peer_id)
+        comm.close()
+        return
     deadline = time.monotonic() + 60
     # Initial formation only: all first peers loop here together, then build DiLoCo together.
     while comm.world_size < wait_world:
@@ -319,6 +326,8 @@ def launch(args: argparse.Namespace) -> int:
                         _print_row(printed, rows[printed], digests[printed], args, n_params)
                 elif ev["event"] == "result":
                     results[name] = ev
+                elif ev["event"] == "too_late":
+                    print(f"  {name} arrived after the run had ended; it leaves", flush=True)
         while printed + 1 in rows:
             printed += 1
             _print_row(printed, rows[printed], digests[printed], args, n_params)
