@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,6 +230,8 @@ class Communicator:
         self._cond: asyncio.Condition | None = None
         self._welcome: asyncio.Future[m.Welcome] | None = None
         self._challenge: asyncio.Future[m.Challenge] | None = None
+        self._tcp_up = False  # connect(): the master's TCP (or TLS) connection was established
+        self._handshake_seen = False  # ... and its challenge arrived
         self._announced: m.Topology | None = None
         self._done_epoch = 0
         self._wire_task: asyncio.Task[None] | None = None
@@ -264,6 +267,11 @@ class Communicator:
         loop = asyncio.get_running_loop()
         self._cond = asyncio.Condition()
         deadline = loop.time() + timeout
+        silent = MasterUnreachable(
+            f"{self.master_host}:{self.master_port} accepted the TCP connection but never "
+            "started the pccl handshake (TLS enabled on only one side?)",
+            phase="connect",
+        )
         try:
             async with asyncio.timeout_at(deadline):
                 welcome = await self._open_link(resume_id=0)
@@ -272,13 +280,10 @@ class Communicator:
                 self._tasks.append(asyncio.create_task(self._heartbeat()))
                 await self._wait(lambda: self._done_epoch > 0)
         except TimeoutError:
+            tcp_only = self._tcp_up and not self._handshake_seen
             await self._shutdown("admission timeout")
-            if self._welcome is not None and self._link is not None and not self._welcome.done():
-                raise MasterUnreachable(
-                    f"{self.master_host}:{self.master_port} accepted the connection but never "
-                    "completed the pccl handshake (TLS enabled on only one side?)",
-                    phase="connect",
-                ) from None
+            if tcp_only:
+                raise silent from None
             if self._link is None:
                 raise MasterUnreachable(
                     f"cannot reach the master at {self.master_host}:{self.master_port} "
@@ -290,8 +295,11 @@ class Communicator:
                 "update_topology()",
                 phase="connect",
             ) from None
-        except PCCLError:
+        except PCCLError as e:
+            tcp_only = self._tcp_up and not self._handshake_seen
             await self._shutdown("connect failed")
+            if tcp_only and isinstance(e, ConnectionLost):
+                raise silent from e  # closed on us before any pccl byte: TLS mismatch
             raise
         self._connected = True
         log.info(
@@ -321,11 +329,14 @@ class Communicator:
                     ssl=self._client_ssl,
                 )
         except (OSError, TimeoutError) as e:
+            tls_failed = isinstance(e, ssl.SSLError)
+            hint = " (TLS handshake failed: is TLS enabled on the master?)" if tls_failed else ""
             raise MasterUnreachable(
-                f"cannot reach the master at {self.master_host}:{self.master_port}: {e}",
+                f"cannot reach the master at {self.master_host}:{self.master_port}: {e}{hint}",
                 phase="connect",
             ) from None
         assert isinstance(link, _MasterLink) and link is self._link
+        self._tcp_up = True
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -509,6 +520,7 @@ class Communicator:
         handler(self, msg)
 
     def _on_challenge(self, msg: m.Message) -> None:
+        self._handshake_seen = True
         assert isinstance(msg, m.Challenge)
         if self._challenge is None or self._challenge.done():
             raise ProtocolError("unexpected challenge from the master")

@@ -602,7 +602,7 @@ class P2PNode:
             )
             assert isinstance(proto, TxStream)
             await proto.acked
-            if self.config.send_threads:
+            if self.config.send_threads and self._client_ssl is None:  # TLS: transport writes
                 proto.start_sender()
             return proto
 
