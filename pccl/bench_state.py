@@ -35,7 +35,6 @@ import platform
 import queue
 import re
 import resource
-import select
 import signal
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pccl.launch import spawn_master
 
 __all__ = ["main", "run"]
 
@@ -205,27 +206,16 @@ def _here(node: str, argv: list[str]) -> list[str]:
 
 def _start_master(
     logdir: Path, wrap: Wrap = _here, host: str = "127.0.0.1"
-) -> tuple[subprocess.Popen[bytes], str]:
-    log = (logdir / "master.log").open("wb")
-    proc = subprocess.Popen(
-        wrap("m", [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", "0"]),
-        stdout=subprocess.PIPE,
-        stderr=log,
-        start_new_session=True,
-        preexec_fn=_PREEXEC,
-    )
-    assert proc.stdout is not None
-    fd, buf = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + MASTER_START_TIMEOUT_S
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        ready, _, _ = select.select([fd], [], [], max(left, 0))
-        if not ready or (chunk := os.read(fd, 4096)) == b"":
-            proc.kill()
-            raise RuntimeError(f"the master announced no port: {buf!r}")
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    return proc, line.rsplit(" ", 1)[-1]
+) -> tuple[subprocess.Popen[str], str]:
+    with (logdir / "master.log").open("wb") as log:
+        return spawn_master(
+            None,
+            host=host,
+            prefix=wrap("m", []),
+            stderr=log,
+            preexec_fn=_PREEXEC,
+            timeout=MASTER_START_TIMEOUT_S,
+        )
 
 
 def _peer_argv(args: argparse.Namespace, role: str, master: str) -> list[str]:

@@ -11,37 +11,47 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
 
 __all__ = ["spawn_master"]
 
 
 def spawn_master(
-    log_level: str = "warning",
+    log_level: str | None = "warning",
     *,
     host: str = "127.0.0.1",
-    extra_args: tuple[str, ...] = (),
+    port: int = 0,
+    extra_args: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    stderr: IO[Any] | int | None = None,
+    preexec_fn: Callable[[], object] | None = None,
     timeout: float = 30.0,
 ) -> tuple[subprocess.Popen[str], str]:
-    """Start ``pccl master --port 0`` in its own session; return (process, "host:port").
+    """Start ``pccl master`` in its own session; return (process, "host:port").
+
+    Args:
+        log_level: ``--log-level`` (None: the daemon's default).
+        host, port: where it listens (port 0: any free port, read back from the banner).
+        extra_args: more ``pccl master`` arguments (``--token-file``, ``--tls-*``...).
+        prefix: argv run in front, e.g. ``ip netns exec NS`` to start it in a namespace.
+        env, stderr, preexec_fn: passed to :class:`subprocess.Popen` (``preexec_fn``: e.g. a
+            parent-death signal, so a SIGKILLed launcher leaves no master behind).
 
     Raises:
-        RuntimeError: no ``listening on`` banner within ``timeout`` (the process is killed).
+        RuntimeError: no well-formed ``listening on`` banner within ``timeout`` (the process
+            is killed).
     """
+    argv = [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", str(port)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pccl.cli",
-            "master",
-            "--host",
-            host,
-            "--port",
-            "0",
-            "--log-level",
-            log_level,
-            *extra_args,
-        ],
+        [*prefix, *argv, *extra_args],
         stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=None if env is None else dict(env),
+        preexec_fn=preexec_fn,
         text=True,
         start_new_session=True,
     )
@@ -58,9 +68,11 @@ def spawn_master(
             proc.wait(10)
             raise RuntimeError(f"master did not announce its port in {timeout}s: {buf!r}")
         buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if "listening on" not in line:
+    line = buf.split(b"\n", 1)[0].decode(errors="replace")
+    addr = line.rsplit(" ", 1)[-1].strip()
+    got_host, _, got_port = addr.rpartition(":")
+    if "listening on" not in line or got_host != host or not got_port.isdigit():
         proc.kill()
         proc.wait(10)
-        raise RuntimeError(f"master did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
+        raise RuntimeError(f"unexpected master banner {line!r}")
+    return proc, addr

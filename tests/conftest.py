@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import select
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pccl.launch import spawn_master
 
 WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 MASTER_START_TIMEOUT_S = 30.0
@@ -62,7 +63,7 @@ def kill_process(proc: subprocess.Popen[Any], grace_s: float = 0.0) -> None:
 class MasterProc:
     """A running ``pccl master`` subprocess."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[str]
     host: str
     port: int
     log: Path
@@ -77,49 +78,19 @@ class MasterProc:
 
 
 def _start_master(log: Path, env_overrides: dict[str, str], port: int = 0) -> MasterProc:
-    env = {**os.environ, **env_overrides}
     with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pccl.cli",
-                "master",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-            start_new_session=True,
-        )
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + MASTER_START_TIMEOUT_S
-    try:
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"master announced no port in {MASTER_START_TIMEOUT_S}s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"master exited before announcing a port: {buf!r}")
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode()
-        prefix = "pccl master listening on 127.0.0.1:"
-        if not line.startswith(prefix) or not line[len(prefix) :].isdigit():
-            raise RuntimeError(f"unexpected master banner {line!r}")
-        port = int(line[len(prefix) :])
-        assert 0 < port < 65536
-    except BaseException as e:
-        kill_process(proc)
-        raise RuntimeError(f"{e}\nmaster log:\n{_tail(log)}") from None
-    return MasterProc(proc, "127.0.0.1", port, log)
+        try:
+            proc, addr = spawn_master(
+                None,
+                port=port,
+                env={**os.environ, **env_overrides},
+                stderr=err,
+                timeout=MASTER_START_TIMEOUT_S,
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nmaster log:\n{_tail(log)}") from None
+    host, _, port_s = addr.rpartition(":")
+    return MasterProc(proc, host, int(port_s), log)
 
 
 @pytest.fixture

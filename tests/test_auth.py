@@ -7,10 +7,7 @@ replayed (recorded) hello are all rejected and logged, while admitted peers keep
 from __future__ import annotations
 
 import os
-import select
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pccl
 from pccl import messages as m
 from pccl.auth import new_nonce, prove
 from pccl.frame import FrameDecoder, MsgType
+from pccl.launch import spawn_master
 
 pytestmark = pytest.mark.e2e
 
@@ -33,27 +31,8 @@ def secured_master(tmp_path: Path):
     tok.write_bytes(TOKEN + b"\n")
     log = tmp_path / "master.log"
     with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pccl.cli",
-                "master",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--token-file",
-                str(tok),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-        )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    assert ready, "master did not start"
-    line = proc.stdout.readline().decode()
-    port = int(line.rsplit(":", 1)[1])
+        proc, addr = spawn_master(None, extra_args=("--token-file", str(tok)), stderr=err)
+    port = int(addr.rsplit(":", 1)[1])
     try:
         yield port, log
     finally:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import select
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from pccl.launch import spawn_master
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "deploy" / "netns.py"
@@ -104,25 +104,12 @@ def cluster() -> Iterator[Any]:
         assert not left, f"namespaces left behind: {left}"
 
 
-def _start_master(c: Any, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    host = c.ip("m")
-    argv = [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", "0"]
+def _start_master(c: Any, log: Path) -> tuple[subprocess.Popen[str], str]:
     with log.open("wb") as err:
-        proc = subprocess.Popen(c.exec_argv("m", argv), stdout=subprocess.PIPE, stderr=err)
-    assert proc.stdout is not None
-    fd, buf = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + 30
-    while b"\n" not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 4096) if ready else b""
-        if ready and not chunk:
-            break
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(f"pccl master listening on {host}:"):
-        _kill(proc)
-        raise AssertionError(f"master did not start: {line!r}\n{log.read_text()[-2000:]}")
-    return proc, f"{host}:{int(line.rsplit(':', 1)[1])}"
+        try:
+            return spawn_master(None, host=c.ip("m"), prefix=c.exec_argv("m", []), stderr=err)
+        except RuntimeError as e:
+            raise AssertionError(f"master did not start: {e}\n{log.read_text()[-2000:]}") from None
 
 
 def _run_peers(c: Any, addr: str, tmp: Path, mib: int, timeout: float) -> list[dict[str, Any]]:
