@@ -44,7 +44,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pccl.config import Config
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -162,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     import pccl
     from pccl.config import Config
+    from pccl.peer.p2p import streams_for
 
     nbytes = int(args.mib * (1 << 20))
     itemsize = 2 if args.dtype in ("float16", "bfloat16") else 8 if args.dtype == "float64" else 4
@@ -189,10 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "socket_buffer_bytes": cfg.socket_buffer_bytes,
         "local_socket_buffer_bytes": cfg.local_socket_buffer_bytes,
         "local_streams": cfg.local_streams,
-        "streams_used": (
-            args.streams
-            if args.wan_delay_ms is not None or not cfg.local_streams
-            else min(args.streams, cfg.local_streams)
+        "streams_used": streams_for(
+            "127.0.0.1", args.streams, _peer_config(cfg, args.wan_delay_ms is not None)
         ),
         "backend": pccl.BACKEND,
         "simd": _simd() if pccl.BACKEND == "native" else None,
@@ -657,6 +659,12 @@ def _np_dtype(name: str) -> Any:
     return np.dtype(name)
 
 
+def _peer_config(cfg: Config, wan: bool) -> Config:
+    """The peers' config. With WAN emulation the delay proxies sit on loopback but stand for
+    remote hosts: use the network settings (every stream, large buffers), not the loopback ones."""
+    return cfg.replace(local_streams=0, local_socket_buffer_bytes=0) if wan else cfg
+
+
 def _worker(params: dict[str, Any]) -> None:
     import numpy as np
     import xxhash
@@ -667,11 +675,7 @@ def _worker(params: dict[str, Any]) -> None:
     idx, world, n = params["idx"], params["world"], params["n"]
     dtype = _np_dtype(params["dtype"])
     quant = pccl.Quantization[params["quantization"].upper()]
-    config = pccl.Config.from_env()
-    if params["wan"]:
-        # The delay proxies sit on loopback but stand for remote hosts: use the network
-        # settings (every stream, large socket buffers), not the loopback ones.
-        config = config.replace(local_streams=0, local_socket_buffer_bytes=0)
+    config = _peer_config(pccl.Config.from_env(), params["wan"])
     comm = pccl.Communicator(
         params["master"],
         streams=params["streams"],

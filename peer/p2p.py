@@ -78,6 +78,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def streams_for(host: str, streams: int, cfg: Config) -> int:
+    """Streams to open to a ring successor at ``host``: ``cfg.local_streams`` (at most
+    ``streams``) when it is a loopback address (striping exists to fill long-fat network pipes;
+    on loopback every extra stream only costs CPU), else ``streams``."""
+    if cfg.local_streams and _is_loopback(host):
+        return min(cfg.local_streams, streams)
+    return streams
+
+
 def buffer_bytes(sock: socket.socket, cfg: Config) -> int:
     """SO_SNDBUF/SO_RCVBUF for a p2p socket (0: leave the kernel's autotuning)."""
     if cfg.local_socket_buffer_bytes and same_host(sock):
@@ -571,13 +580,8 @@ class P2PNode:
         s.accept()
 
     def streams_to(self, host: str) -> int:
-        """Streams to open to a successor at ``host``: ``config.local_streams`` when it is a
-        loopback address (striping exists to fill long-fat network pipes; on loopback every
-        extra stream only costs CPU), else the communicator's ``streams``."""
-        local = self.config.local_streams
-        if local and _is_loopback(host):
-            return min(local, self.nstreams)
-        return self.nstreams
+        """Streams to open to a successor at ``host`` (see :func:`streams_for`)."""
+        return streams_for(host, self.nstreams, self.config)
 
     async def connect_next(self, next_id: int, host: str, port: int, epoch: int) -> None:
         """Make sure :meth:`streams_to` healthy streams lead to ``next_id``; reuse when unchanged.
@@ -602,8 +606,8 @@ class P2PNode:
             )
             assert isinstance(proto, TxStream)
             await proto.acked
-            if self.config.send_threads and self._client_ssl is None:  # TLS: transport writes
-                proto.start_sender()
+            if self.config.send_threads:
+                proto.start_sender()  # not on TLS links: the transport writes those
             return proto
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(want)]
