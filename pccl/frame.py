@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SMALL_FRAME, MAX_STATE_FRAME
@@ -24,6 +24,8 @@ __all__ = [
     "DATA_HEADER",
     "HEADER",
     "MAGIC",
+    "PRE_AUTH_MAX_BODY",
+    "PROTOCOL_VERSION",
     "STATE_HEADER",
     "VERSION",
     "DataHeader",
@@ -36,7 +38,14 @@ __all__ = [
 ]
 
 MAGIC = 0x5043  # "PC"
-VERSION = 1
+#: The one definition of the protocol version: frame headers carry it, ``P2M_HELLO`` states it,
+#: and a frame of any other version closes its connection. 2: typed kick codes and abort kinds,
+#: attempt numbers on collectives, withdraw and verdict query, a separate state-transfer hello.
+VERSION = 2
+PROTOCOL_VERSION = VERSION
+#: Largest body of the first frame of an unauthenticated connection (a hello): checked from
+#: the header, before anything is buffered or allocated for it.
+PRE_AUTH_MAX_BODY = 1024
 HEADER = struct.Struct("!HBBI")
 DATA_HEADER = struct.Struct("!QIIIQI")
 #: Shared-state payload sub-header: index of the requested range, byte offset within it.
@@ -55,6 +64,8 @@ class MsgType(enum.IntEnum):
     P2M_LEAVE = 7
     P2M_SYNC_SHARED_STATE = 8
     P2M_SYNC_DONE = 9
+    P2M_COLLECTIVE_WITHDRAW = 10
+    P2M_VERDICT_QUERY = 11
 
     M2P_WELCOME = 32
     M2P_HEARTBEAT = 33
@@ -66,6 +77,7 @@ class MsgType(enum.IntEnum):
     M2P_SYNC_PLAN = 39
     M2P_SYNC_COMPLETE = 40
     M2P_CHALLENGE = 41
+    M2P_VERDICT = 42
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65
@@ -74,6 +86,7 @@ class MsgType(enum.IntEnum):
     P2P_STATE_DATA = 68
     P2P_STATE_ERROR = 69
     P2P_CHALLENGE = 70
+    P2P_STATE_HELLO = 71
 
 
 _KNOWN = frozenset(int(t) for t in MsgType)
@@ -179,15 +192,26 @@ class FrameDecoder:
     """Incremental decoder for control connections.
 
     Feed received bytes; iterate complete ``(type, body)`` frames. Buffers at most one frame
-    (bounded by :func:`max_body`). Data frames are refused: they belong on p2p data links,
-    which parse them zero-copy.
+    (bounded by :func:`max_body`, or tighter by ``gate``). Data frames are refused: they belong
+    on p2p data links, which parse them zero-copy.
+
+    ``gate(type, length)``, when set, judges every header as soon as it is complete and before
+    any byte of its body is kept: the owner's connection state says which types it accepts and
+    how large (an unauthenticated connection: only a small hello). It raises
+    :class:`~pccl.ProtocolError` to refuse.
     """
 
-    __slots__ = ("_buf", "allow_data")
+    __slots__ = ("_buf", "allow_data", "gate")
 
-    def __init__(self, *, allow_data: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        allow_data: bool = False,
+        gate: Callable[[MsgType, int], None] | None = None,
+    ) -> None:
         self._buf = bytearray()
         self.allow_data = allow_data
+        self.gate = gate
 
     @property
     def pending(self) -> int:
@@ -198,16 +222,19 @@ class FrameDecoder:
         """Add ``data`` and yield every frame now complete.
 
         Raises:
-            ProtocolError: the stream is malformed; the decoder must then be discarded.
+            ProtocolError: the stream is malformed or a header was refused by ``gate``; the
+                decoder must then be discarded.
         """
-        self._buf += data
         buf = self._buf
+        buf += data
         pos = 0
         try:
             while len(buf) - pos >= HEADER.size:
                 mtype, length = parse_header(buf, pos)
                 if mtype in (MsgType.P2P_DATA, MsgType.P2P_STATE_DATA) and not self.allow_data:
                     raise ProtocolError("data frame on a control connection")
+                if self.gate is not None:
+                    self.gate(mtype, length)
                 end = pos + HEADER.size + length
                 if end > len(buf):
                     break

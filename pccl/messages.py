@@ -10,6 +10,7 @@ Anything else raises :class:`pccl.ProtocolError`. Pure functions; any thread.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +21,81 @@ import msgpack
 from pccl.errors import ProtocolError
 from pccl.frame import MsgType, encode_frame, max_body
 
-__all__ = ["MESSAGES", "Message", "decode", "encode"]
+__all__ = [
+    "MAX_PEER_ID",
+    "MESSAGES",
+    "AbortKind",
+    "KickCode",
+    "Message",
+    "VerdictState",
+    "decode",
+    "encode",
+]
 
 U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+#: Ids (operations, syncs, epochs) stay below 2**63 so every language's signed int64 holds them.
+U63 = (1 << 63) - 1
+#: Peer ids are at most this; a hello asking to resume a larger one is refused.
+MAX_PEER_ID = (1 << 31) - 1
 MAX_PEERS = 4096
 MAX_KEYS = 16384
 MAX_DIMS = 32
+
+
+class KickCode(enum.IntEnum):
+    """Why the master closes a peer's connection (``M2P_KICK.code``)."""
+
+    UNKNOWN = 0  #: a code this build does not know (newer master)
+    PROTOCOL = 1  #: malformed, oversized, unknown or out-of-state message
+    VERSION = 2  #: protocol version not spoken by the master
+    AUTH = 3  #: token proof missing or wrong
+    HANDSHAKE_TIMEOUT = 4  #: no valid hello within ``handshake_timeout_s``
+    HEARTBEAT_TIMEOUT = 5  #: silent for ``heartbeat_timeout_s``
+    OUT_OF_STATE = 6  #: a message its session state does not allow
+    LEAVE = 7  #: the peer asked to leave
+    SHUTDOWN = 8  #: the master is stopping (peers reconnect: it may be a restart)
+    FULL = 9  #: no room for another peer or id
+    BACKLOG = 10  #: the peer does not read its control link
+    TOO_LARGE = 11  #: a message for this peer exceeds its wire bound
+    P2P_TIMEOUT = 12  #: did not wire its ring links in time
+    UNREACHABLE = 13  #: its ring predecessor could not reach it
+    P2P_FAILED = 14  #: could not reach its successor
+    BUSY = 15  #: too many unauthenticated connections (total or from its address)
+
+    @classmethod
+    def parse(cls, v: int) -> KickCode:
+        try:
+            return cls(v)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class AbortKind(enum.IntEnum):
+    """Kind of a collective verdict (``M2P_COLLECTIVE_DONE.kind``); ``OK`` for success."""
+
+    OK = 0
+    ABORTED = 1  #: a member left, hung, failed or withdrew mid-operation: retry
+    MISMATCH = 2  #: members disagree on count/dtype/op/quantization (a programming error)
+    STALE_TOPOLOGY = 3  #: the ring changed or is changing: ``update_topology()`` then retry
+    START_TIMEOUT = 4  #: not every member initiated within ``start_timeout_s``: retry
+    WITHDRAWN = 5  #: confirms this peer's own withdraw of an operation not yet started
+    UNKNOWN = 255  #: a kind this build does not know
+
+    @classmethod
+    def parse(cls, v: int) -> AbortKind:
+        try:
+            return cls(v)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class VerdictState(enum.IntEnum):
+    """The master's record of an operation (``M2P_VERDICT.state``)."""
+
+    UNKNOWN = 0  #: not in the master's record (too old, or the master restarted since)
+    OK = 1  #: every member completed: keep the result
+    ABORTED = 2  #: aborted for the whole group: restore the input
+    RUNNING = 3  #: not decided yet: ask again later
 
 
 @dataclass(frozen=True)
@@ -210,7 +280,7 @@ class Hello(Message):
     advertise_host: str = spec(
         s(255), default=""
     )  # empty: the master uses the connection's address
-    resume_peer_id: int = spec(u(U64), default=0)  # reconnect after a master restart (0: new peer)
+    resume_peer_id: int = spec(u(MAX_PEER_ID), default=0)  # reconnect under this id (0: new)
     nonce: bytes = spec(y(32), default=b"")  # the peer's challenge to the master
     auth: bytes = spec(y(64), default=b"")  # HMAC over the master's challenge (see pccl.auth)
 
@@ -239,17 +309,38 @@ class TopologyReady(Message):
 
 @message(MsgType.P2M_COLLECTIVE_INITIATE)
 class CollectiveInitiate(Message):
+    """Vote to start collective ``tag``; ``attempt`` (increasing per peer) names this try, and
+    every answer about it (commence, verdict) carries it back."""
+
     tag: int = spec(u(U32))
+    attempt: int = spec(u(U63))
     count: int = spec(u(1 << 48))
     dtype: int = spec(u(U8))
     op: int = spec(u(U8))
     quant: int = spec(u(U8))
 
 
+@message(MsgType.P2M_COLLECTIVE_WITHDRAW)
+class CollectiveWithdraw(Message):
+    """The peer gave up on ``attempt`` of ``tag`` locally (start timeout, cancel): forget its
+    initiate, or abort the operation if it already started. Ignored if already decided."""
+
+    tag: int = spec(u(U32))
+    attempt: int = spec(u(U63))
+    reason: str = spec(s(512), default="")
+
+
+@message(MsgType.P2M_VERDICT_QUERY)
+class VerdictQuery(Message):
+    """What did the master decide for operation ``op_id``? (a verdict was lost)"""
+
+    op_id: int = spec(u(U63))
+
+
 @message(MsgType.P2M_COLLECTIVE_COMPLETE)
 class CollectiveComplete(Message):
     tag: int = spec(u(U32))
-    op_id: int = spec(u())
+    op_id: int = spec(u(U63))
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
     tx_bytes: int = spec(u(), default=0)  # payload this peer sent (for the master's bandwidth view)
@@ -267,7 +358,7 @@ class SyncSharedState(Message):
 
 @message(MsgType.P2M_SYNC_DONE)
 class SyncDone(Message):
-    sync_id: int = spec(u())
+    sync_id: int = spec(u(U63))
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
 
@@ -282,7 +373,7 @@ class Leave(Message):
 
 @message(MsgType.M2P_WELCOME)
 class Welcome(Message):
-    peer_id: int = spec(u())
+    peer_id: int = spec(u(MAX_PEER_ID))
     heartbeat_interval_s: float = spec(F)
     heartbeat_timeout_s: float = spec(F)
     accepted: bool = spec(B)  # True when admitted at once (first peer or master restart)
@@ -298,11 +389,11 @@ class MasterHeartbeat(Message):
 class Topology(Message):
     """The ring this peer belongs to for ``epoch``; connect to the successor of us in ``ring``."""
 
-    epoch: int = spec(u())
+    epoch: int = spec(u(U63))
     world_size: int = spec(u(MAX_PEERS))
     group_world_size: int = spec(u(MAX_PEERS))
     num_groups: int = spec(u(MAX_PEERS))
-    ring: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))  # (peer_id, host, default=port)
+    ring: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_PEERS))  # (id, host, port)
 
 
 @message(MsgType.M2P_TOPOLOGY_DONE)
@@ -314,20 +405,34 @@ class TopologyDone(Message):
 
 @message(MsgType.M2P_COLLECTIVE_COMMENCE)
 class CollectiveCommence(Message):
+    """Every member initiated ``attempt`` (this peer's) of ``tag``: run it as ``op_id``."""
+
     tag: int = spec(u(U32))
-    op_id: int = spec(u())
-    epoch: int = spec(u())
+    attempt: int = spec(u(U63))
+    op_id: int = spec(u(U63))
+    epoch: int = spec(u(U63))
 
 
 @message(MsgType.M2P_COLLECTIVE_DONE)
 class CollectiveDone(Message):
-    """Final verdict on an operation; ``ok=False`` is an abort decided for the whole group."""
+    """Final verdict on this peer's ``attempt`` of ``tag`` (``op_id`` 0 if it never started);
+    ``ok=False`` is an abort decided for the whole group. ``kind`` is an :class:`AbortKind`."""
 
     tag: int = spec(u(U32))
-    op_id: int = spec(u())
+    attempt: int = spec(u(U63))
+    op_id: int = spec(u(U63))
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
-    kind: str = spec(s(32), default="aborted")  # aborted | mismatch | stale_topology | too_few
+    kind: int = spec(u(U8), default=int(AbortKind.ABORTED))
+
+
+@message(MsgType.M2P_VERDICT)
+class Verdict(Message):
+    """Answer to ``P2M_VERDICT_QUERY``: ``state`` is a :class:`VerdictState`."""
+
+    op_id: int = spec(u(U63))
+    state: int = spec(u(U8))
+    reason: str = spec(s(512), default="")
 
 
 @message(MsgType.M2P_SYNC_PLAN)
@@ -335,17 +440,17 @@ class SyncPlan(Message):
     """The master's decision for one peer: fetch ``fetch`` (key, hash, source ids) and adopt
     ``revision``; ``sources`` maps source ids to p2p addresses."""
 
-    sync_id: int = spec(u())
+    sync_id: int = spec(u(U63))
     ok: bool = spec(B)
     reason: str = spec(s(1024))
     revision: int = spec(u())
-    fetch: list = spec(lst(tup(s(1024), y(16), lst(u(), MAX_PEERS)), MAX_KEYS))
-    sources: list = spec(lst(tup(u(), s(255), u(U16)), MAX_PEERS))
+    fetch: list = spec(lst(tup(s(1024), y(16), lst(u(MAX_PEER_ID), MAX_PEERS)), MAX_KEYS))
+    sources: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_PEERS))
 
 
 @message(MsgType.M2P_SYNC_COMPLETE)
 class SyncComplete(Message):
-    sync_id: int = spec(u())
+    sync_id: int = spec(u(U63))
     revision: int = spec(u())
 
 
@@ -359,9 +464,9 @@ class Challenge(Message):
 
 @message(MsgType.M2P_KICK)
 class Kick(Message):
-    """The master is closing this connection, and why."""
+    """The master is closing this connection, and why (``code``: a :class:`KickCode`)."""
 
-    code: str = spec(s(64))
+    code: int = spec(u(U8))
     reason: str = spec(s(512), default="")
 
 
@@ -370,8 +475,10 @@ class Kick(Message):
 
 @message(MsgType.P2P_HELLO)
 class P2PHello(Message):
-    peer_id: int = spec(u())
-    epoch: int = spec(u())
+    """First frame of a ring data stream, from the dialler (after the acceptor's challenge)."""
+
+    peer_id: int = spec(u(MAX_PEER_ID))
+    epoch: int = spec(u(U63))
     stream: int = spec(u(U16))
     auth: bytes = spec(y(64), default=b"")
 
@@ -382,14 +489,21 @@ class P2PHelloAck(Message):
     reason: str = spec(s(512), default="")
 
 
+@message(MsgType.P2P_STATE_HELLO)
+class StateHello(Message):
+    """First frame of a state-transfer connection, from the requester (after the challenge):
+    who asks, for which sync. Only after it verifies may a ``P2P_STATE_REQUEST`` follow."""
+
+    peer_id: int = spec(u(MAX_PEER_ID))
+    sync_id: int = spec(u(U63))
+    auth: bytes = spec(y(64), default=b"")
+
+
 @message(MsgType.P2P_STATE_REQUEST)
 class StateRequest(Message):
-    """Ask a source for byte ranges of entries: (key, start, end)."""
+    """Ask a source for byte ranges of entries: (key, start, end); follows ``StateHello``."""
 
-    peer_id: int = spec(u())
-    sync_id: int = spec(u())
     ranges: list = spec(lst(tup(s(1024), u(), u()), MAX_KEYS))
-    auth: bytes = spec(y(64), default=b"")
 
 
 @message(MsgType.P2P_CHALLENGE)
