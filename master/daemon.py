@@ -10,41 +10,98 @@ available); never touches tensor bytes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
 from pccl.master.state import MasterState, Phase
 from pccl.master.status import StatusServer
+from pccl.master.store import RunStore
 
 from pccl import messages as m
 from pccl.auth import check_token, new_nonce, prove, verify
 from pccl.config import Config
 from pccl.errors import ProtocolError
-from pccl.frame import FrameDecoder, MsgType
+from pccl.frame import PRE_AUTH_MAX_BODY, PROTOCOL_VERSION, FrameDecoder, MsgType, max_body
+from pccl.messages import KickCode
 from pccl.tls import TLSConfig
 
 log = logging.getLogger("pccl.master")
 
-__all__ = ["Master"]
+__all__ = ["ConnState", "Master"]
 
-PROTOCOL_VERSION = 1
 MAX_WRITE_BACKLOG = 8 << 20  # a peer that does not read its control link this much is dropped
+#: Connections that have not proven the token yet, in all and from one address. Beyond either
+#: cap a new connection is closed at once (counted in ``/metrics``); peers reconnect with backoff.
+MAX_UNAUTHENTICATED = 256
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+
+
+class ConnState(enum.Enum):
+    """States of one control connection."""
+
+    PRE_AUTH = "pre_auth"  #: challenge sent; only a small ``P2M_HELLO`` is accepted
+    AUTHENTICATED = "authenticated"  #: hello verified: a registered peer, every P2M type
+    CLOSED = "closed"  #: kicked or gone; every byte from here on is ignored
+
+
+#: Message types accepted in each state; anything else closes the connection (and only it).
+ACCEPTS: dict[ConnState, frozenset[MsgType]] = {
+    ConnState.PRE_AUTH: frozenset({MsgType.P2M_HELLO}),
+    ConnState.AUTHENTICATED: frozenset(
+        {
+            MsgType.P2M_HEARTBEAT,
+            MsgType.P2M_UPDATE_TOPOLOGY,
+            MsgType.P2M_TOPOLOGY_READY,
+            MsgType.P2M_COLLECTIVE_INITIATE,
+            MsgType.P2M_COLLECTIVE_COMPLETE,
+            MsgType.P2M_COLLECTIVE_WITHDRAW,
+            MsgType.P2M_VERDICT_QUERY,
+            MsgType.P2M_LEAVE,
+            MsgType.P2M_SYNC_SHARED_STATE,
+            MsgType.P2M_SYNC_DONE,
+        }
+    ),
+    ConnState.CLOSED: frozenset(),
+}
+
+
+def _body_limit(state: ConnState, mtype: MsgType) -> int:
+    return PRE_AUTH_MAX_BODY if state is ConnState.PRE_AUTH else max_body(mtype)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-file limit to the hard one (a master holds one fd per peer, plus
+    the unauthenticated connections it is still judging). Returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 class _Conn(asyncio.Protocol):
-    """One control connection; unregistered until its ``P2M_HELLO``."""
+    """One control connection: :class:`ConnState` and its transitions (see ``ACCEPTS``)."""
 
     def __init__(self, master: Master) -> None:
         self.master = master
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
+        self.state = ConnState.PRE_AUTH
+        self.decoder = FrameDecoder(gate=self._gate)
         self.peer_id = 0
         self.opened = time.monotonic()
         self.last_seen = self.opened
-        self.closed = False
         self.addr = "?"
+        self.host = "?"
+        self.kick_reason = ""
         self.handlers: dict[MsgType, Callable[[m.Message], None]] = {
             MsgType.P2M_HELLO: self.on_hello,
             MsgType.P2M_HEARTBEAT: self.on_heartbeat,
@@ -52,48 +109,69 @@ class _Conn(asyncio.Protocol):
             MsgType.P2M_TOPOLOGY_READY: self.on_topology_ready,
             MsgType.P2M_COLLECTIVE_INITIATE: self.on_collective_initiate,
             MsgType.P2M_COLLECTIVE_COMPLETE: self.on_collective_complete,
+            MsgType.P2M_COLLECTIVE_WITHDRAW: self.on_collective_withdraw,
+            MsgType.P2M_VERDICT_QUERY: self.on_verdict_query,
             MsgType.P2M_LEAVE: self.on_leave,
             MsgType.P2M_SYNC_SHARED_STATE: self.on_sync_shared_state,
             MsgType.P2M_SYNC_DONE: self.on_sync_done,
         }
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    def _to(self, state: ConnState) -> None:
+        """The one place the connection changes state (keeps the daemon's counts true)."""
+        old, self.state = self.state, state
+        if old is ConnState.PRE_AUTH and state is not ConnState.PRE_AUTH:
+            self.master.unauthenticated_left(self)
 
     # ---------------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if peer else "?"
         self.addr = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.master.conns.add(self)
+        refusal = self.master.admit_unauthenticated(self)
+        if refusal:  # over a cap: close at once, before any byte is sent or kept
+            self.state = ConnState.CLOSED
+            self.transport.abort()
+            return
         self.nonce = new_nonce()
         self.transport.write(m.Challenge(self.nonce, self.master.token is not None).encode())
+
+    def _gate(self, mtype: MsgType, length: int) -> None:
+        if mtype not in ACCEPTS[self.state]:
+            raise ProtocolError(f"{mtype.name} is not accepted in state {self.state.value}")
+        if length > _body_limit(self.state, mtype):
+            raise ProtocolError(f"{mtype.name} of {length} bytes in state {self.state.value}")
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         try:
             for mtype, body in self.decoder.feed(data):
-                handler = self.handlers.get(mtype)  # checked before decoding anything
-                if handler is None:
-                    raise ProtocolError(f"{mtype.name} is not accepted by the master")
-                if self.peer_id == 0 and mtype != MsgType.P2M_HELLO:
-                    raise ProtocolError(f"{mtype.name} before hello")
+                self._gate(mtype, len(body))  # the state may have changed within this read
                 msg = m.decode(mtype, body)
                 self.last_seen = time.monotonic()
-                handler(msg)
+                self.handlers[mtype](msg)
                 if self.closed:
                     return
         except ProtocolError as e:
-            self.kick("protocol", str(e))
+            self.kick(KickCode.PROTOCOL, str(e))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        if self.state is ConnState.PRE_AUTH:
+            self._to(ConnState.CLOSED)
+        self.state = ConnState.CLOSED
         self.master.conns.discard(self)
         if self.peer_id:
-            self.master.by_id.pop(self.peer_id, None)
+            if self.master.by_id.get(self.peer_id) is self:
+                self.master.by_id.pop(self.peer_id, None)
             reason = self.kick_reason or (f"connection lost: {exc}" if exc else "disconnected")
             self.master.state.remove(self.peer_id, reason)
-
-    kick_reason = ""
+            self.peer_id = 0
 
     # ---------------------------------------------------------------- output
 
@@ -103,26 +181,30 @@ class _Conn(asyncio.Protocol):
             return
         try:
             frame = msg.encode()
-        except ValueError as e:  # beyond the wire bound: never let it escape a handler
-            self.kick("too_large", f"{msg.TYPE.name} for this peer exceeds the wire bound: {e}")
+        except (ValueError, OverflowError) as e:  # beyond a wire bound: never escape a handler
+            self.kick(KickCode.TOO_LARGE, f"{msg.TYPE.name} for this peer exceeds its bound: {e}")
             return
         t.write(frame)
         if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
-            self.kick("backlog", "control link not drained")
+            self.kick(KickCode.BACKLOG, "control link not drained")
 
-    def kick(self, code: str, reason: str) -> None:
+    def kick(self, code: KickCode, reason: str) -> None:
         """Close this connection with a reason; the peer's state is removed when it is gone."""
         if self.closed:
             return
-        log.warning("closing %s (peer %d): %s: %s", self.addr, self.peer_id, code, reason)
-        self.send(m.Kick(code, reason[:500]))
-        self.kick_reason = f"{code}: {reason}"
-        self.closed = True
+        if self.state is ConnState.PRE_AUTH:
+            log.info("closing unauthenticated %s: %s: %s", self.addr, code.name, reason)
+        else:
+            log.warning("closing %s (peer %d): %s: %s", self.addr, self.peer_id, code.name, reason)
+        self.send(m.Kick(int(code), reason[:500]))
+        self.kick_reason = f"{code.name.lower()}: {reason}"
+        self._to(ConnState.CLOSED)
         assert self.transport is not None
         self.transport.close()
         if self.peer_id:  # remove on the next tick: keeps state transitions non-reentrant
             pid, why = self.peer_id, self.kick_reason
-            self.master.by_id.pop(pid, None)
+            if self.master.by_id.get(pid) is self:
+                self.master.by_id.pop(pid, None)
             self.peer_id = 0
             asyncio.get_running_loop().call_soon(self.master.state.remove, pid, why)
 
@@ -130,16 +212,15 @@ class _Conn(asyncio.Protocol):
 
     def on_hello(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Hello)
-        if self.peer_id:
-            raise ProtocolError("hello sent twice")
         if msg.version != PROTOCOL_VERSION:
-            self.kick("version", f"protocol {msg.version} unsupported (master speaks 1)")
+            why = f"protocol {msg.version} unsupported (master speaks {PROTOCOL_VERSION})"
+            self.kick(KickCode.VERSION, why)
             return
         if msg.p2p_port == 0:
             raise ProtocolError("hello without a p2p port")
         token = self.master.token
         if not verify(token, msg.auth, b"pccl-hello", self.nonce, msg.nonce):
-            self.kick("auth", "authentication failed: wrong or missing token proof")
+            self.kick(KickCode.AUTH, "authentication failed: wrong or missing token proof")
             return
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
@@ -147,14 +228,18 @@ class _Conn(asyncio.Protocol):
         cfg = self.master.config
         state = self.master.state
         resume = msg.resume_peer_id
-        pid = state.new_peer_id(resume if resume and resume not in state.peers else 0)
+        pid = state.new_peer_id(resume)
+        if pid == 0:
+            self.kick(KickCode.FULL, "no peer id left")
+            return
+        self._to(ConnState.AUTHENTICATED)
         self.peer_id = pid
         self.master.by_id[pid] = self
         # Welcome must precede the topology message the registration itself may trigger.
         at_once = not state.accepted and state.phase is Phase.IDLE
         proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
         self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof))
-        state.register(pid, msg.peer_group, host, msg.p2p_port, resumed=bool(resume))
+        state.register(pid, msg.peer_group, host, msg.p2p_port, resumed=pid == resume)
 
     def on_heartbeat(self, msg: m.Message) -> None:
         pass  # last_seen already updated
@@ -174,6 +259,14 @@ class _Conn(asyncio.Protocol):
         assert isinstance(msg, m.CollectiveComplete)
         self.master.state.on_complete(self.peer_id, msg)
 
+    def on_collective_withdraw(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.CollectiveWithdraw)
+        self.master.state.on_withdraw(self.peer_id, msg)
+
+    def on_verdict_query(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.VerdictQuery)
+        self.master.state.on_verdict_query(self.peer_id, msg)
+
     def on_sync_shared_state(self, msg: m.Message) -> None:
         assert isinstance(msg, m.SyncSharedState)
         self.master.state.on_sync_vote(self.peer_id, msg)
@@ -184,7 +277,7 @@ class _Conn(asyncio.Protocol):
 
     def on_leave(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Leave)
-        self.kick("leave", msg.reason or "peer left")
+        self.kick(KickCode.LEAVE, msg.reason or "peer left")
 
 
 class Master:
@@ -205,6 +298,10 @@ class Master:
         status_port: serve ``GET /status`` and ``/metrics`` over HTTP on this port (0: any
             free port, read it back from ``status_server.port``); None disables it.
         status_host: address of the status endpoint; defaults to ``host``.
+        state_file: where the master persists issued peer ids and the last membership
+            (:mod:`pccl.master.store`); with it, a restarted master never reissues an id and
+            never lets newcomers start a second run beside the one that existed. None: no
+            persistence (a restart is then only safe if the incumbents return first).
     """
 
     def __init__(
@@ -216,6 +313,7 @@ class Master:
         tls: TLSConfig | None = None,
         status_port: int | None = None,
         status_host: str | None = None,
+        state_file: str | None = None,
     ):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port!r}")
@@ -226,7 +324,13 @@ class Master:
         self.tls = tls
         self.conns: set[_Conn] = set()
         self.by_id: dict[int, _Conn] = {}
-        self.state = MasterState(self._send, self._kick, self.config.restart_grace_s)
+        #: unauthenticated connections, oldest first (dicts keep insertion order)
+        self.unauthenticated: dict[_Conn, None] = {}
+        self._unauth_by_host: Counter[str] = Counter()
+        #: connections closed before authenticating, by reason (``/metrics``)
+        self.unauthenticated_closed: Counter[str] = Counter()
+        self.store = RunStore(state_file) if state_file is not None else None
+        self.state = MasterState(self._send, self._kick, self.config, self.store)
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -243,16 +347,45 @@ class Master:
         if conn is not None:
             conn.send(msg)
 
-    def _kick(self, pid: int, code: str, reason: str) -> None:
+    def _kick(self, pid: int, code: KickCode, reason: str) -> None:
         conn = self.by_id.get(pid)
         if conn is not None:
             conn.kick(code, reason)
         else:
-            self.state.remove(pid, f"{code}: {reason}")
+            self.state.remove(pid, f"{code.name.lower()}: {reason}")
+
+    def admit_unauthenticated(self, conn: _Conn) -> str:
+        """Count a new connection as unauthenticated, evicting the oldest unauthenticated one
+        (of its address first) when a cap is reached: a flood of strangers displaces its own
+        older connections, while a peer's hello, which follows its connect within a round
+        trip, gets through. Returns a refusal reason, or "" (admitted)."""
+        self.conns.add(conn)
+        while self._unauth_by_host[conn.host] >= MAX_UNAUTHENTICATED_PER_ADDRESS:
+            old = next(c for c in self.unauthenticated if c.host == conn.host)
+            self._evict(old, "per_address_cap")
+        while len(self.unauthenticated) >= MAX_UNAUTHENTICATED:
+            self._evict(next(iter(self.unauthenticated)), "total_cap")
+        self.unauthenticated[conn] = None
+        self._unauth_by_host[conn.host] += 1
+        return ""
+
+    def _evict(self, conn: _Conn, why: str) -> None:
+        self.unauthenticated_closed[why] += 1
+        conn.kick(KickCode.BUSY, f"too many unauthenticated connections ({why})")
+        if conn in self.unauthenticated:  # kick() already moved it out; be sure
+            self.unauthenticated_left(conn)
+
+    def unauthenticated_left(self, conn: _Conn) -> None:
+        """``conn`` authenticated or closed: it no longer counts against the caps."""
+        if self.unauthenticated.pop(conn, 0) is None:
+            self._unauth_by_host[conn.host] -= 1
+            if self._unauth_by_host[conn.host] <= 0:
+                del self._unauth_by_host[conn.host]
 
     async def start(self) -> None:
         """Bind and start serving. Raises ``OSError`` if the address cannot be bound."""
         loop = asyncio.get_running_loop()
+        raise_fd_limit()
         ssl_ctx = self.tls.server_context(require_client_cert=True) if self.tls else None
         self._server = await loop.create_server(
             lambda: _Conn(self),
@@ -282,18 +415,19 @@ class Master:
             now = time.monotonic()
             seq += 1
             hb = m.MasterHeartbeat(seq)
-            self.state.poll()
-            for pid in self.state.stalled_epoch_members(now, cfg.connect_timeout_s * 2):
-                self._kick(pid, "p2p_timeout", "did not establish its p2p links in time")
-            for conn in list(self.conns):
+            self.state.tick(now)
+            for conn in list(self.unauthenticated):  # oldest first
+                if now - conn.opened <= cfg.handshake_timeout_s:
+                    break
+                self.unauthenticated_closed["handshake_timeout"] += 1
+                conn.kick(KickCode.HANDSHAKE_TIMEOUT, "no hello before the deadline")
+                self.unauthenticated_left(conn)
+            for conn in list(self.by_id.values()):
                 if conn.closed:
                     continue
-                if conn.peer_id == 0:
-                    if now - conn.opened > cfg.handshake_timeout_s:
-                        conn.kick("handshake_timeout", "no hello before the deadline")
-                elif now - conn.last_seen > cfg.heartbeat_timeout_s:
+                if now - conn.last_seen > cfg.heartbeat_timeout_s:
                     conn.kick(
-                        "heartbeat_timeout",
+                        KickCode.HEARTBEAT_TIMEOUT,
                         f"silent for {now - conn.last_seen:.1f}s "
                         f"(limit {cfg.heartbeat_timeout_s}s)",
                     )
@@ -309,7 +443,7 @@ class Master:
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
-            conn.kick("shutdown", "master shutting down")
+            conn.kick(KickCode.SHUTDOWN, "master shutting down")
         if self._server is not None:
             await self._server.wait_closed()
         self._stopped.set()

@@ -15,17 +15,24 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pccl.master.election import EntryVote, SyncVote, elect
+from pccl.master.store import ID_BLOCK, RunRecord, RunStore
 
 from pccl import messages as m
+from pccl.config import Config
+from pccl.messages import AbortKind, KickCode, VerdictState
 from pccl.types import SyncStrategy
 
 log = logging.getLogger("pccl.master")
 
 __all__ = ["MasterState", "PeerRecord", "Phase"]
+
+#: Verdicts of this many recent operations are kept for peers that missed theirs.
+VERDICT_MEMORY = 4096
 
 
 class Phase(enum.Enum):
@@ -47,7 +54,8 @@ class PeerRecord:
     voted_update: bool = False
     in_epoch: bool = False  # part of the epoch being established / current
     ready: bool = False
-    ops: set[int] = field(default_factory=set)  # tags with an initiate or run outstanding
+    resumed: bool = False  # said hello with its id from before a master restart
+    ops: dict[int, int] = field(default_factory=dict)  # tag -> attempt, initiated or running
     tx_bytes: int = 0  # payload sent in completed collectives (as reported)
     last_gbps: float = 0.0  # send rate of its last completed collective
     ops_done: int = 0
@@ -60,9 +68,11 @@ class OpState:
 
     tag: int
     params: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # peer -> params
+    attempts: dict[int, int] = field(default_factory=dict)  # peer -> its attempt number
     op_id: int = 0  # 0 until commenced
     members: tuple[int, ...] = ()
     completed: set[int] = field(default_factory=set)
+    opened: float = field(default_factory=time.monotonic)  # first initiate (start deadline)
 
 
 @dataclass
@@ -86,19 +96,36 @@ class GroupState:
 
 
 class MasterState:
-    """Membership, topology and collective votes. See the module docstring."""
+    """Membership, topology and collective votes. See the module docstring.
+
+    Args:
+        send: ``send(peer_id, message)``.
+        kick: ``kick(peer_id, code, reason)``; the daemon closes the connection and calls
+            :meth:`remove` later.
+        config: deadlines (``restart_grace_s``, ``start_timeout_s``, ``vote_timeout_s``,
+            ``connect_timeout_s``, ``reconnect_timeout_s``).
+        store: where ids and the last membership persist across restarts (None: nowhere; a
+            restart then cannot tell incumbents from newcomers, see :mod:`pccl.master.store`).
+        restart_grace_s: overrides ``config.restart_grace_s`` (tests).
+    """
 
     def __init__(
         self,
         send: Callable[[int, m.Message], None],
-        kick: Callable[[int, str, str], None],
-        restart_grace_s: float = 3.0,
+        kick: Callable[[int, KickCode, str], None],
+        config: Config | None = None,
+        store: RunStore | None = None,
+        *,
+        restart_grace_s: float | None = None,
     ) -> None:
         self._send = send
-        self._restart_grace_s = restart_grace_s
+        self._kick = kick
+        self.config = config or Config()
+        self._restart_grace_s = (
+            self.config.restart_grace_s if restart_grace_s is None else restart_grace_s
+        )
         self._hold_until = 0.0  # after a restart: wait for returning peers before the 1st epoch
         self._formed = False
-        self._kick = kick
         self.peers: dict[int, PeerRecord] = {}
         self.groups: dict[int, GroupState] = {}
         self.phase = Phase.IDLE
@@ -113,16 +140,69 @@ class MasterState:
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
         self.collectives_completed = 0  # lifetime totals (status / metrics)
         self.aborts_total = 0
+        self.verdicts: OrderedDict[int, tuple[bool, str]] = OrderedDict()  # op_id -> verdict
+        self._vote_opened = 0.0  # when the first vote of the pending topology update came
+        # Restart safety (see pccl.master.store).
+        self._store = store
+        self._record = RunRecord()
+        self._dirty = False
+        self._issued_floor = 1  # ids below this may have been issued before this start
+        self._incumbents: set[int] = set()  # accepted peers of the run before a restart
+        self._orphan_deadline = 0.0  # newcomers alone may form a run after this
+        if store is not None:
+            rec = store.load()
+            if rec is not None:
+                self._record = rec
+                self._next_peer_id = self._issued_floor = rec.id_floor
+                self.epoch = max(self.epoch, rec.epoch)
+                self._incumbents = set(rec.members)
+                if self._incumbents:
+                    budget = self.config.reconnect_timeout_s + self._restart_grace_s
+                    self._orphan_deadline = time.monotonic() + budget
+                    log.info(
+                        "restarted: waiting up to %.0fs for the %d peers of the previous run "
+                        "before newcomers may start a run of their own",
+                        budget,
+                        len(self._incumbents),
+                    )
+            self._record.id_floor = self._next_peer_id
+            self._save(force=True)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save(self, force: bool = False) -> None:
+        if self._store is None or not (force or self._dirty):
+            return
+        self._record.epoch = self.epoch
+        try:
+            self._store.save(self._record)
+            self._dirty = False
+        except OSError as e:
+            log.error("cannot persist master state to %s: %s", self._store.path, e)
 
     # ------------------------------------------------------------------ membership
 
     def new_peer_id(self, wanted: int = 0) -> int:
-        """Reserve the id of a peer about to register (``wanted``: its id before a restart)."""
-        if wanted and wanted not in self.peers:
-            self._next_peer_id = max(self._next_peer_id, wanted + 1)
+        """Reserve the id of a peer about to register.
+
+        ``wanted`` is the id a peer held before a master restart (or a lost link). It is
+        granted when nobody holds it and, with a store, when it lies below the persisted floor
+        (it was issued once); otherwise a fresh id is issued. Returns 0 when ids are exhausted.
+        """
+        ok = 0 < wanted <= m.MAX_PEER_ID and wanted not in self.peers
+        if ok and self._store is not None and wanted >= self._issued_floor:
+            ok = wanted < self._next_peer_id  # issued by this run of the master
+        if ok:
+            if self._store is None:
+                self._next_peer_id = max(self._next_peer_id, wanted + 1)
             return wanted
         pid = self._next_peer_id
+        if pid > m.MAX_PEER_ID:
+            return 0
         self._next_peer_id += 1
+        if self._store is not None and self._next_peer_id > self._record.id_floor:
+            self._record.id_floor = self._next_peer_id + ID_BLOCK
+            self._save(force=True)  # on disk before the id is handed out
         return pid
 
     def register(
@@ -134,12 +214,12 @@ class MasterState:
         grace period so its former ring-mates can rejoin into the same first epoch.
         """
         if len(self.peers) >= m.MAX_PEERS:  # Topology.world_size is bounded on the wire
-            self._kick(pid, "full", f"the master already serves {m.MAX_PEERS} peers")
+            self._kick(pid, KickCode.FULL, f"the master already serves {m.MAX_PEERS} peers")
             return PeerRecord(pid, group, host, port)
         if resumed and not self._formed and not self._hold_until:
             self._hold_until = time.monotonic() + self._restart_grace_s
             log.info("peers are resuming: waiting %.1fs for the rest", self._restart_grace_s)
-        rec = PeerRecord(pid, group, host, port)
+        rec = PeerRecord(pid, group, host, port, resumed=resumed)
         self.peers[pid] = rec
         log.info("peer %d registered (group %d, p2p %s:%d)", pid, group, host, port)
         self._reevaluate()
@@ -157,11 +237,20 @@ class MasterState:
             rec.group,
             "accepted" if rec.accepted else "pending",
         )
+        if rec.accepted and pid in self._record.members:
+            self._record.members.remove(pid)
+            self._dirty = True
         grp = self.groups.get(rec.group)
         if grp is not None and pid in grp.ring:
             grp.broken = f"peer {pid} left ({reason})"
             for op in list(grp.ops.values()):
                 self._finish(rec.group, op, ok=False, reason=grp.broken)
+        elif grp is not None:  # a pending peer's initiates (refused, but be thorough)
+            for op in list(grp.ops.values()):
+                op.params.pop(pid, None)
+                op.attempts.pop(pid, None)
+                if not op.params and not op.op_id:
+                    grp.ops.pop(op.tag, None)
         if grp is not None and grp.sync is not None:
             grp.sync.votes.pop(pid, None)
             grp.sync.waiting.discard(pid)
@@ -184,13 +273,22 @@ class MasterState:
     # ------------------------------------------------------------------ topology votes
 
     def on_update_topology(self, pid: int) -> None:
+        """A vote to admit pending peers and re-wire. Untimely votes are answered, not kicked:
+        during an epoch set-up the set-up's own completion answers it; a peer not accepted or
+        with collectives outstanding gets a refusal (``TopologyDone`` with ``ok=False``)."""
         rec = self.peers[pid]
-        if not rec.accepted or self.phase is not Phase.IDLE:
-            self._kick(pid, "out_of_state", "update_topology vote while not idle and accepted")
+        if self.phase is Phase.CONNECTING and rec.in_epoch:
+            return  # the epoch being set up completes the caller's update_topology()
+        why = ""
+        if not rec.accepted:
+            why = "not accepted into the run yet"
+        elif rec.ops:
+            why = f"collectives outstanding (tags {sorted(rec.ops)})"
+        if why:
+            self._send(pid, m.TopologyDone(self.epoch, False, f"update_topology refused: {why}"))
             return
-        if rec.ops:
-            self._kick(pid, "out_of_state", "update_topology vote with collectives outstanding")
-            return
+        if not any(p.voted_update for p in self.accepted):
+            self._vote_opened = time.monotonic()
         rec.voted_update = True
         self._reevaluate()
 
@@ -199,18 +297,24 @@ class MasterState:
         if self.phase is not Phase.CONNECTING or msg.epoch != self.epoch:
             return  # a report for an epoch already superseded
         if not rec.in_epoch:
-            self._kick(pid, "out_of_state", "topology report from a peer outside the epoch")
-            return
+            return  # joined after this epoch was announced: the next one includes it
         if not msg.ok:
             log.warning("peer %d could not wire epoch %d: %s", pid, self.epoch, msg.reason)
             bad = [u for u in msg.unreachable if u in self.peers and u != pid]
             for u in bad:  # the unreachable peer is evicted; retrying would fail the same way
-                self._kick(u, "unreachable", f"peer {pid} could not reach it: {msg.reason}")
+                self._kick(u, KickCode.UNREACHABLE, f"peer {pid} could not reach it: {msg.reason}")
             if not bad:
-                self._kick(pid, "p2p_failed", msg.reason or "could not establish p2p links")
+                self._kick(pid, KickCode.P2P_FAILED, msg.reason or "could not establish p2p links")
             return  # each kick re-announces the epoch through remove()
         rec.ready = True
         self._reevaluate()
+
+    def _newcomers_wait(self, now: float) -> bool:
+        """After a restart with a stored membership: newcomers alone may not form a run until
+        the previous run's peers had their reconnect budget (no second run beside it)."""
+        if self._formed or not self._incumbents or now >= self._orphan_deadline:
+            return False
+        return not any(p.peer_id in self._incumbents for p in self.peers.values())
 
     def _reevaluate(self) -> None:
         if self.phase is Phase.CONNECTING:
@@ -220,7 +324,8 @@ class MasterState:
             return
         acc = self.accepted
         if not acc:
-            if self.pending and time.monotonic() >= self._hold_until:
+            now = time.monotonic()
+            if self.pending and now >= self._hold_until and not self._newcomers_wait(now):
                 self._start_epoch()  # nobody to vote: admit whoever waits (first peer(s))
             return
         if all(p.voted_update for p in acc):
@@ -255,6 +360,8 @@ class MasterState:
             keep = [q for q in grp.ring if q in self.peers]  # incumbents keep their order
             grp.ring = keep + [q for q in pids if q not in keep]
             grp.broken = ""
+            for op in list(grp.ops.values()):  # initiates made for the old ring are void
+                self._finish(gid, op, False, "the topology changed", AbortKind.STALE_TOPOLOGY)
         world = len(self.peers)
         log.info(
             "epoch %d: %d peers in %d groups: %s",
@@ -272,16 +379,59 @@ class MasterState:
 
     def poll(self) -> None:
         """Periodic re-evaluation (deadlines such as the restart grace period)."""
+        self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Enforce the master-side deadlines; called every heartbeat interval.
+
+        - an epoch whose members have not wired within ``2 * connect_timeout_s``: the laggards
+          are evicted (they heartbeat but cannot wire);
+        - a collective not started by every member within ``start_timeout_s`` of its first
+          initiate: aborted for all, naming the laggards;
+        - a topology vote not joined by every accepted peer within ``vote_timeout_s``: the
+          voters are told (retryable), naming the laggards; nobody is evicted for being slow;
+        - the restart grace period; persisting the membership.
+        """
+        cfg = self.config
         if self.phase is Phase.IDLE and not self.accepted and self.pending:
             self._reevaluate()
+        for pid in self.stalled_epoch_members(now, cfg.connect_timeout_s * 2):
+            self._kick(pid, KickCode.P2P_TIMEOUT, "did not establish its p2p links in time")
+        for gid, grp in list(self.groups.items()):
+            for op in list(grp.ops.values()):
+                if op.op_id or now - op.opened <= cfg.start_timeout_s:
+                    continue
+                late = [q for q in grp.ring if q in self.peers and q not in op.params]
+                why = (
+                    f"peers {late} did not start tag {op.tag} within "
+                    f"start_timeout_s={cfg.start_timeout_s:g}"
+                )
+                self._finish(gid, op, False, why, AbortKind.START_TIMEOUT)
+        acc = self.accepted
+        voters = [p for p in acc if p.voted_update]
+        if voters and self.phase is Phase.IDLE and now - self._vote_opened > cfg.vote_timeout_s:
+            late = [p.peer_id for p in acc if not p.voted_update]
+            why = (
+                f"peers {late} did not call update_topology() within "
+                f"vote_timeout_s={cfg.vote_timeout_s:g}; retry"
+            )
+            log.warning("topology vote timed out: %s", why)
+            done = m.TopologyDone(self.epoch, False, why)
+            for p in voters:
+                p.voted_update = False
+                self._send(p.peer_id, done)
+        self._save()
 
     def _complete_epoch(self, members: list[PeerRecord]) -> None:
         self.phase = Phase.IDLE
         self._formed = True
+        self._incumbents.clear()
         for p in members:
             if not p.accepted:
                 log.info("peer %d accepted into the run (epoch %d)", p.peer_id, self.epoch)
             p.accepted = True
+        self._record.members = [p.peer_id for p in members]
+        self._dirty = True
         done = m.TopologyDone(self.epoch, True)
         for p in members:
             self._send(p.peer_id, done)
@@ -289,33 +439,68 @@ class MasterState:
 
     # ------------------------------------------------------------------ collectives
 
+    def _refuse(self, pid: int, msg: m.CollectiveInitiate, why: str, kind: AbortKind) -> None:
+        self._send(pid, m.CollectiveDone(msg.tag, msg.attempt, 0, False, why, int(kind)))
+
     def on_initiate(self, pid: int, msg: m.CollectiveInitiate) -> None:
         rec = self.peers[pid]
-        if not rec.accepted:
-            self._kick(pid, "out_of_state", "collective from a peer not yet accepted")
+        if msg.tag in rec.ops:  # a retry must withdraw the previous attempt first
+            self._kick(pid, KickCode.OUT_OF_STATE, f"tag {msg.tag} initiated twice")
             return
-        if msg.tag in rec.ops:
-            self._kick(pid, "out_of_state", f"tag {msg.tag} initiated twice")
+        if not rec.accepted:
+            self._refuse(pid, msg, "not accepted into the run yet", AbortKind.STALE_TOPOLOGY)
             return
         grp = self.groups[rec.group]
         reason = grp.broken or ("topology is changing" if self.phase is not Phase.IDLE else "")
         if reason:
-            self._send(
-                pid,
-                m.CollectiveDone(
-                    msg.tag, 0, False, f"{reason}; call update_topology()", "stale_topology"
-                ),
-            )
+            why = f"{reason}; call update_topology()"
+            self._refuse(pid, msg, why, AbortKind.STALE_TOPOLOGY)
             return
         op = grp.ops.get(msg.tag)
         if op is None:
             op = grp.ops[msg.tag] = OpState(msg.tag)
         elif op.op_id:
-            self._kick(pid, "out_of_state", f"tag {msg.tag} is already running")
+            why = f"tag {msg.tag} is already running without this peer; retry"
+            self._refuse(pid, msg, why, AbortKind.ABORTED)
             return
-        rec.ops.add(msg.tag)
+        rec.ops[msg.tag] = msg.attempt
         op.params[pid] = (msg.count, msg.dtype, msg.op, msg.quant)
+        op.attempts[pid] = msg.attempt
         self._check_commence(rec.group, grp, op)
+
+    def on_withdraw(self, pid: int, msg: m.CollectiveWithdraw) -> None:
+        """The peer gave up locally: forget its initiate, or abort the operation it started.
+        A withdraw of an attempt already decided (the verdict crossed it) is ignored."""
+        rec = self.peers[pid]
+        if rec.ops.get(msg.tag) != msg.attempt:
+            return
+        grp = self.groups[rec.group]
+        op = grp.ops.get(msg.tag)
+        if op is None or op.attempts.get(pid) != msg.attempt:
+            rec.ops.pop(msg.tag, None)
+            return
+        why = f"peer {pid} gave up: {msg.reason or 'withdrawn'}"
+        if op.op_id:
+            self._finish(rec.group, op, False, why)
+            return
+        rec.ops.pop(msg.tag, None)
+        op.params.pop(pid, None)
+        op.attempts.pop(pid, None)
+        if not op.params:
+            grp.ops.pop(msg.tag, None)
+
+    def on_verdict_query(self, pid: int, msg: m.VerdictQuery) -> None:
+        v = self.verdicts.get(msg.op_id)
+        if v is not None:
+            state = VerdictState.OK if v[0] else VerdictState.ABORTED
+            self._send(pid, m.Verdict(msg.op_id, int(state), v[1]))
+            return
+        rec = self.peers[pid]
+        grp = self.groups.get(rec.group)
+        running = grp is not None and any(o.op_id == msg.op_id for o in grp.ops.values())
+        state = VerdictState.RUNNING if running else VerdictState.UNKNOWN
+        why = "" if running else "no record of this operation (too old, or the master restarted)"
+        self._send(pid, m.Verdict(msg.op_id, int(state), why))
 
     def _check_commence(self, gid: int, grp: GroupState, op: OpState) -> None:
         if op.op_id or not all(q in op.params for q in grp.ring):
@@ -327,14 +512,13 @@ class MasterState:
             )
             op.members = tuple(op.params)
             why = f"peers disagree on the operation ({detail})"
-            self._finish(gid, op, False, why, "mismatch")
+            self._finish(gid, op, False, why, AbortKind.MISMATCH)
             return
         op.op_id = self._next_op_id
         self._next_op_id += 1
         op.members = tuple(grp.ring)
-        go = m.CollectiveCommence(op.tag, op.op_id, self.epoch)
         for q in op.members:
-            self._send(q, go)
+            self._send(q, m.CollectiveCommence(op.tag, op.attempts[q], op.op_id, self.epoch))
 
     def on_complete(self, pid: int, msg: m.CollectiveComplete) -> None:
         rec = self.peers[pid]
@@ -353,31 +537,43 @@ class MasterState:
         if all(q in op.completed for q in op.members):
             self._finish(rec.group, op, True, "")
 
-    def _finish(self, gid: int, op: OpState, ok: bool, reason: str, kind: str = "aborted") -> None:
+    def _finish(
+        self,
+        gid: int,
+        op: OpState,
+        ok: bool,
+        reason: str,
+        kind: AbortKind = AbortKind.ABORTED,
+    ) -> None:
         grp = self.groups[gid]
         grp.ops.pop(op.tag, None)
         if ok:
             self.collectives_completed += 1
         else:
             self.aborts_total += 1
-        if not ok:
             log.warning("group %d tag %d op %d aborted: %s", gid, op.tag, op.op_id, reason)
             self.aborts.insert(0, (gid, op.tag, reason))
             del self.aborts[64:]
         reason = reason if len(reason) <= 500 else reason[:497] + "..."
-        verdict = m.CollectiveDone(op.tag, op.op_id, ok, reason, kind if not ok else "")
+        if op.op_id:
+            self.verdicts[op.op_id] = (ok, reason)
+            while len(self.verdicts) > VERDICT_MEMORY:
+                self.verdicts.popitem(last=False)
+        k = int(AbortKind.OK if ok else kind)
         for q in set(op.members) | set(op.params):
             rec = self.peers.get(q)
-            if rec is not None:
-                rec.ops.discard(op.tag)
-                self._send(q, verdict)
+            attempt = op.attempts.get(q)
+            if rec is not None and attempt is not None and rec.ops.get(op.tag) == attempt:
+                del rec.ops[op.tag]
+                self._send(q, m.CollectiveDone(op.tag, attempt, op.op_id, ok, reason, k))
 
     # ------------------------------------------------------------------ shared state
 
     def on_sync_vote(self, pid: int, msg: m.SyncSharedState) -> None:
         rec = self.peers[pid]
         if not rec.accepted:
-            self._kick(pid, "out_of_state", "shared-state sync from a peer not yet accepted")
+            why = "not accepted into the run yet"
+            self._send(pid, m.SyncPlan(0, False, why, 0, [], []))
             return
         grp = self.groups[rec.group]
         if grp.sync is None:
@@ -390,7 +586,9 @@ class MasterState:
             self._send(pid, m.SyncPlan(rnd.sync_id, False, why, 0, [], []))
             return
         if rnd.target >= 0:
-            self._kick(pid, "out_of_state", "shared-state vote while its transfer is running")
+            self._kick(
+                pid, KickCode.OUT_OF_STATE, "shared-state vote while its transfer is running"
+            )
             return
         # A vote already recorded is a retry after a local timeout: the new one replaces it.
         if self.phase is not Phase.IDLE:

@@ -60,6 +60,12 @@ class Config:
             before giving up with ``ConnectionLost``.
         restart_grace_s: a restarted master waits this long for its previous peers to
             reconnect before forming the first ring.
+        start_timeout_s: master-side deadline for a collective start: once the first member
+            of a group initiates a tag, every other member must initiate it within this, or
+            the master aborts it for all (``CollectiveAborted`` naming the laggards; retry).
+        vote_timeout_s: master-side deadline for a topology vote: once the first accepted
+            peer votes ``update_topology()``, every other one must within this, or the voters
+            get ``TopologyUpdateFailed`` naming the laggards (retry).
     """
 
     heartbeat_interval_s: float = 0.5
@@ -76,6 +82,8 @@ class Config:
     send_threads: bool = True
     reconnect_timeout_s: float = 60.0
     restart_grace_s: float = 3.0
+    start_timeout_s: float = 60.0
+    vote_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
