@@ -46,12 +46,19 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
         help="serve HTTP GET /status (JSON) and /metrics (Prometheus) on this port "
         "(0: any free port; default: off)",
     )
+    p.add_argument(
+        "--state-file",
+        help="persist issued peer ids and the run's membership here (JSON, replaced "
+        "atomically): a restarted master then never reissues an id and never lets newcomers "
+        "start a second run beside the existing one. Recommended for every real deployment.",
+    )
     p.set_defaults(func=_cmd_master)
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from pccl.master import Master
+    from pccl.master.store import StoreError
     from pccl.peer.blocking import new_event_loop
 
     token = None
@@ -94,6 +101,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
             tls=tls,
             status_port=args.status_port,
             status_host=args.status_host,
+            state_file=args.state_file,
         )
         await master.start()
         loop = asyncio.get_running_loop()
@@ -110,6 +118,9 @@ def _cmd_master(args: argparse.Namespace) -> int:
     loop = new_event_loop()
     try:
         loop.run_until_complete(run())
+    except StoreError as e:
+        print(f"pccl master: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"pccl master: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
