@@ -21,6 +21,7 @@ from pccl.errors import (
     SharedStateError,
     TooFewPeers,
     TopologyUpdateFailed,
+    VerdictUnknown,
 )
 from pccl.shared_state import SharedState
 from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
@@ -51,6 +52,7 @@ __all__ = [
     "SyncStrategy",
     "TooFewPeers",
     "TopologyUpdateFailed",
+    "VerdictUnknown",
 ]
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "SharedStateError",
     "TooFewPeers",
     "TopologyUpdateFailed",
+    "VerdictUnknown",
 ]
 
 
@@ -109,3 +110,18 @@ class ConnectionLost(PCCLError, ConnectionError):
 
 class PendingOperations(PCCLError, RuntimeError):
     """A call that needs an idle communicator was made while collectives are in flight."""
+
+
+class VerdictUnknown(PCCLError, ConnectionError):
+    """The ring completed on this peer, but the master's verdict was lost and cannot be
+    recovered (the master restarted, or forgot the operation, before it could answer).
+
+    The operation's result is kept: ``recv`` (the buffer itself when in place) holds the
+    reduced bytes, which every peer whose ring completed holds identically; ``send`` of an
+    out-of-place call is intact. Peers that received an abort verdict restored their input
+    instead, so the group may disagree about this one operation: reconcile through shared
+    state (``sync_shared_state`` elects one content and repairs the others), or redo the step.
+    Not retryable as is: retrying an in-place call would reduce the already-reduced result.
+    """
+
+    retryable = False
