@@ -302,6 +302,9 @@ class Master:
             (:mod:`pccl.master.store`); with it, a restarted master never reissues an id and
             never lets newcomers start a second run beside the one that existed. None: no
             persistence (a restart is then only safe if the incumbents return first).
+        status_token: a read-only credential for the status endpoint (at least 16 bytes).
+            With it or ``token`` set, the endpoint requires ``Authorization: Bearer`` with
+            either; with neither it is open.
     """
 
     def __init__(
@@ -314,6 +317,7 @@ class Master:
         status_port: int | None = None,
         status_host: str | None = None,
         state_file: str | None = None,
+        status_token: bytes | str | None = None,
     ):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port!r}")
@@ -321,6 +325,7 @@ class Master:
         self._port = port
         self.config = config or Config.from_env()
         self.token = check_token(token)
+        self.status_token = check_token(status_token)
         self.tls = tls
         self.conns: set[_Conn] = set()
         self.by_id: dict[int, _Conn] = {}

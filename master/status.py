@@ -5,11 +5,16 @@ thread): one request per connection, ``GET`` only, the response is written and t
 closed. Everything a client sends is untrusted: the request head is bounded
 (:data:`MAX_HEAD_BYTES`) and must arrive whole within :data:`REQUEST_READ_TIMEOUT_S` (so a
 slowloris client is dropped), the response must drain within :data:`RESPONSE_WRITE_TIMEOUT_S`,
-and at most :data:`MAX_CLIENTS` connections are open at once (the oldest one still sending its
-request is evicted for a newcomer). A bad request gets a 4xx and closes only its own
-connection; no request can raise into the master. Rendering runs on the master's loop, so a
-rendered document is reused for a while proportional to its cost
-(:data:`RENDER_REUSE_FACTOR`): a request flood cannot starve the control plane.
+and the lingering close after it ends within :data:`LINGER_S`. Connection states, the caps
+(total, per address) and whom a newcomer evicts live in :mod:`pccl.master.status_conns`, so
+clients that linger, trickle, stay silent or never read cannot lock anyone out. A bad request
+gets a 4xx and closes only its own connection; no request can raise into the master. Rendering
+runs on the master's loop, so a rendered document is reused for a while proportional to its
+cost (:data:`RENDER_REUSE_FACTOR`): a request flood cannot starve the control plane.
+
+With a master token or a read-only status token configured, every request must carry
+``Authorization: Bearer <either>`` (compared in constant time), else 401 and no document:
+``/status`` lists every peer's address. Without a token the endpoint is open, as it was.
 
 Documents are built from :class:`~pccl.master.state.MasterState` and the daemon's connections
 at request time; the functions that build them (:func:`status_document`,
@@ -20,14 +25,26 @@ operation) and aborts are ``MasterState``'s own lifetime counters. Never touches
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pccl.master.state import MasterState, Phase
+from pccl.master.status_conns import (
+    MAX_CLIENTS,
+    MAX_PER_ADDRESS,
+    ConnState,
+    Reason,
+    Slot,
+    SlotTable,
+    address_key,
+)
 
 if TYPE_CHECKING:
     from pccl.master.daemon import Master
@@ -35,9 +52,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("pccl.master.status")
 
 __all__ = [
+    "MAX_CLIENTS",
+    "MAX_PER_ADDRESS",
     "BadRequest",
     "Counters",
+    "Request",
     "StatusServer",
+    "authorized",
+    "credential_digest",
     "metrics_text",
     "parse_request",
     "status_document",
@@ -53,8 +75,6 @@ RESPONSE_WRITE_TIMEOUT_S = 10.0
 LINGER_S = 1.0
 #: ... and at most this many bytes.
 LINGER_MAX_BYTES = 1 << 20
-#: Connections served at once; beyond it the oldest one still sending its request is closed.
-MAX_CLIENTS = 64
 #: How often :class:`Counters` samples the state between requests.
 SAMPLE_INTERVAL_S = 0.25
 #: A rendered document is served again while younger than this many times what rendering it
@@ -70,6 +90,7 @@ JSON_CONTENT_TYPE = "application/json"
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -367,6 +388,24 @@ def metrics_text(master: Master, counters: Counters, now: float) -> str:
         "Seconds since the master last heard from the peer.",
         last_seen,
     )
+    if server is not None:
+        table = server.slots
+        e.family(
+            "pccl_status_connections",
+            "gauge",
+            "Open connections to this status endpoint, by state.",
+            [
+                ({"state": st.value}, n)
+                for st, n in table.by_state().items()
+                if st is not ConnState.CLOSED
+            ],
+        )
+        e.family(
+            "pccl_status_connections_rejected_total",
+            "counter",
+            "Status connections refused, evicted for a newcomer, timed out or unauthorized.",
+            [({"reason": r.value}, table.rejected[r]) for r in Reason],
+        )
     return e.text()
 
 
@@ -386,17 +425,33 @@ _TOKEN_CHARS = frozenset(
 )
 
 
-def parse_request(head: bytes) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Request:
+    """A parsed request head.
+
+    Attributes:
+        method: the request method, as sent (case-sensitive).
+        path: the target without its query string.
+        authorization: the ``Authorization`` header's value, or None when absent.
+    """
+
+    method: str
+    path: str
+    authorization: str | None = None
+
+
+def parse_request(head: bytes) -> Request:
     """Parse a request head (request line and headers, without the blank line).
 
     Args:
         head: the bytes before the first empty line; at most :data:`MAX_HEAD_BYTES`.
 
     Returns:
-        ``(method, path)`` with any query string removed from the path.
+        The method, the path with any query string removed, and the ``Authorization`` header.
 
     Raises:
-        BadRequest: (400) anything that is not an HTTP/1.0 or HTTP/1.1 request head.
+        BadRequest: (400) anything that is not an HTTP/1.0 or HTTP/1.1 request head, or one
+            with more than one ``Authorization`` header.
     """
     try:
         text = head.decode("ascii")
@@ -413,12 +468,52 @@ def parse_request(head: bytes) -> tuple[str, str]:
         raise BadRequest(400, "unsupported HTTP version")
     if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
         raise BadRequest(400, "malformed request target")
+    authorization: str | None = None
     for raw in lines[1:]:
         line = raw.rstrip("\r")
-        name, sep, _ = line.partition(":")
+        name, sep, value = line.partition(":")
         if not sep or not name or not set(name) <= _TOKEN_CHARS:
             raise BadRequest(400, "malformed header line")
-    return method, target.split("?", 1)[0]
+        if name.lower() == "authorization":
+            if authorization is not None:
+                raise BadRequest(400, "more than one Authorization header")
+            authorization = value.strip(" \t")
+    return Request(method, target.split("?", 1)[0], authorization)
+
+
+def credential_digest(token: bytes) -> bytes:
+    """What :func:`authorized` compares: SHA-256 of a credential (hides its length)."""
+    return hashlib.sha256(token).digest()
+
+
+def authorized(authorization: str | None, accepted: Sequence[bytes]) -> bool:
+    """Whether an ``Authorization`` header value carries an accepted bearer credential.
+
+    Every accepted digest is compared, each in constant time (:func:`hmac.compare_digest`
+    over SHA-256 digests), so neither the answer's timing nor which credential matched
+    depends on the secret.
+
+    Args:
+        authorization: the header value (``Bearer <credential>``), or None when absent.
+        accepted: :func:`credential_digest` of each accepted credential; empty means the
+            endpoint is open and every request is authorized.
+
+    Returns:
+        True when ``accepted`` is empty or the credential matches one of them.
+    """
+    if not accepted:
+        return True
+    if authorization is None:
+        return False
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip(" \t")
+    if scheme.lower() != "bearer" or not credential:
+        return False
+    given = credential_digest(credential.encode())
+    ok = False
+    for digest in accepted:
+        ok |= hmac.compare_digest(given, digest)
+    return ok
 
 
 def _find_head_end(buf: bytearray) -> tuple[int, int] | None:
@@ -435,13 +530,18 @@ def _find_head_end(buf: bytearray) -> tuple[int, int] | None:
 
 
 @dataclass
-class _Client:
+class _Handle:
+    """What the server needs to end one admitted connection."""
+
+    task: asyncio.Task[Any]
     writer: asyncio.StreamWriter
-    reading: bool = True  # still receiving its request head (evictable)
 
 
 class StatusServer:
     """Serves ``/status`` and ``/metrics`` for one :class:`~pccl.master.daemon.Master`.
+
+    Credentials are read from the master at :meth:`start`: its ``token`` and its
+    ``status_token``; with neither set the endpoint is open.
 
     Args:
         master: the daemon to report on.
@@ -457,10 +557,13 @@ class StatusServer:
         self.port = port
         self.started = time.monotonic()
         self.counters = Counters(master.state)
+        #: Admission, eviction and state of the open connections (see ``status_conns``).
+        self.slots = SlotTable()
         self._server: asyncio.AbstractServer | None = None
         self._sampler: asyncio.Task[None] | None = None
-        self._clients: dict[asyncio.Task[Any], _Client] = {}
-        self._rendered: dict[str, tuple[float, float, str]] = {}  # path -> (at, cost, body)
+        self._handles: dict[Slot, _Handle] = {}
+        self._accepted: tuple[bytes, ...] = ()  # credential digests; empty: open endpoint
+        self._rendered: dict[str, tuple[float, float, bytes]] = {}  # path -> (at, cost, body)
 
     async def start(self) -> None:
         """Bind and start serving.
@@ -470,6 +573,8 @@ class StatusServer:
         """
         self.started = time.monotonic()
         self.counters = Counters(self.master.state)
+        tokens = (self.master.token, self.master.status_token)
+        self._accepted = tuple(credential_digest(t) for t in tokens if t)
         try:
             self._server = await asyncio.start_server(
                 self._on_client, self.host, self.port, reuse_address=True, backlog=128
@@ -480,7 +585,12 @@ class StatusServer:
             ) from e
         self.port = self._server.sockets[0].getsockname()[1]
         self._sampler = asyncio.create_task(self._sample_forever(), name="pccl-master-status")
-        log.info("pccl master status on %s:%d", self.host, self.port)
+        log.info(
+            "pccl master status on %s:%d (%s)",
+            self.host,
+            self.port,
+            "bearer credential required" if self._accepted else "open: no token configured",
+        )
 
     async def stop(self) -> None:
         """Stop listening and drop every open status connection."""
@@ -488,9 +598,10 @@ class StatusServer:
             self._sampler.cancel()
         if self._server is not None:
             self._server.close()
-        for task, client in list(self._clients.items()):
-            client.writer.transport.abort()
-            task.cancel()
+        now = time.monotonic()
+        for slot in self.slots.slots():
+            self.slots.advance(slot, ConnState.CLOSED, now)
+            self._end(slot, graceful=False)
         if self._server is not None:
             try:  # uvloop waits for every connection here; never let that hold the master up
                 async with asyncio.timeout(2.0):
@@ -503,20 +614,38 @@ class StatusServer:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
             self.counters.sample(self.master.state)
 
+    def _end(self, slot: Slot, graceful: bool) -> None:
+        """Close the connection of a slot the table already closed, and cancel its task.
+
+        ``graceful`` (a lingering connection, whose response is already in the kernel) closes
+        the socket so the kernel still delivers that response; otherwise it is reset.
+        """
+        handle = self._handles.pop(slot, None)
+        if handle is None:
+            return
+        if graceful:
+            handle.writer.transport.close()
+        else:
+            handle.writer.transport.abort()
+        handle.task.cancel()
+
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._clients) >= MAX_CLIENTS:
-            oldest = next((t for t, c in self._clients.items() if c.reading), None)
-            if oldest is None:  # every slot is writing a response: refuse the newcomer
-                writer.transport.abort()
-                return
-            self._clients.pop(oldest).writer.transport.abort()
-            oldest.cancel()
-        client = _Client(writer)
-        self._clients[task] = client
+        peer = writer.get_extra_info("peername")
+        address = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
+        admission = self.slots.admit(address, time.monotonic())
+        if admission.victim is not None:
+            graceful = admission.reason is Reason.EVICTED_LINGERING
+            self._end(admission.victim, graceful)
+        slot = admission.slot
+        if slot is None:
+            log.debug("status endpoint: refused %s (%s)", address, admission.reason)
+            writer.transport.abort()
+            return
+        self._handles[slot] = _Handle(task, writer)
         try:
-            await self._serve(reader, writer, client)
+            await self._serve(reader, writer, slot)
         except (ConnectionError, TimeoutError):
             pass  # the client went away or would not read its response
         except asyncio.CancelledError:
@@ -526,49 +655,62 @@ class StatusServer:
         except Exception:
             log.exception("status request failed")  # a bug here must not reach the master
         finally:
-            self._clients.pop(task, None)
+            self._handles.pop(slot, None)
+            self.slots.advance(slot, ConnState.CLOSED, time.monotonic())
             if not writer.transport.is_closing():
                 writer.transport.abort()
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: Slot
     ) -> None:
         try:
             async with asyncio.timeout(REQUEST_READ_TIMEOUT_S):
                 head = await self._read_head(reader)
         except TimeoutError:
-            client.reading = False
-            await self._respond(reader, writer, 408, "request head not received in time\n")
+            self.slots.count(Reason.REQUEST_TIMEOUT)
+            await self._respond(reader, writer, slot, 408, "request head not received in time\n")
             return
         except BadRequest as e:
-            client.reading = False
-            await self._respond(reader, writer, e.status, f"{e}\n")
+            await self._respond(reader, writer, slot, e.status, f"{e}\n")
             return
-        client.reading = False
         if head is None:
             return  # closed before sending a request
         try:
-            method, path = parse_request(head)
+            req = parse_request(head)
         except BadRequest as e:
-            await self._respond(reader, writer, e.status, f"{e}\n")
+            await self._respond(reader, writer, slot, e.status, f"{e}\n")
             return
-        if path not in ("/status", "/metrics"):
-            await self._respond(reader, writer, 404, "not found: try /status or /metrics\n")
+        if not authorized(req.authorization, self._accepted):
+            # Checked before routing: without a credential nothing about the endpoint leaks.
+            self.slots.count(Reason.UNAUTHORIZED)
+            await self._respond(
+                reader,
+                writer,
+                slot,
+                401,
+                "a status credential is required: Authorization: Bearer <token>\n",
+                [("WWW-Authenticate", 'Bearer realm="pccl-status"')],
+            )
             return
-        if method != "GET":
-            await self._respond(reader, writer, 405, "only GET is served\n", [("Allow", "GET")])
+        if req.path not in ("/status", "/metrics"):
+            await self._respond(reader, writer, slot, 404, "not found: try /status or /metrics\n")
             return
-        ctype = JSON_CONTENT_TYPE if path == "/status" else PROMETHEUS_CONTENT_TYPE
+        if req.method != "GET":
+            await self._respond(
+                reader, writer, slot, 405, "only GET is served\n", [("Allow", "GET")]
+            )
+            return
+        ctype = JSON_CONTENT_TYPE if req.path == "/status" else PROMETHEUS_CONTENT_TYPE
         try:
-            body = self._render(path)
+            body = self._render(req.path)
         except Exception:
-            log.exception("building %s failed", path)
-            await self._respond(reader, writer, 500, "internal error\n")
+            log.exception("building %s failed", req.path)
+            await self._respond(reader, writer, slot, 500, "internal error\n")
             return
-        await self._respond(reader, writer, 200, body, [("Content-Type", ctype)])
+        await self._respond(reader, writer, slot, 200, body, [("Content-Type", ctype)])
 
-    def _render(self, path: str) -> str:
-        """The document at ``path``, reused while younger than its cost allows."""
+    def _render(self, path: str) -> bytes:
+        """The document at ``path``, encoded, reused while younger than its cost allows."""
         now = time.monotonic()
         cached = self._rendered.get(path)
         if cached is not None and now - cached[0] < cached[1] * RENDER_REUSE_FACTOR:
@@ -576,9 +718,9 @@ class StatusServer:
         self.counters.sample(self.master.state)
         if path == "/status":
             doc = status_document(self.master, self.counters, now)
-            body = json.dumps(doc, separators=(",", ":")) + "\n"
+            body = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
         else:
-            body = metrics_text(self.master, self.counters, now)
+            body = metrics_text(self.master, self.counters, now).encode()
         self._rendered[path] = (now, time.monotonic() - now, body)
         return body
 
@@ -598,21 +740,27 @@ class StatusServer:
             if len(buf) > MAX_HEAD_BYTES:
                 raise BadRequest(431, f"request head exceeds {MAX_HEAD_BYTES} bytes")
 
-    @staticmethod
     async def _respond(
+        self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        slot: Slot,
         status: int,
-        body: str,
+        body: str | bytes,
         headers: list[tuple[str, str]] | None = None,
     ) -> None:
-        """Write the response, then close gracefully within :data:`RESPONSE_WRITE_TIMEOUT_S`.
+        """Write the response, then close gracefully.
+
+        ``slot`` moves to ``RESPONDING`` (evictable once slow) and, once the response is in the
+        kernel, to ``LINGERING`` (evictable at once) while the client closes.
 
         Raises:
-            TimeoutError: the client did not take the response in time.
+            TimeoutError: the client did not take the response within
+                :data:`RESPONSE_WRITE_TIMEOUT_S`.
             ConnectionError: the client reset the connection.
         """
-        payload = body.encode()
+        self.slots.advance(slot, ConnState.RESPONDING, time.monotonic())
+        payload = body.encode() if isinstance(body, str) else body
         lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
         hdrs = headers or []
         if not any(k == "Content-Type" for k, _ in hdrs):
@@ -628,14 +776,16 @@ class StatusServer:
         # drain() then returns only once everything reached the kernel, so closing below
         # never leaves a response in a transport buffer that a non-reading client would pin.
         writer.transport.set_write_buffer_limits(high=0)
-        writer.write(head + payload)
+        writer.writelines([head, payload])
         async with asyncio.timeout(RESPONSE_WRITE_TIMEOUT_S):
             await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
+        self.slots.advance(slot, ConnState.LINGERING, time.monotonic())
         # Lingering close: closing with unread request bytes in the socket would reset the
         # connection and could destroy the response before the client read it (a 431 after an
-        # oversized head, say). So read and discard until the client closes, bounded.
+        # oversized head, say). So read and discard until the client closes, bounded; the
+        # slot is evictable meanwhile, so clients that never close cannot hold it.
         try:
             async with asyncio.timeout(LINGER_S):
                 discarded = 0

@@ -52,6 +52,11 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
         "atomically): a restarted master then never reissues an id and never lets newcomers "
         "start a second run beside the existing one. Recommended for every real deployment.",
     )
+    p.add_argument(
+        "--status-token-file",
+        help="read-only credential for the status endpoint (pccl status --token-file); with "
+        "it or --token-file set, the endpoint requires Authorization: Bearer <either>",
+    )
     p.set_defaults(func=_cmd_master)
 
 
@@ -62,11 +67,13 @@ def _cmd_master(args: argparse.Namespace) -> int:
     from pccl.peer.blocking import new_event_loop
 
     token = None
-    if args.token_file:
+    status_token = None
+    if args.token_file or args.status_token_file:
         from pccl.auth import load_token
 
         try:
-            token = load_token(args.token_file)
+            token = load_token(args.token_file) if args.token_file else None
+            status_token = load_token(args.status_token_file) if args.status_token_file else None
         except (OSError, ValueError) as e:
             print(f"pccl master: {e}", file=sys.stderr)
             return 2
@@ -102,6 +109,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
             status_port=args.status_port,
             status_host=args.status_host,
             state_file=args.state_file,
+            status_token=status_token,
         )
         await master.start()
         loop = asyncio.get_running_loop()

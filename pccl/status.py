@@ -2,8 +2,12 @@
 
 Fetches ``GET /status`` from a master started with ``--status-port`` and prints it as tables
 (peers, groups and their rings, collectives in flight, recent aborts), or the JSON as received
-with ``--json``. A plain HTTP client (stdlib only); imports nothing of the master. Exit codes:
-0 shown, 1 the endpoint could not be reached or answered something unusable, 2 bad usage.
+with ``--json``. A plain HTTP client (stdlib only); imports nothing of the master. A master with
+a token answers only requests that carry ``Authorization: Bearer <token>``: the status token
+(``pccl master --status-token-file``) or the master's own token, read from ``--token-file`` or
+the :data:`TOKEN_ENV` environment variable; it is sent only to the address given, never after a
+redirect. Exit codes: 0 shown, 1 the endpoint could not be reached, refused the credential or
+answered something unusable, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -11,21 +15,47 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["StatusUnavailable", "add_arguments", "fetch_status", "format_status", "parse_address"]
+__all__ = [
+    "TOKEN_ENV",
+    "StatusUnauthorized",
+    "StatusUnavailable",
+    "add_arguments",
+    "fetch_status",
+    "format_status",
+    "parse_address",
+    "read_token",
+]
 
 DEFAULT_TIMEOUT_S = 5.0
 #: Longest /status body accepted (a master serves at most a few thousand peers).
 MAX_BODY_BYTES = 64 << 20
+#: Environment variable holding the status credential itself (``--token-file`` wins).
+TOKEN_ENV = "PCCL_STATUS_TOKEN"
 
 
 class StatusUnavailable(Exception):
     """The status endpoint could not be reached or did not answer with a status document."""
+
+
+class StatusUnauthorized(StatusUnavailable):
+    """The endpoint answered 401: it needs a credential, or refused the one sent."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would carry the ``Authorization`` header elsewhere."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +74,40 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
     )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="credential for a master with a token: its status token (pccl master "
+        f"--status-token-file) or its token; default: ${TOKEN_ENV}, if set",
+    )
     p.set_defaults(func=_cmd_status)
+
+
+def read_token(token_file: str | None, environ: dict[str, str] | None = None) -> bytes | None:
+    """The credential to send: from ``token_file``, else :data:`TOKEN_ENV`, else None.
+
+    Surrounding whitespace is stripped, as the master does with its token files.
+
+    Raises:
+        OSError: ``token_file`` cannot be read.
+        ValueError: the credential is empty or is not printable ASCII (it could not travel in
+            an HTTP header).
+    """
+    env = os.environ if environ is None else environ
+    if token_file is not None:
+        with open(token_file, "rb") as f:
+            token = f.read().strip()
+        where = token_file
+    elif env.get(TOKEN_ENV, "").strip():
+        token = env[TOKEN_ENV].strip().encode("utf-8", "replace")
+        where = f"${TOKEN_ENV}"
+    else:
+        return None
+    if not token:
+        raise ValueError(f"the token in {where} is empty")
+    if not all(0x20 <= b < 0x7F for b in token):
+        raise ValueError(f"the token in {where} is not printable ASCII (cannot send it)")
+    return token
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -61,24 +124,38 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def fetch_status(host: str, port: int, timeout: float = DEFAULT_TIMEOUT_S) -> bytes:
+def fetch_status(
+    host: str, port: int, timeout: float = DEFAULT_TIMEOUT_S, token: bytes | None = None
+) -> bytes:
     """GET ``/status`` and return the body.
 
     Args:
         host: status endpoint host.
         port: status endpoint port.
         timeout: seconds for connecting and for each read.
+        token: sent as ``Authorization: Bearer <token>`` when given (printable ASCII).
 
     Raises:
-        StatusUnavailable: connection refused or timed out, a non-200 answer, or a body over
-            :data:`MAX_BODY_BYTES`.
+        StatusUnauthorized: the endpoint answered 401 (no credential sent, or a wrong one).
+        StatusUnavailable: connection refused or timed out, another non-200 answer (a
+            redirect included), or a body over :data:`MAX_BODY_BYTES`.
     """
     h = f"[{host}]" if ":" in host else host
     url = f"http://{h}:{port}/status"
+    req = urllib.request.Request(url)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token.decode('ascii')}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with _OPENER.open(req, timeout=timeout) as resp:
             body: bytes = resp.read(MAX_BODY_BYTES + 1)
     except urllib.error.HTTPError as e:
+        if e.code == 401:
+            if token is None:
+                raise StatusUnauthorized(
+                    f"{url} requires a credential: pass --token-file FILE (the master's "
+                    f"status token or token) or set {TOKEN_ENV}"
+                ) from None
+            raise StatusUnauthorized(f"{url} refused the credential (401)") from None
         raise StatusUnavailable(f"{url} answered {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise StatusUnavailable(f"cannot reach {url}: {e.reason}") from None
@@ -238,7 +315,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("pccl status: --timeout must be a finite number > 0", file=sys.stderr)
         return 2
     try:
-        body = fetch_status(host, port, args.timeout)
+        token = read_token(args.token_file)
+    except (OSError, ValueError) as e:
+        print(f"pccl status: cannot use the token: {e}", file=sys.stderr)
+        return 2
+    try:
+        body = fetch_status(host, port, args.timeout, token)
+    except StatusUnauthorized as e:
+        print(f"pccl status: {e}", file=sys.stderr)
+        return 1
     except StatusUnavailable as e:
         print(f"pccl status: {e} (is the master running with --status-port?)", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ parts (request parser, counters, exposition) need no sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pccl import messages as m
 
@@ -147,9 +150,16 @@ def _read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float) -> list[s
 @pytest.fixture
 def status_master(tmp_path: Path) -> Iterator[StatusMaster]:
     """``pccl master --port 0 --status-port 0``; fails the test if it died meanwhile."""
+    with running_status_master(tmp_path) as master:
+        yield master
+
+
+@contextlib.contextmanager
+def running_status_master(tmp_path: Path, *extra: str) -> Iterator[StatusMaster]:
+    """``pccl master --port 0 --status-port 0 EXTRA...``; fails if it died or did not stop."""
     log = tmp_path / "master.log"
     with log.open("wb") as err:
-        argv = ["master", "--host", "127.0.0.1", "--port", "0", "--status-port", "0"]
+        argv = ["master", "--host", "127.0.0.1", "--port", "0", "--status-port", "0", *extra]
         proc = subprocess.Popen(
             [sys.executable, "-m", "pccl.cli", *argv],
             stdout=subprocess.PIPE,
@@ -165,7 +175,11 @@ def status_master(tmp_path: Path) -> Iterator[StatusMaster]:
     except BaseException:
         _kill(proc)
         raise
-    yield master
+    try:
+        yield master
+    except BaseException:  # the test failed: its own error is the one to report
+        _kill(proc)
+        raise
     rc = proc.poll()
     stopped_rc: int | None = None
     if rc is None:  # SIGTERM stops it promptly even with a status client mid-request
@@ -266,13 +280,21 @@ def spawn_peer(tmp_path: Path) -> Iterator[Any]:
 # ---------------------------------------------------------------------------------- HTTP
 
 
-def http_get(port: int, path: str) -> tuple[int, str, str]:
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``(status, content type, body)`` of one GET."""
+    status, resp_headers, body = http_get_full(port, path, headers)
+    return status, resp_headers.get("Content-Type", ""), body
+
+
+def http_get_full(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    """``(status, headers, body)`` of one GET."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
-        return resp.status, resp.getheader("Content-Type", ""), resp.read().decode()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
     finally:
         conn.close()
 
@@ -674,12 +696,17 @@ async def test_in_process_master_serves_status_and_frees_ports_on_failure():
 
 
 def test_parse_request_accepts_http1_and_rejects_the_rest():
-    from pccl.master.status import BadRequest, parse_request
+    from pccl.master.status import BadRequest, Request, parse_request
 
-    assert parse_request(b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: */*") == ("GET", "/status")
-    assert parse_request(b"GET /metrics?name=x HTTP/1.0") == ("GET", "/metrics")
-    assert parse_request(b"HEAD /status HTTP/1.1") == ("HEAD", "/status")
+    assert parse_request(b"GET /status HTTP/1.1\r\nHost: x\r\nAccept: */*") == Request(
+        "GET", "/status", None
+    )
+    assert parse_request(b"GET /metrics?name=x HTTP/1.0") == Request("GET", "/metrics")
+    assert parse_request(b"HEAD /status HTTP/1.1") == Request("HEAD", "/status")
+    got = parse_request(b"GET /status HTTP/1.1\r\nauthORIZATION:  Bearer abc def \t\r\nX: y")
+    assert got == Request("GET", "/status", "Bearer abc def")
     for bad in [
+        b"GET /status HTTP/1.1\r\nAuthorization: Bearer a\r\nauthorization: Bearer b",
         b"",
         b"GET",
         b"GET /status",
@@ -721,7 +748,7 @@ def test_counters_mirror_the_master_state_verdicts():
         st.on_topology_ready(pid, m.TopologyReady(st.epoch, True))
     for tag, ok in ((1, True), (2, True), (3, False)):
         for pid in (a, b):
-            st.on_initiate(pid, m.CollectiveInitiate(tag, 10, 0, 0, 0))
+            st.on_initiate(pid, m.CollectiveInitiate(tag, 1, 10, 0, 0, 0))  # attempt 1
         op_id = st._next_op_id - 1
         for pid in (a, b):
             st.on_complete(pid, m.CollectiveComplete(tag, op_id, ok, "" if ok else "boom"))
@@ -806,6 +833,564 @@ def test_format_status_renders_every_section():
     assert table_rows(out, "OPS IN FLIGHT") == [["1", "7", "11", "4", "4", "-"]]
     assert table_rows(out, "RECENT ABORTS") == [["1", "2", "multi", "line"]]
     assert parse_address("[::1]:80") == ("::1", 80)
+
+
+# ---------------------------------------------------------------------------------- slots
+
+#: Loopback source addresses for hostile clients: 13 addresses x MAX_PER_ADDRESS (8) = 104, so
+#: they fill the total cap (64), not only one address's share. Legitimate requests come from
+#: 127.0.0.1, which is also among them (a client sharing its address with an attacker).
+HOSTILE_SOURCES = tuple(f"127.0.0.{i}" for i in range(1, 14))
+#: A legitimate GET must be answered within this while hostile clients hold every slot.
+PROMPT_S = 1.0
+FULL_REQUEST = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def open_clients(
+    port: int, n: int, request: bytes, rcvbuf: int = 0, first: int = 0
+) -> list[socket.socket]:
+    """``n`` connections from :data:`HOSTILE_SOURCES` in turn; each sends ``request`` and is
+    then left alone: never read, never closed (the caller closes them)."""
+    socks = []
+    for i in range(first, first + n):
+        s = socket.socket()
+        s.settimeout(5)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.bind((HOSTILE_SOURCES[i % len(HOSTILE_SOURCES)], 0))
+        socks.append(s)
+        try:
+            s.connect(("127.0.0.1", port))
+            if request:
+                s.sendall(request)
+        except OSError:
+            pass  # refused or evicted at once: the server is free to do that
+    return socks
+
+
+def timed_get(port: int, headers: dict[str, str] | None = None) -> tuple[int, float]:
+    """``(status, seconds)`` of one legitimate ``GET /status`` from 127.0.0.1."""
+    t0 = time.monotonic()
+    code, ctype, body = http_get(port, "/status", headers)
+    took = time.monotonic() - t0
+    if code == 200:
+        assert ctype == JSON and json.loads(body)["master"]["phase"]
+    return code, took
+
+
+JSON = "application/json"
+
+
+async def poll(pred: Any, timeout: float, what: str) -> None:
+    """Wait on the event loop (the in-process master keeps serving) until ``pred()``."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def rejected(server: Any) -> dict[str, int]:
+    return {r.value: n for r, n in server.slots.rejected.items() if n}
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+async def test_lingering_clients_never_lock_the_endpoint():
+    """100 clients send a whole request, then neither read nor close; more keep coming while
+    legitimate requests are made. Each legitimate GET is answered at once (before the fix,
+    64 of them locked everybody out)."""
+    from pccl.master.daemon import Master
+    from pccl.master.status import MAX_CLIENTS, MAX_PER_ADDRESS
+    from pccl.master.status_conns import ConnState
+
+    async with Master("127.0.0.1", 0, status_port=0) as master:
+        server = master.status_server
+        assert server is not None
+        port = server.port
+        hostile = await asyncio.to_thread(open_clients, port, 100, FULL_REQUEST)
+        stop = threading.Event()
+        more: list[socket.socket] = []
+
+        def keep_coming() -> None:  # a fresh lingering client every 5 ms, bounded
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline and len(more) < 2000:
+                more.extend(open_clients(port, 1, FULL_REQUEST, first=len(more)))
+                stop.wait(0.005)
+
+        churn = threading.Thread(target=keep_coming, daemon=True)
+        try:
+            await poll(lambda: len(server.slots) == MAX_CLIENTS, 10, "a full table")
+            churn.start()
+            results: list[tuple[int, float]] = []
+            full_before = 0
+            deadline = time.monotonic() + 20
+            while len(results) < 20 or (len(more) < 300 and time.monotonic() < deadline):
+                states = server.slots.by_state()
+                full_before += len(server.slots) == MAX_CLIENTS
+                assert states[ConnState.LINGERING] + states[ConnState.READING_REQUEST] > 0
+                results.append(await asyncio.to_thread(timed_get, port))
+                await asyncio.sleep(0.01)
+            stop.set()
+            await asyncio.to_thread(churn.join, 10)
+            codes = [c for c, _ in results]
+            took = sorted(t for _, t in results)
+            print(
+                f"\nlingering: {len(hostile) + len(more)} hostile clients; {len(results)} GETs, "
+                f"worst {took[-1] * 1e3:.1f} ms, median {took[len(took) // 2] * 1e3:.1f} ms; "
+                f"{rejected(server)}"
+            )
+            assert codes == [200] * len(results), codes
+            assert took[-1] < PROMPT_S, results
+            assert full_before >= len(results) // 2, "the table was not full while GETs ran"
+            assert len(more) >= 300  # the churn really overlapped the GETs
+            assert len(server.slots) <= MAX_CLIENTS
+            for source in HOSTILE_SOURCES:
+                assert server.slots.held_by(source) <= MAX_PER_ADDRESS
+            evicted = rejected(server)
+            assert evicted.get("evicted_lingering", 0) + evicted.get("evicted_reading", 0) >= (
+                len(hostile) + len(more) - MAX_CLIENTS
+            )
+            # The evictions are visible in /metrics.
+            code, _, text = await asyncio.to_thread(http_get, port, "/metrics")
+            assert code == 200
+            fam = parse_prometheus(text)
+            assert (
+                one(fam, "pccl_status_connections_rejected_total", reason="evicted_lingering") > 0
+            )
+            assert one(fam, "pccl_status_connections_rejected_total", reason="refused_full") == 0
+            assert sum(v for _, v in fam["pccl_status_connections"]) <= MAX_CLIENTS
+        finally:
+            stop.set()
+            close_all(hostile)
+            if churn.is_alive():
+                await asyncio.to_thread(churn.join, 10)
+            close_all(more)
+
+
+@pytest.mark.timeout(60)
+async def test_silent_clients_never_lock_the_endpoint():
+    """100 half-open clients that connect and send nothing: each legitimate GET still gets
+    its answer at once, and each evicts the oldest silent one."""
+    from pccl.master.daemon import Master
+    from pccl.master.status import MAX_CLIENTS, REQUEST_READ_TIMEOUT_S
+    from pccl.master.status_conns import ConnState
+
+    async with Master("127.0.0.1", 0, status_port=0) as master:
+        server = master.status_server
+        assert server is not None
+        port = server.port
+        t_attack = time.monotonic()
+        hostile = await asyncio.to_thread(open_clients, port, 100, b"")
+        try:
+            await poll(
+                lambda: server.slots.by_state()[ConnState.READING_REQUEST] == MAX_CLIENTS,
+                10,
+                "every slot held by a silent client",
+            )
+            results = []
+            for _ in range(10):
+                results.append(await asyncio.to_thread(timed_get, port))
+                # Still within the request deadline: the silent ones hold their slots meanwhile.
+                assert server.slots.by_state()[ConnState.READING_REQUEST] >= MAX_CLIENTS - 1
+            assert time.monotonic() - t_attack < REQUEST_READ_TIMEOUT_S
+            worst = max(t for _, t in results)
+            print(
+                f"\nsilent: 100 half-open clients; 10 GETs, worst {worst * 1e3:.1f} ms; "
+                f"{rejected(server)}"
+            )
+            assert [c for c, _ in results] == [200] * 10, results
+            assert worst < PROMPT_S, results
+            # 36 evicted by each other, one more by the first legitimate request (each one
+            # frees its slot again when it is done).
+            assert rejected(server).get("evicted_reading", 0) >= 100 - MAX_CLIENTS + 1
+        finally:
+            close_all(hostile)
+
+
+@pytest.mark.timeout(90)
+async def test_clients_that_never_read_a_large_answer_are_evicted_once_slow():
+    """A /status too large for the socket buffers, requested by 72 clients that never read:
+    64 hold every slot with a stalled response. Once they count as slow, each legitimate GET
+    evicts one of them and is answered at once."""
+    from pccl.master.daemon import Master
+    from pccl.master.status import MAX_CLIENTS, RESPONSE_WRITE_TIMEOUT_S, STATUS_ABORTS
+    from pccl.master.status_conns import SLOW_RESPONSE_S, ConnState
+
+    async with Master("127.0.0.1", 0, status_port=0) as master:
+        server = master.status_server
+        assert server is not None
+        port = server.port
+        for tag in range(STATUS_ABORTS):  # a ~4.5 MB document: more than the kernel buffers
+            master.state.aborts.insert(0, (0, tag, "x" * 140_000))
+        t_attack = time.monotonic()
+        hostile = await asyncio.to_thread(
+            open_clients, port, MAX_CLIENTS + 8, FULL_REQUEST, rcvbuf=4096
+        )
+        try:
+
+            def stalled() -> bool:
+                now = time.monotonic()
+                slow = [
+                    s
+                    for s in server.slots.slots()
+                    if s.state is ConnState.RESPONDING and now - s.since > SLOW_RESPONSE_S
+                ]
+                return len(slow) == MAX_CLIENTS
+
+            await poll(stalled, 20, "every slot stalled on a response for SLOW_RESPONSE_S")
+            assert sum(rejected(server).values()) >= 8  # the 8 beyond the cap
+            before = rejected(server).get("evicted_slow_response", 0)
+            results = [await asyncio.to_thread(timed_get, port) for _ in range(5)]
+            assert time.monotonic() - t_attack < RESPONSE_WRITE_TIMEOUT_S  # all still stalled
+            worst = max(t for _, t in results)
+            print(
+                f"\nslow readers: {len(hostile)} clients; 5 GETs of a 4.5 MB document, "
+                f"worst {worst * 1e3:.1f} ms; {rejected(server)}"
+            )
+            assert [c for c, _ in results] == [200] * 5, results
+            assert worst < PROMPT_S + 1.0, results  # includes reading 4.5 MB
+            # The first GET evicted a slow one; each then frees its own slot for the next.
+            assert rejected(server)["evicted_slow_response"] >= before + 1
+        finally:
+            close_all(hostile)
+
+
+# ---------------------------------------------------------------------------------- tokens
+
+MASTER_TOKEN = "master-token-0123456789abcdef"
+STATUS_TOKEN = "status-token-fedcba9876543210"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.timeout(60)
+async def test_token_protects_status_and_metrics(tmp_path: Path):
+    from pccl.master.daemon import Master
+
+    async with Master(
+        "127.0.0.1", 0, token=MASTER_TOKEN, status_token=STATUS_TOKEN, status_port=0
+    ) as master:
+        server = master.status_server
+        assert server is not None
+        port = server.port
+        denied: list[dict[str, str] | None] = [
+            None,
+            bearer("wrong-token-0123456789abcdef"),
+            bearer(MASTER_TOKEN[:-1]),
+            bearer(MASTER_TOKEN + "x"),
+            {"Authorization": f"Basic {MASTER_TOKEN}"},
+            {"Authorization": "Bearer"},
+            {"Authorization": MASTER_TOKEN},
+        ]
+        for path in ("/status", "/metrics", "/nope"):
+            for headers in denied:
+                code, hdrs, body = await asyncio.to_thread(http_get_full, port, path, headers)
+                assert code == 401, (path, headers)
+                assert hdrs["WWW-Authenticate"].startswith("Bearer"), hdrs
+                assert "127.0.0.1" not in body and "peers" not in body, body
+        for token in (MASTER_TOKEN, STATUS_TOKEN):
+            for scheme in ("Bearer", "bearer"):
+                headers = {"Authorization": f"{scheme} {token}"}
+                code, _, body = await asyncio.to_thread(http_get, port, "/status", headers)
+                assert code == 200 and json.loads(body)["master"]["port"] == master.port
+            code, _, text = await asyncio.to_thread(http_get, port, "/metrics", bearer(token))
+            assert code == 200
+        fam = parse_prometheus(text)
+        assert one(fam, "pccl_status_connections_rejected_total", reason="unauthorized") == 21
+
+        # The pccl status client: --token-file, $PCCL_STATUS_TOKEN, and clear errors.
+        where = f"127.0.0.1:{port}"
+        good = tmp_path / "status.token"
+        good.write_text(STATUS_TOKEN + "\n")
+        bad = tmp_path / "bad.token"
+        bad.write_text("not-the-token-0123456789\n")
+        env = {k: v for k, v in os.environ.items() if k != "PCCL_STATUS_TOKEN"}
+
+        def cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "pccl.cli", "status", "--master", where, *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**env, **extra_env},
+            )
+
+        res = await asyncio.to_thread(cli, "--token-file", str(good))
+        assert res.returncode == 0, res.stderr
+        assert "PEERS (0)" in res.stdout
+        res = await asyncio.to_thread(cli, "--json", PCCL_STATUS_TOKEN=MASTER_TOKEN)
+        assert res.returncode == 0 and json.loads(res.stdout)["peers"] == [], res.stderr
+        res = await asyncio.to_thread(cli)
+        assert res.returncode == 1 and not res.stdout
+        assert "requires a credential" in res.stderr and "--token-file" in res.stderr
+        res = await asyncio.to_thread(cli, "--token-file", str(bad))
+        assert res.returncode == 1 and "refused the credential" in res.stderr, res.stderr
+        res = await asyncio.to_thread(cli, "--token-file", str(bad), PCCL_STATUS_TOKEN=STATUS_TOKEN)
+        assert res.returncode == 1, "--token-file must win over the environment"
+        res = await asyncio.to_thread(cli, "--token-file", str(tmp_path / "missing"))
+        assert res.returncode == 2 and "token" in res.stderr
+
+
+@pytest.mark.timeout(30)
+async def test_no_token_leaves_the_endpoint_open_and_ignores_credentials():
+    from pccl.master.daemon import Master
+
+    async with Master("127.0.0.1", 0, status_port=0) as master:
+        assert master.status_server is not None
+        port = master.status_server.port
+        for headers in (None, bearer("anything-at-all-0123456789")):
+            code, _, _ = await asyncio.to_thread(http_get, port, "/status", headers)
+            assert code == 200
+    # A status token alone also closes the endpoint.
+    async with Master("127.0.0.1", 0, status_token=STATUS_TOKEN, status_port=0) as master:
+        assert master.status_server is not None
+        port = master.status_server.port
+        assert (await asyncio.to_thread(http_get, port, "/status"))[0] == 401
+        assert (await asyncio.to_thread(http_get, port, "/status", bearer(STATUS_TOKEN)))[0] == 200
+    with pytest.raises(ValueError):
+        Master(status_token="short")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_cli_master_status_token_file(tmp_path: Path):
+    """``pccl master --token-file --status-token-file``: both credentials open the endpoint."""
+    master_file = tmp_path / "master.token"
+    master_file.write_text(MASTER_TOKEN)
+    status_file = tmp_path / "status.token"
+    status_file.write_text(STATUS_TOKEN + "\n")
+    args = ("--token-file", str(master_file), "--status-token-file", str(status_file))
+    with running_status_master(tmp_path, *args) as master:
+        port = master.status_port
+        assert http_get(port, "/status")[0] == 401
+        assert http_get(port, "/metrics", bearer("wrong-token-0123456789abcdef"))[0] == 401
+        assert http_get(port, "/status", bearer(MASTER_TOKEN))[0] == 200
+        assert http_get(port, "/metrics", bearer(STATUS_TOKEN))[0] == 200
+        res = run_cli("status", "--master", f"127.0.0.1:{port}", "--token-file", str(status_file))
+        assert res.returncode == 0 and "PEERS (0)" in res.stdout, res.stderr
+    short = tmp_path / "short.token"
+    short.write_text("short")
+    res = run_cli("master", "--port", "0", "--status-port", "0", "--status-token-file", str(short))
+    assert res.returncode == 2 and "shorter than" in res.stderr
+
+
+# ---------------------------------------------------------------------------------- slot units
+
+
+def test_connection_states_move_only_along_the_table():
+    from pccl.master.status_conns import TRANSITIONS, ConnState, InvalidTransition, SlotTable
+
+    assert set(TRANSITIONS) == set(ConnState)
+    for src in ConnState:
+        for dst in ConnState:
+            table = SlotTable()
+            slot = table.admit("a", 0.0).slot
+            assert slot is not None
+            path = {
+                ConnState.READING_REQUEST: [],
+                ConnState.RESPONDING: [ConnState.RESPONDING],
+                ConnState.LINGERING: [ConnState.RESPONDING, ConnState.LINGERING],
+                ConnState.CLOSED: [ConnState.CLOSED],
+            }[src]
+            for step in path:
+                table.advance(slot, step, 1.0)
+            assert slot.state is src
+            if dst in TRANSITIONS[src]:
+                table.advance(slot, dst, 2.0)
+                assert slot.state is dst
+                assert len(table) == (0 if dst is ConnState.CLOSED else 1)
+            else:
+                with pytest.raises(InvalidTransition):
+                    table.advance(slot, dst, 2.0)
+                assert slot.state is src
+    # Closing twice (evicted, then the handler's own cleanup) frees the slot once.
+    table = SlotTable(max_total=2, max_per_address=2)
+    a = table.admit("x", 0.0).slot
+    b = table.admit("x", 0.0).slot
+    assert a is not None and b is not None
+    table.advance(a, ConnState.CLOSED, 1.0)
+    table.advance(a, ConnState.CLOSED, 2.0)
+    assert len(table) == 1 and table.held_by("x") == 1
+
+
+def admitted(table: Any, address: str, now: float) -> Any:
+    """The slot ``table.admit`` gave a newcomer that must not be refused."""
+    slot = table.admit(address, now).slot
+    assert slot is not None
+    return slot
+
+
+def test_eviction_prefers_lingering_then_slow_then_reading():
+    from pccl.master.status_conns import ConnState, Reason, SlotTable
+
+    table = SlotTable(max_total=4, max_per_address=4, slow_response_s=1.0)
+    reading, fresh, slow, lingering = (admitted(table, f"10.0.0.{i}", float(i)) for i in range(4))
+    for s in (fresh, slow, lingering):
+        table.advance(s, ConnState.RESPONDING, 4.2 if s is fresh else 4.0)
+    table.advance(lingering, ConnState.LINGERING, 4.5)
+    # 4.5 s: the slow one has responded only 0.5 s: not slow yet; lingering goes first.
+    adm = table.admit("10.0.0.9", 4.5)
+    assert adm.victim is lingering and adm.reason is Reason.EVICTED_LINGERING
+    assert lingering.state is ConnState.CLOSED and adm.slot is not None
+    newcomer = adm.slot
+    table.advance(newcomer, ConnState.RESPONDING, 4.5)
+    adm = table.admit("10.0.0.8", 4.9)  # nothing slow or lingering: the reading one
+    assert adm.victim is reading and adm.reason is Reason.EVICTED_READING
+    assert adm.slot is not None
+    table.advance(adm.slot, ConnState.RESPONDING, 4.9)
+    # Now all four respond; none for 1 s yet: the newcomer is refused.
+    adm = table.admit("10.0.0.7", 4.95)
+    assert adm.slot is None and adm.victim is None and adm.reason is Reason.REFUSED_FULL
+    adm = table.admit("10.0.0.7", 5.1)  # the slow one crossed 1 s
+    assert adm.victim is slow and adm.reason is Reason.EVICTED_SLOW_RESPONSE
+    assert table.rejected == {
+        Reason.EVICTED_LINGERING: 1,
+        Reason.EVICTED_READING: 1,
+        Reason.REFUSED_FULL: 1,
+        Reason.EVICTED_SLOW_RESPONSE: 1,
+    }
+    assert len(table) == 4
+
+
+def test_per_address_cap_evicts_only_that_address():
+    from pccl.master.status_conns import ConnState, Reason, SlotTable
+
+    table = SlotTable(max_total=10, max_per_address=3, slow_response_s=1.0)
+    mine = [admitted(table, "a", float(i)) for i in range(3)]
+    other = admitted(table, "b", 0.0)  # older than all of a's: still not a's victim
+    adm = table.admit("a", 10.0)
+    assert adm.victim is mine[0] and adm.reason is Reason.EVICTED_READING
+    assert table.held_by("a") == 3 and other.state is ConnState.READING_REQUEST
+    live = [s for s in table.slots() if s.address == "a"]
+    for s in live:
+        table.advance(s, ConnState.RESPONDING, 10.0)
+    adm = table.admit("a", 10.5)  # a's slots all respond, fresh: a is refused, b is not
+    assert adm.slot is None and adm.reason is Reason.REFUSED_ADDRESS_FULL
+    assert table.admit("b", 10.5).slot is not None
+    # When the table is full, the victim comes from the address holding the most slots.
+    full = SlotTable(max_total=4, max_per_address=4)
+    crowd = [admitted(full, "crowd", 1.0 + i) for i in range(3)]
+    lone = admitted(full, "lone", 0.0)
+    adm = full.admit("new", 5.0)
+    assert adm.victim is crowd[0]
+    assert lone.state is ConnState.READING_REQUEST
+
+
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "respond", "linger", "close", "wait"]),
+            st.integers(0, 5),  # address (admit) or slot index (others)
+        ),
+        max_size=200,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_slot_table_invariants_hold_for_any_sequence(ops: list[tuple[str, int]]):
+    """Caps hold always; a newcomer is refused only when every slot it could take is a
+    fresh response; counters add up."""
+    from pccl.master.status_conns import ConnState, InvalidTransition, Reason, SlotTable
+
+    table = SlotTable(max_total=6, max_per_address=3, slow_response_s=1.0)
+    now = 0.0
+    admitted = 0
+    for op, arg in ops:
+        slots = table.slots()
+        if op == "admit":
+            addr = f"h{arg}"
+            scope = (
+                [s for s in slots if s.address == addr]
+                if table.held_by(addr) >= 3
+                else slots
+                if len(slots) >= 6
+                else None
+            )
+            adm = table.admit(addr, now)
+            if scope is not None:
+                stuck = all(s.state is ConnState.RESPONDING and now - s.since < 1.0 for s in scope)
+                assert (adm.slot is None) == stuck
+                assert (adm.victim is None) == stuck
+            else:
+                assert adm.slot is not None and adm.victim is None
+            admitted += adm.slot is not None
+        elif op == "wait":
+            now += 0.4
+        elif slots:
+            slot = slots[arg % len(slots)]
+            to = {
+                "respond": ConnState.RESPONDING,
+                "linger": ConnState.LINGERING,
+                "close": ConnState.CLOSED,
+            }[op]
+            try:
+                table.advance(slot, to, now)
+            except InvalidTransition:
+                pass
+        assert len(table) <= 6
+        assert all(table.held_by(f"h{i}") <= 3 for i in range(6))
+        assert all(s.state is not ConnState.CLOSED for s in table.slots())
+    evicted = sum(n for r, n in table.rejected.items() if r.value.startswith("evicted"))
+    closed_by_caller = admitted - evicted - len(table)
+    assert closed_by_caller >= 0
+    assert table.rejected[Reason.REQUEST_TIMEOUT] == 0
+
+
+def test_address_key_groups_ipv6_by_64():
+    from pccl.master.status_conns import address_key
+
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::2")
+    assert address_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("/run/status.sock") == "/run/status.sock"
+
+
+def test_authorized_accepts_only_configured_bearer_credentials():
+    from pccl.master.status import authorized, credential_digest
+
+    accepted = (credential_digest(b"token-one-0123456789"), credential_digest(b"token-two-xyz"))
+    assert authorized(None, ()) and authorized("Basic junk", ())
+    assert authorized("Bearer token-one-0123456789", accepted)
+    assert authorized("bearer   token-two-xyz", accepted)
+    for bad in (
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic token-one-0123456789",
+        "token-one-0123456789",
+        "Bearer token-one-012345678",
+        "Bearer token-one-0123456789x",
+        "Bearer token-three",
+    ):
+        assert not authorized(bad, accepted), bad
+
+
+def test_read_token_prefers_the_file_and_rejects_unsendable(tmp_path: Path):
+    from pccl.status import TOKEN_ENV, read_token
+
+    f = tmp_path / "t"
+    f.write_bytes(b"  file-token \n")
+    assert read_token(str(f), {TOKEN_ENV: "env-token"}) == b"file-token"
+    assert read_token(None, {TOKEN_ENV: " env-token\n"}) == b"env-token"
+    assert read_token(None, {TOKEN_ENV: "  "}) is None and read_token(None, {}) is None
+    f.write_bytes(b"\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_token(str(f), {})
+    f.write_bytes("t\u00f6ken".encode())
+    with pytest.raises(ValueError, match="ASCII"):
+        read_token(str(f), {})
+    with pytest.raises(OSError):
+        read_token(str(tmp_path / "missing"), {})
 
 
 if __name__ == "__main__":
