@@ -79,7 +79,7 @@ import xxhash
 
 from pccl import kernels
 from pccl.config import Config
-from pccl.errors import CollectiveAborted, TooFewPeers
+from pccl.errors import CollectiveAborted, TooFewPeers, VerdictUnknown
 from pccl.shared_state import SharedState
 from pccl.types import Quantization, ReduceOp
 
@@ -652,6 +652,13 @@ class DiLoCo:
         for h in handles:
             try:
                 info = h.wait()
+            except VerdictUnknown as e:
+                # The ring completed here and recv holds its result (identical on every peer
+                # whose ring completed); only the master's verdict was lost to a restart. Keep
+                # it: the outer-state sync that follows every boundary elects one content and
+                # repairs any peer that restored instead.
+                log.warning("outer step %d: %s; keeping the result", self.outer_step, e)
+                continue
             except Exception as e:  # every handle is awaited before anything else runs
                 error = error or e
                 continue

@@ -59,7 +59,7 @@ __all__ = ["FAULT_KINDS", "FaultPlan", "ParityBook", "add_arguments", "main"]
 FAULT_KINDS = ("kill", "hang", "leave", "join", "linkcut", "ratelimit", "masterkill")
 NETNS_ONLY = ("linkcut", "ratelimit")
 DISRUPTIVE = ("kill", "hang", "leave", "linkcut")
-DEFAULT_FAULTS = "kill,hang,leave,join"
+DEFAULT_FAULTS = "kill,hang,leave,join,masterkill"
 MIN_POPULATION = 2
 SUMMARY_EVERY_S = 5.0
 DRAIN_S = 20.0
@@ -376,6 +376,8 @@ class Driver:
         host = self.cluster.ip("m") if self.cluster is not None else "127.0.0.1"
         argv = [sys.executable, "-m", "pccl.chaos", "master", str(os.getpid())]
         argv += ["--host", host, "--port", str(port), "--log-level", "info"]
+        # A restart must neither reissue ids nor let newcomers form a second run.
+        argv += ["--state-file", str(self.log_dir / "master-state.json")]
         if self.o.token_file:
             argv += ["--token-file", self.o.token_file]
         if self.cluster is not None:

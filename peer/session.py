@@ -222,6 +222,9 @@ class MasterSession:
         self._lost_listeners: list[Callable[[PCCLError], None]] = []
         self._changed = asyncio.Event()
         self._vote_refused: str | None = None  # reason of a refused update_topology vote
+        # The epoch this peer last saw at the end of update_topology() (or its admission):
+        # an epoch formed since without its vote re-admitted it after a reconnection.
+        self._voted_epoch = 0
         self._last_master = time.monotonic()
         self._tcp_up = False  # a TCP/TLS connection was established at least once
         self._handshake_seen = False  # ... and the master's challenge arrived on it
@@ -608,6 +611,7 @@ class MasterSession:
         self.ring = list(t.ring)
         self.rank = [p[0] for p in t.ring].index(self.peer_id)
         if self.state is SessionState.PENDING:
+            self._voted_epoch = self.epoch
             self._to(SessionState.ACCEPTED)
         self._notify()
 
@@ -626,6 +630,12 @@ class MasterSession:
             async with asyncio.timeout(timeout):
                 if self.reconnecting:
                     await self.await_link()  # a restarted master re-forms the ring itself
+                    self._voted_epoch = self.epoch
+                    return
+                if self.epoch != self._voted_epoch:
+                    # Re-admitted after a reconnection since the last call: that epoch was
+                    # formed by the others' votes (this call's counterpart); the ring is new.
+                    self._voted_epoch = self.epoch
                     return
                 start = self.epoch
                 link = self.link
@@ -642,11 +652,13 @@ class MasterSession:
 
                 await self.wait_for(settled)
                 if self.epoch > start:
+                    self._voted_epoch = self.epoch
                     return
                 if self._vote_refused is not None:
                     why, self._vote_refused = self._vote_refused, None
                     raise TopologyUpdateFailed(why, phase="update_topology")
                 await self.await_link()  # the link was replaced: the rejoin re-formed the ring
+                self._voted_epoch = self.epoch
         except TimeoutError:
             raise TopologyUpdateFailed(
                 "topology update did not complete in time (does every peer call "
