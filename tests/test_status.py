@@ -783,7 +783,7 @@ def test_metrics_escape_labels_and_format_values():
     assert doc["aborts"][0]["reason"].endswith("newline \n")
     assert doc["peers"][0]["last_seen_s_ago"] is None  # no connection behind this record
 
-    from pccl.master.status import _label_value
+    from pccl.master.metrics import _label_value
 
     assert _label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
