@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
-from pccl.master.state import MasterState, Phase
+from pccl.master.state import MasterState
 from pccl.master.status import StatusServer
 from pccl.master.store import RunStore
 
@@ -236,7 +236,7 @@ class _Conn(asyncio.Protocol):
         self.peer_id = pid
         self.master.by_id[pid] = self
         # Welcome must precede the topology message the registration itself may trigger.
-        at_once = not state.accepted and state.phase is Phase.IDLE
+        at_once = state.admits_at_once(pid)
         proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
         self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof))
         state.register(pid, msg.peer_group, host, msg.p2p_port, resumed=pid == resume)

@@ -198,7 +198,11 @@ class MasterState:
             return wanted
         pid = self._next_peer_id
         if pid > m.MAX_PEER_ID:
-            return 0
+            if self._store is not None:
+                return 0  # every id was issued once: never reissue one
+            # Without a store a resume may have moved the counter to the top (one hello asking
+            # for MAX_PEER_ID): take a free id from the top down rather than refuse everyone.
+            return next((q for q in range(m.MAX_PEER_ID, 0, -1) if q not in self.peers), 0)
         self._next_peer_id += 1
         if self._store is not None and self._next_peer_id > self._record.id_floor:
             self._record.id_floor = self._next_peer_id + ID_BLOCK
@@ -308,6 +312,14 @@ class MasterState:
             return  # each kick re-announces the epoch through remove()
         rec.ready = True
         self._reevaluate()
+
+    def admits_at_once(self, pid: int) -> bool:
+        """Whether ``pid``, about to register, enters the next epoch without a vote (what its
+        ``Welcome.accepted`` says): nobody accepted yet, no set-up running, and not a newcomer
+        held back after a restart until the previous run's peers return."""
+        if self.accepted or self.phase is not Phase.IDLE:
+            return False
+        return pid in self._incumbents or not self._newcomers_wait(time.monotonic())
 
     def _newcomers_wait(self, now: float) -> bool:
         """After a restart with a stored membership: newcomers alone may not form a run until
@@ -476,18 +488,19 @@ class MasterState:
             return
         grp = self.groups[rec.group]
         op = grp.ops.get(msg.tag)
-        if op is None or op.attempts.get(pid) != msg.attempt:
-            rec.ops.pop(msg.tag, None)
-            return
-        why = f"peer {pid} gave up: {msg.reason or 'withdrawn'}"
-        if op.op_id:
-            self._finish(rec.group, op, False, why)
-            return
+        if op is not None and op.attempts.get(pid) == msg.attempt:
+            if op.op_id:
+                why = f"peer {pid} gave up: {msg.reason or 'withdrawn'}"
+                self._finish(rec.group, op, False, why)
+                return
+            op.params.pop(pid, None)
+            op.attempts.pop(pid, None)
+            if not op.params:
+                grp.ops.pop(msg.tag, None)
         rec.ops.pop(msg.tag, None)
-        op.params.pop(pid, None)
-        op.attempts.pop(pid, None)
-        if not op.params:
-            grp.ops.pop(msg.tag, None)
+        # Not started: confirm (AbortKind.WITHDRAWN), so the peer knows no commence follows.
+        kind = int(AbortKind.WITHDRAWN)
+        self._send(pid, m.CollectiveDone(msg.tag, msg.attempt, 0, False, "withdrawn", kind))
 
     def on_verdict_query(self, pid: int, msg: m.VerdictQuery) -> None:
         v = self.verdicts.get(msg.op_id)

@@ -10,15 +10,25 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import pccl
 from pccl import messages as m
-from pccl.auth import new_nonce, prove
-from pccl.frame import FrameDecoder, MsgType
+from pccl.auth import new_nonce, prove, verify
+from pccl.frame import (
+    HEADER,
+    MAGIC,
+    PRE_AUTH_MAX_BODY,
+    PROTOCOL_VERSION,
+    VERSION,
+    FrameDecoder,
+    MsgType,
+)
 from pccl.launch import spawn_master
+from pccl.messages import KickCode
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +57,7 @@ def _frames(sock: socket.socket, want: int, timeout: float = 5.0) -> list[tuple[
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             data = sock.recv(65536)
-        except TimeoutError:
+        except (TimeoutError, ConnectionResetError):
             break
         if not data:
             break
@@ -96,7 +106,8 @@ def test_wrong_missing_and_replayed_credentials_are_rejected(secured_master) -> 
         ch = m.decode(mt, body)
         assert isinstance(ch, m.Challenge) and ch.auth_required
         mine = new_nonce()
-        hello = m.Hello(1, 0, 9, "", 0, mine, prove(TOKEN, b"pccl-hello", ch.nonce, mine)).encode()
+        proof = prove(TOKEN, b"pccl-hello", ch.nonce, mine)
+        hello = m.Hello(PROTOCOL_VERSION, 0, 9, "", 0, mine, proof).encode()
         s1.sendall(hello)
         kinds = [t for t, _ in _frames(s1, 2)]
         assert MsgType.M2P_WELCOME in kinds  # the recorded exchange was genuine
@@ -106,16 +117,81 @@ def test_wrong_missing_and_replayed_credentials_are_rejected(secured_master) -> 
         s2.sendall(hello)
         got = _frames(s2, 1)
         kick = m.decode(*got[0])
-        assert isinstance(kick, m.Kick) and kick.code == "auth"
+        assert isinstance(kick, m.Kick) and kick.code == KickCode.AUTH
+        assert got == [(MsgType.M2P_KICK, got[0][1])]  # no welcome: refused, then closed
         s2.close()
         _reduce_ok(a, b)  # the ring never noticed
         text = log.read_text()
         # Wrong token and replay are refused (and logged) by the master; a peer without a token
         # refuses on its side as soon as the challenge says one is required.
-        assert text.count("auth: authentication failed") >= 2
+        assert text.count("AUTH: authentication failed") >= 2
     finally:
         a.close()
         b.close()
+
+
+def _challenge(port: int) -> tuple[socket.socket, m.Challenge]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    ((mt, body),) = _frames(s, 1)
+    ch = m.decode(mt, body)
+    assert isinstance(ch, m.Challenge) and ch.auth_required and len(ch.nonce) >= 16
+    return s, ch
+
+
+@pytest.mark.timeout(60)
+def test_master_handshake_over_raw_sockets(secured_master) -> None:
+    """The master's side of the handshake alone (no peer client): every wrong, missing,
+    borrowed or oversized proof is kicked with ``KickCode.AUTH`` (or ``PROTOCOL``) before any
+    welcome; the right one is welcomed with the master's own proof over both nonces."""
+    port, log = secured_master
+    other = b"another token, also long enough"
+    cases: list[tuple[str, Any, KickCode]] = [
+        ("missing", lambda ch, mine: b"", KickCode.AUTH),
+        (
+            "wrong token",
+            lambda ch, mine: prove(other, b"pccl-hello", ch.nonce, mine),
+            KickCode.AUTH,
+        ),
+        (
+            "wrong purpose",
+            lambda ch, mine: prove(TOKEN, b"pccl-p2p", ch.nonce, mine),
+            KickCode.AUTH,
+        ),
+        (
+            "nonces swapped",
+            lambda ch, mine: prove(TOKEN, b"pccl-hello", mine, ch.nonce),
+            KickCode.AUTH,
+        ),
+    ]
+    for name, proof, code in cases:
+        s, ch = _challenge(port)
+        mine = new_nonce()
+        s.sendall(m.Hello(PROTOCOL_VERSION, 0, 9, "", 0, mine, proof(ch, mine)).encode())
+        got = _frames(s, 2)
+        assert [t for t, _ in got] == [MsgType.M2P_KICK], (name, got)
+        kick = m.decode(*got[0])
+        assert isinstance(kick, m.Kick) and kick.code == code, (name, kick)
+        s.close()
+    # A hello larger than the pre-authentication bound is refused from its header alone.
+    s, ch = _challenge(port)
+    s.sendall(HEADER.pack(MAGIC, VERSION, MsgType.P2M_HELLO, PRE_AUTH_MAX_BODY + 1))
+    got = _frames(s, 2)
+    assert [t for t, _ in got] == [MsgType.M2P_KICK], got
+    assert m.decode(*got[0]).code == KickCode.PROTOCOL  # type: ignore[attr-defined]
+    s.close()
+    # The right proof: welcomed, and the master proves the token back (mutual).
+    s, ch = _challenge(port)
+    mine = new_nonce()
+    proof = prove(TOKEN, b"pccl-hello", ch.nonce, mine)
+    s.sendall(m.Hello(PROTOCOL_VERSION, 0, 9, "", 0, mine, proof).encode())
+    got = _frames(s, 1)
+    w = m.decode(*got[0])
+    assert isinstance(w, m.Welcome) and w.peer_id > 0, got
+    assert verify(TOKEN, w.auth, b"pccl-welcome", mine, ch.nonce)
+    assert not verify(other, w.auth, b"pccl-welcome", mine, ch.nonce)
+    s.sendall(m.Leave("done").encode())
+    s.close()
+    assert log.read_text().count("AUTH: authentication failed") >= len(cases)
 
 
 @pytest.mark.timeout(90)
@@ -137,12 +213,13 @@ def test_stranger_cannot_inject_into_a_p2p_port(secured_master, caplog) -> None:
         except OSError:
             pass  # already closed by the peer: what we want
         s.close()
-        # A state request without the proof is refused as well.
+        # A state transfer without the proof is refused as well: no byte of state is served.
         s = socket.create_connection(("127.0.0.1", p2p))
         _frames(s, 1)
-        s.sendall(m.StateRequest(b.peer_id, 1, [("w", 0, 4)], b"").encode())
-        ack = m.decode(*_frames(s, 1)[0])
-        assert isinstance(ack, m.P2PHelloAck) and not ack.ok
+        s.sendall(m.StateHello(b.peer_id, 1, os.urandom(32)).encode())
+        got = _frames(s, 2)  # the refusal, then the close: never a byte of state
+        assert [t for t, _ in got] == [MsgType.P2P_STATE_ERROR], got
+        assert "authentication" in m.decode(*got[0]).reason  # type: ignore[attr-defined]
         s.close()
         for _ in range(3):
             _reduce_ok(a, b)

@@ -3,36 +3,61 @@
 The state machine talks only through its two callbacks; here they append to lists, so each test
 drives a scenario event by event and asserts exactly which message reached which peer. Covers
 admission (first peer at once, newcomers by unanimous vote, departed voters completing votes),
-epoch set-up (ready/done, unreachable reports), collective votes and verdicts, ring order, and
-the isolation of peer groups.
+epoch set-up (ready/done, unreachable reports), collective votes and verdicts (each peer's own
+attempt number echoed back), withdraws, the master-side start and vote deadlines (driven by
+``tick(now)`` with a chosen ``now``, or a module-local fake clock), the verdict memory and its
+query, untimely messages answered instead of kicked, ring order, the isolation of peer groups,
+and restart safety with a :class:`~pccl.master.store.RunStore` on a temporary file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+import types
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
-from pccl.master.state import MasterState, Phase
+from pccl.master import state as state_mod
+from pccl.master.state import VERDICT_MEMORY, MasterState, Phase
+from pccl.master.store import RunStore
 
 from pccl import messages as m
+from pccl.config import Config
 from pccl.errors import ProtocolError
-from pccl.frame import HEADER
+from pccl.frame import HEADER, PROTOCOL_VERSION, MsgType
+from pccl.messages import AbortKind, KickCode, VerdictState
 
 pytestmark = pytest.mark.timeout(30)
 
 PARAMS = dict(count=1024, dtype=0, op=0, quant=0)
+OK = int(AbortKind.OK)
+STALE = int(AbortKind.STALE_TOPOLOGY)
 
 
 class Harness:
     """A MasterState wired to lists. ``kick`` only records, like a daemon whose connection has
-    not closed yet; :meth:`drop` then simulates the disconnect the daemon reports later."""
+    not closed yet; :meth:`drop` then simulates the disconnect the daemon reports later.
 
-    def __init__(self) -> None:
+    Every peer numbers its collective attempts from its own base (``100 * peer id``), so a
+    verdict carrying another peer's attempt number would not compare equal."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        store: RunStore | None = None,
+        restart_grace_s: float | None = None,
+    ) -> None:
         self.sent: list[tuple[int, m.Message]] = []
-        self.kicks: list[tuple[int, str, str]] = []
+        self.kicks: list[tuple[int, KickCode, str]] = []
         self._checked: dict[int, m.Message] = {}
-        self.state = MasterState(self._send, self._kick)
+        self.attempts: dict[tuple[int, int], int] = {}  # (peer, tag) -> its latest attempt
+        self._next_attempt: dict[int, int] = {}
+        self.state = MasterState(
+            self._send, self._kick, config, store, restart_grace_s=restart_grace_s
+        )
 
     def _send(self, pid: int, msg: m.Message) -> None:
         # Whatever the master emits must survive the wire: peers decode it with the same schema
@@ -47,7 +72,8 @@ class Harness:
             self._checked[id(msg)] = msg  # keeps msg alive so its id is not reused
         self.sent.append((pid, msg))
 
-    def _kick(self, pid: int, code: str, reason: str) -> None:
+    def _kick(self, pid: int, code: KickCode, reason: str) -> None:
+        assert isinstance(code, KickCode), code
         self.kicks.append((pid, code, reason))
 
     # -------------------------------------------------------------- driving
@@ -72,11 +98,27 @@ class Harness:
     def drop(self, pid: int, reason: str = "disconnected") -> None:
         self.state.remove(pid, reason)
 
-    def initiate(self, pid: int, tag: int = 0, **kw: Any) -> None:
-        self.state.on_initiate(pid, m.CollectiveInitiate(tag, **{**PARAMS, **kw}))
+    def initiate(self, pid: int, tag: int = 0, attempt: int | None = None, **kw: Any) -> int:
+        """Initiate ``tag`` as ``pid``'s next attempt (or ``attempt``); returns the attempt."""
+        if attempt is None:
+            attempt = self._next_attempt.get(pid, 100 * pid + 1)
+            self._next_attempt[pid] = attempt + 1
+        self.attempts[(pid, tag)] = attempt
+        self.state.on_initiate(pid, m.CollectiveInitiate(tag, attempt, **{**PARAMS, **kw}))
+        return attempt
+
+    def withdraw(self, pid: int, tag: int, attempt: int | None = None, reason: str = "") -> None:
+        a = self.attempts[(pid, tag)] if attempt is None else attempt
+        self.state.on_withdraw(pid, m.CollectiveWithdraw(tag, a, reason))
 
     def complete(self, pid: int, tag: int, op_id: int, ok: bool = True, reason: str = "") -> None:
         self.state.on_complete(pid, m.CollectiveComplete(tag, op_id, ok, reason))
+
+    def query(self, pid: int, op_id: int) -> m.Verdict:
+        self.state.on_verdict_query(pid, m.VerdictQuery(op_id))
+        ((to, v),) = self.take(m.Verdict)
+        assert to == pid and isinstance(v, m.Verdict) and v.op_id == op_id
+        return v
 
     def admit(self, n: int, group: int = 0) -> list[int]:
         """Bring ``n`` new peers of ``group`` into the run (votes from everyone accepted)."""
@@ -93,6 +135,29 @@ class Harness:
         self.take()
         return pids
 
+    def run_op(self, pids: list[int], tag: int = 0) -> int:
+        """One successful collective of ``pids`` on ``tag``; returns its op id."""
+        for p in pids:
+            self.initiate(p, tag)
+        go = self.take(m.CollectiveCommence)
+        assert sorted(to for to, _ in go) == sorted(pids)
+        op_id = go[0][1].op_id  # type: ignore[attr-defined]
+        for p in pids:
+            self.complete(p, tag, op_id)
+        assert len(self.take(m.CollectiveDone)) == len(pids)
+        return op_id
+
+    # -------------------------------------------------------------- expecting
+
+    def done(
+        self, pid: int, tag: int, op_id: int, ok: bool, reason: str = "", kind: int = OK
+    ) -> m.CollectiveDone:
+        """The verdict ``pid`` must get for its latest attempt of ``tag``."""
+        return m.CollectiveDone(tag, self.attempts[(pid, tag)], op_id, ok, reason, int(kind))
+
+    def commence(self, pid: int, tag: int, op_id: int) -> m.CollectiveCommence:
+        return m.CollectiveCommence(tag, self.attempts[(pid, tag)], op_id, self.state.epoch)
+
     # -------------------------------------------------------------- inspecting
 
     def take(self, kind: type[m.Message] | None = None) -> list[tuple[int, m.Message]]:
@@ -101,7 +166,7 @@ class Harness:
         self.sent = [(p, x) for p, x in self.sent if not (kind is None or isinstance(x, kind))]
         return out
 
-    def take_kicks(self) -> list[tuple[int, str]]:
+    def take_kicks(self) -> list[tuple[int, KickCode]]:
         out = [(p, c) for p, c, _ in self.kicks]
         self.kicks.clear()
         return out
@@ -112,6 +177,30 @@ class Harness:
 
 def ring_ids(t: m.Topology) -> list[int]:
     return [pid for pid, _, _ in t.ring]
+
+
+class FakeClock:
+    """``time`` as :mod:`pccl.master.state` sees it: ``monotonic()`` only moves when told."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+        self.time = time.time  # the wall clock only seeds epoch and op ids
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, s: float) -> float:
+        self.now += s
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    c = FakeClock()
+    monkeypatch.setattr(
+        state_mod, "time", types.SimpleNamespace(monotonic=c.monotonic, time=c.time)
+    )
+    return c
 
 
 # --------------------------------------------------------------------------- admission
@@ -222,23 +311,72 @@ def test_pending_peer_leaving_changes_nothing() -> None:
     assert len(h.take(m.CollectiveCommence)) == 2
 
 
-def test_update_vote_out_of_state_is_kicked() -> None:
+def test_untimely_update_votes_are_answered_not_kicked() -> None:
+    """A vote during the set-up of the voter's own epoch is answered by that epoch's
+    completion; a pending peer's vote is refused (``TopologyDone(ok=False)``) and not counted."""
     h = Harness()
     p1 = h.join()
-    h.vote(p1)  # not accepted yet (still connecting)
-    assert h.take_kicks() == [(p1, "out_of_state")]
+    h.take()
+    e = h.state.epoch
+    h.vote(p1)  # not accepted yet (its first epoch is still connecting)
+    assert h.take() == [] and h.kicks == []
+    assert h.state.epoch == e and h.state.phase is Phase.CONNECTING
     h.ready(p1)
+    assert h.take() == [(p1, m.TopologyDone(e, True))]  # this answers the vote
     p2 = h.join()
     h.vote(p2)  # pending peers do not vote
-    assert h.take_kicks() == [(p2, "out_of_state")]
+    ((to, refusal),) = h.take()
+    assert to == p2 and isinstance(refusal, m.TopologyDone)
+    assert (refusal.epoch, refusal.ok) == (e, False)
+    assert "not accepted" in refusal.reason
+    assert h.kicks == [] and p2 in h.state.peers
+    assert not h.state.peers[p2].voted_update
+    h.vote(p1)  # the only accepted peer votes: p2 is admitted as usual
+    assert sorted(to for to, _ in h.take(m.Topology)) == [p1, p2]
+    h.ready()
+    assert h.state.peers[p2].accepted and h.kicks == []
 
 
-def test_update_vote_with_collective_outstanding_is_kicked() -> None:
+def test_untimely_update_vote_during_a_foreign_setup_is_refused_not_kicked() -> None:
+    """A peer registered while an epoch is being set up is outside it: its vote is refused."""
     h = Harness()
-    p1, _ = h.admit(2)
+    p1 = h.join()
+    p2 = h.join()
+    h.take()
+    h.vote(p2)
+    assert h.state.phase is Phase.CONNECTING
+    ((to, refusal),) = h.take()
+    assert to == p2 and isinstance(refusal, m.TopologyDone) and not refusal.ok
+    assert h.kicks == []
+    h.ready(p1)
+    assert h.take() == [(p1, m.TopologyDone(h.state.epoch, True))]
+    assert not h.state.peers[p2].accepted
+
+
+def test_update_vote_with_collective_outstanding_is_refused_not_kicked() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    e = h.state.epoch
     h.initiate(p1, tag=3)
     h.vote(p1)
-    assert h.take_kicks() == [(p1, "out_of_state")]
+    ((to, refusal),) = h.take()
+    assert to == p1 and isinstance(refusal, m.TopologyDone)
+    assert (refusal.epoch, refusal.ok) == (e, False)
+    assert "outstanding" in refusal.reason and "3" in refusal.reason
+    assert h.kicks == []
+    h.vote(p2)  # the refused vote was not counted: p2's vote alone changes nothing
+    assert h.take() == [] and h.state.epoch == e and h.state.phase is Phase.IDLE
+    # The collective still runs, and once it is decided p1's vote completes the update.
+    h.initiate(p2, tag=3)
+    go = h.take(m.CollectiveCommence)
+    assert sorted(to for to, _ in go) == [p1, p2]
+    op_id = go[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 3, op_id)
+    h.complete(p2, 3, op_id)
+    assert len(h.take(m.CollectiveDone)) == 2
+    h.vote(p1)
+    assert sorted(to for to, _ in h.take(m.Topology)) == [p1, p2]
+    assert h.kicks == []
 
 
 # --------------------------------------------------------------------------- epoch set-up
@@ -253,10 +391,14 @@ def test_stale_and_foreign_topology_reports() -> None:
     h.ready(p1, p2, epoch=e)  # a report for the previous epoch is ignored
     assert h.take() == [] and h.state.phase is Phase.CONNECTING
     p3 = h.join()  # registered after the announcement: outside the epoch
-    h.ready(p3)
-    assert h.take_kicks() == [(p3, "out_of_state")]
+    h.ready(p3)  # an untimely report: ignored, not fatal, and it does not count
+    assert h.take() == [] and h.kicks == []
+    assert h.state.phase is Phase.CONNECTING
     h.ready(p1, p2)
-    assert len(h.take(m.TopologyDone)) == 2
+    done = h.take(m.TopologyDone)
+    assert sorted(to for to, _ in done) == [p1, p2]
+    assert all(x == m.TopologyDone(e + 1, True) for _, x in done)
+    assert not h.state.peers[p3].accepted
 
 
 def test_ready_while_idle_is_ignored() -> None:
@@ -274,7 +416,7 @@ def test_unreachable_report_evicts_the_unreachable_peer_and_reannounces() -> Non
     h.take()
     h.ready(p1, p3)
     h.state.on_topology_ready(p2, m.TopologyReady(e, False, [p3], "connection refused"))
-    assert h.take_kicks() == [(p3, "unreachable")]
+    assert h.take_kicks() == [(p3, KickCode.UNREACHABLE)]
     assert h.take() == []
     h.drop(p3, "unreachable")  # the daemon reports the kicked connection gone
     assert h.state.epoch == e + 1
@@ -297,7 +439,7 @@ def test_failed_report_without_a_culprit_kicks_the_reporter(unreachable: Any) ->
     h.take()
     bad = [p1] if unreachable == "self" else unreachable
     h.state.on_topology_ready(p1, m.TopologyReady(h.state.epoch, False, bad, "no route"))
-    assert h.take_kicks() == [(p1, "p2p_failed")]
+    assert h.take_kicks() == [(p1, KickCode.P2P_FAILED)]
 
 
 def test_departure_during_setup_reannounces_without_the_departed() -> None:
@@ -342,16 +484,18 @@ def test_commence_only_when_every_ring_member_initiated() -> None:
     h.initiate(p3, tag=5)
     go = h.take()
     assert sorted(to for to, _ in go) == [p1, p2, p3]
-    (msg,) = {x for _, x in go}
-    assert isinstance(msg, m.CollectiveCommence)
-    assert (msg.tag, msg.epoch) == (5, h.state.epoch) and msg.op_id > 0
+    op_id = go[0][1].op_id  # type: ignore[attr-defined]
+    assert op_id > 0
+    # One op id and the current epoch for all; each peer's own attempt number echoed back.
+    assert go == [(to, h.commence(to, 5, op_id)) for to, _ in go]
+    assert len({x.attempt for _, x in go}) == 3  # type: ignore[attr-defined]
     for p in (p1, p2):
-        h.complete(p, 5, msg.op_id)
+        h.complete(p, 5, op_id)
     assert h.take() == []
-    h.complete(p3, 5, msg.op_id)
+    h.complete(p3, 5, op_id)
     done = h.take()
     assert sorted(to for to, _ in done) == [p1, p2, p3]
-    assert {x for _, x in done} == {m.CollectiveDone(5, msg.op_id, True, "", "")}
+    assert done == [(to, h.done(to, 5, op_id, True)) for to, _ in done]
 
 
 def test_concurrent_tags_are_independent_and_op_ids_unique() -> None:
@@ -360,18 +504,22 @@ def test_concurrent_tags_are_independent_and_op_ids_unique() -> None:
     h.initiate(p1, tag=1)
     h.initiate(p2, tag=2)
     h.initiate(p1, tag=2)
-    (a,) = {x for _, x in h.take()}
+    a = h.take()
     h.initiate(p2, tag=1)
-    (b,) = {x for _, x in h.take()}
-    assert isinstance(a, m.CollectiveCommence) and isinstance(b, m.CollectiveCommence)
-    assert (a.tag, b.tag) == (2, 1)
-    assert a.op_id != b.op_id
-    h.complete(p1, 1, b.op_id, ok=False, reason="boom")  # tag 1 aborts ...
+    b = h.take()
+    assert sorted(to for to, _ in a) == sorted(to for to, _ in b) == [p1, p2]
+    a_id, b_id = a[0][1].op_id, b[0][1].op_id  # type: ignore[attr-defined]
+    assert a == [(to, h.commence(to, 2, a_id)) for to, _ in a]
+    assert b == [(to, h.commence(to, 1, b_id)) for to, _ in b]
+    assert a_id != b_id
+    h.complete(p1, 1, b_id, ok=False, reason="boom")  # tag 1 aborts ...
     v = h.take()
-    assert {x.tag for _, x in v} == {1} and len(v) == 2
-    h.complete(p1, 2, a.op_id)  # ... tag 2 is untouched
-    h.complete(p2, 2, a.op_id)
-    assert {x for _, x in h.take()} == {m.CollectiveDone(2, a.op_id, True, "", "")}
+    assert {x.tag for _, x in v} == {1} and len(v) == 2  # type: ignore[attr-defined]
+    h.complete(p1, 2, a_id)  # ... tag 2 is untouched
+    h.complete(p2, 2, a_id)
+    done = h.take()
+    assert sorted(to for to, _ in done) == [p1, p2]
+    assert done == [(to, h.done(to, 2, a_id, True)) for to, _ in done]
 
 
 @pytest.mark.parametrize("field", ["count", "dtype", "op", "quant"])
@@ -383,14 +531,17 @@ def test_mismatched_parameters_give_every_member_a_mismatch_verdict(field: str) 
     h.initiate(p3, tag=9, **{field: PARAMS[field] + 1})
     sent = h.take()
     assert sorted(to for to, _ in sent) == [p1, p2, p3]
-    for _, v in sent:
+    for to, v in sent:
         assert isinstance(v, m.CollectiveDone)
-        assert (v.tag, v.ok, v.kind) == (9, False, "mismatch")
+        assert (v.tag, v.attempt, v.op_id) == (9, h.attempts[(to, 9)], 0)
+        assert (v.ok, v.kind) == (False, AbortKind.MISMATCH)
         assert f"{field}=" in v.reason
     # The tag is free again: a matching retry commences.
     for p in (p1, p2, p3):
         h.initiate(p, tag=9)
-    assert all(isinstance(x, m.CollectiveCommence) for _, x in h.take())
+    go = h.take()
+    assert sorted(to for to, _ in go) == [p1, p2, p3]
+    assert all(isinstance(x, m.CollectiveCommence) for _, x in go)
 
 
 def test_failed_completion_aborts_every_member() -> None:
@@ -398,17 +549,22 @@ def test_failed_completion_aborts_every_member() -> None:
     p1, p2, p3 = h.admit(3)
     for p in (p1, p2, p3):
         h.initiate(p, tag=0)
-    (go,) = {x for _, x in h.take()}
-    h.complete(p1, 0, go.op_id)
-    h.complete(p2, 0, go.op_id, ok=False, reason="progress timeout")
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 0, op_id)
+    h.complete(p2, 0, op_id, ok=False, reason="progress timeout")
     sent = h.take()
     assert sorted(to for to, _ in sent) == [p1, p2, p3]
-    for _, v in sent:
+    for to, v in sent:
         assert isinstance(v, m.CollectiveDone)
-        assert (v.op_id, v.ok, v.kind) == (go.op_id, False, "aborted")
+        assert (v.attempt, v.op_id, v.ok, v.kind) == (
+            h.attempts[(to, 0)],
+            op_id,
+            False,
+            AbortKind.ABORTED,
+        )
         assert "progress timeout" in v.reason
     # A late report for the aborted operation is ignored.
-    h.complete(p3, 0, go.op_id)
+    h.complete(p3, 0, op_id)
     assert h.take() == [] and h.kicks == []
     assert [tag for _, tag, _ in h.state.aborts[:1]] == [0]
 
@@ -418,14 +574,20 @@ def test_departure_mid_operation_aborts_every_remaining_member() -> None:
     p1, p2, p3 = h.admit(3)
     for p in (p1, p2, p3):
         h.initiate(p, tag=4)
-    (go,) = {x for _, x in h.take()}
-    h.complete(p1, 4, go.op_id)
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 4, op_id)
     h.drop(p2, "heartbeat_timeout")
     sent = h.take()
     assert sorted(to for to, _ in sent) == [p1, p3]
-    for _, v in sent:
+    for to, v in sent:
         assert isinstance(v, m.CollectiveDone)
-        assert (v.tag, v.op_id, v.ok, v.kind) == (4, go.op_id, False, "aborted")
+        assert (v.tag, v.attempt, v.op_id, v.ok, v.kind) == (
+            4,
+            h.attempts[(to, 4)],
+            op_id,
+            False,
+            AbortKind.ABORTED,
+        )
         assert str(p2) in v.reason
 
 
@@ -438,10 +600,12 @@ def test_departure_before_commence_aborts_those_who_initiated() -> None:
     assert [to for to, _ in sent] == [p1]
     v = sent[0][1]
     assert isinstance(v, m.CollectiveDone) and not v.ok
+    assert (v.attempt, v.op_id, v.kind) == (h.attempts[(p1, 2)], 0, AbortKind.ABORTED)
     # p2 had not initiated; when it does, the broken ring answers at once.
     h.initiate(p2, tag=2)
     ((to, v2),) = h.take()
-    assert to == p2 and isinstance(v2, m.CollectiveDone) and v2.kind == "stale_topology"
+    assert to == p2 and isinstance(v2, m.CollectiveDone)
+    assert (v2.attempt, v2.kind) == (h.attempts[(p2, 2)], AbortKind.STALE_TOPOLOGY)
 
 
 def test_initiate_on_a_broken_group_is_an_immediate_stale_topology_verdict() -> None:
@@ -453,7 +617,13 @@ def test_initiate_on_a_broken_group_is_an_immediate_stale_topology_verdict() -> 
         ((to, v),) = h.take()
         assert to == p
         assert isinstance(v, m.CollectiveDone)
-        assert (v.tag, v.op_id, v.ok, v.kind) == (7, 0, False, "stale_topology")
+        assert (v.tag, v.attempt, v.op_id, v.ok, v.kind) == (
+            7,
+            h.attempts[(p, 7)],
+            0,
+            False,
+            AbortKind.STALE_TOPOLOGY,
+        )
         assert "update_topology" in v.reason
     assert not h.state.peers[p1].ops  # nothing is left outstanding: the peer may vote
     h.vote(p1, p2)
@@ -461,7 +631,8 @@ def test_initiate_on_a_broken_group_is_an_immediate_stale_topology_verdict() -> 
     h.take()
     h.initiate(p1, tag=7)
     h.initiate(p2, tag=7)
-    assert all(isinstance(x, m.CollectiveCommence) for _, x in h.take())
+    go = h.take()
+    assert len(go) == 2 and all(isinstance(x, m.CollectiveCommence) for _, x in go)
 
 
 def test_initiate_during_topology_change_is_stale() -> None:
@@ -470,27 +641,38 @@ def test_initiate_during_topology_change_is_stale() -> None:
     h.vote(p1, p2)
     h.take()
     h.initiate(p1)
-    ((_, v),) = h.take()
-    assert isinstance(v, m.CollectiveDone) and v.kind == "stale_topology"
+    ((to, v),) = h.take()
+    assert to == p1 and isinstance(v, m.CollectiveDone)
+    assert (v.attempt, v.op_id, v.ok, v.kind) == (
+        h.attempts[(p1, 0)],
+        0,
+        False,
+        AbortKind.STALE_TOPOLOGY,
+    )
+    assert h.kicks == []
 
 
 def test_duplicate_tag_is_kicked() -> None:
+    """A second initiate of a tag still outstanding, without a withdraw, breaks the protocol."""
     h = Harness()
     p1, p2 = h.admit(2)
     h.initiate(p1, tag=11)
     h.initiate(p1, tag=11)
-    assert h.take_kicks() == [(p1, "out_of_state")]
+    assert h.take_kicks() == [(p1, KickCode.OUT_OF_STATE)]
     h.initiate(p2, tag=11)  # the other peer is unaffected until p1's removal is reported
     assert len(h.take(m.CollectiveCommence)) == 2
 
 
-def test_initiate_from_pending_peer_is_kicked() -> None:
+def test_initiate_from_pending_peer_is_refused_not_kicked() -> None:
     h = Harness()
     h.admit(2)
     p3 = h.join()
-    h.initiate(p3)
-    assert h.take_kicks() == [(p3, "out_of_state")]
-    assert h.take() == []
+    a = h.initiate(p3, tag=8)
+    assert h.take() == [
+        (p3, m.CollectiveDone(8, a, 0, False, "not accepted into the run yet", STALE))
+    ]
+    assert h.kicks == [] and not h.state.peers[p3].ops
+    assert not h.state.groups[0].ops  # nothing waits on the pending peer's initiate
 
 
 def test_foreign_and_stale_completions_are_ignored() -> None:
@@ -499,14 +681,245 @@ def test_foreign_and_stale_completions_are_ignored() -> None:
     p3 = h.join()  # pending, same group
     h.initiate(p1, tag=1)
     h.initiate(p2, tag=1)
-    (go,) = {x for _, x in h.take()}
-    h.complete(p3, 1, go.op_id, ok=False, reason="forged")  # not a member
-    h.complete(p1, 1, go.op_id + 1000, ok=False)  # wrong op id
-    h.complete(p1, 99, go.op_id, ok=False)  # unknown tag
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p3, 1, op_id, ok=False, reason="forged")  # not a member
+    h.complete(p1, 1, op_id + 1000, ok=False)  # wrong op id
+    h.complete(p1, 99, op_id, ok=False)  # unknown tag
     assert h.take() == [] and h.kicks == []
-    h.complete(p1, 1, go.op_id)
-    h.complete(p2, 1, go.op_id)
-    assert {x for _, x in h.take()} == {m.CollectiveDone(1, go.op_id, True, "", "")}
+    h.complete(p1, 1, op_id)
+    h.complete(p2, 1, op_id)
+    done = h.take()
+    assert sorted(to for to, _ in done) == [p1, p2]
+    assert done == [(to, h.done(to, 1, op_id, True)) for to, _ in done]
+
+
+# --------------------------------------------------------------------------- withdraw
+
+
+def test_withdraw_before_start_frees_the_tag_for_a_retry() -> None:
+    """A peer that gave up locally on an initiate not yet started (its start timeout) withdraws
+    it; the master confirms, forgets it, and a retry of the same tag is no duplicate."""
+    h = Harness()
+    p1, p2 = h.admit(2)
+    a1 = h.initiate(p1, tag=3)
+    h.withdraw(p1, 3, reason="start timeout")
+    ((to, v),) = h.take()
+    assert to == p1 and isinstance(v, m.CollectiveDone)
+    assert (v.tag, v.attempt, v.op_id, v.ok, v.kind) == (3, a1, 0, False, AbortKind.WITHDRAWN)
+    assert h.kicks == [] and not h.state.peers[p1].ops
+    a2 = h.initiate(p1, tag=3)  # the retry: a new attempt, no "initiated twice"
+    assert a2 != a1 and h.take() == [] and h.kicks == []
+    h.initiate(p2, tag=3)
+    go = h.take()
+    op_id = go[0][1].op_id  # type: ignore[attr-defined]
+    assert sorted(go) == sorted([(p1, h.commence(p1, 3, op_id)), (p2, h.commence(p2, 3, op_id))])
+    assert h.state.groups[0].ops[3].attempts == {p1: a2, p2: h.attempts[(p2, 3)]}
+
+
+def test_withdraw_before_start_lets_the_topology_vote_succeed() -> None:
+    """The withdrawn initiate no longer counts as outstanding: update_topology succeeds."""
+    h = Harness()
+    p1, p2 = h.admit(2)
+    p3 = h.join()
+    h.initiate(p1, tag=3)
+    h.withdraw(p1, 3)
+    h.take()
+    e = h.state.epoch
+    h.vote(p1, p2)
+    topo = h.take(m.Topology)
+    assert sorted(to for to, _ in topo) == [p1, p2, p3]
+    assert h.take(m.TopologyDone) == [] and h.kicks == []  # no refusal
+    h.ready()
+    done = h.take(m.TopologyDone)
+    assert sorted(to for to, _ in done) == [p1, p2, p3]
+    assert all(x == m.TopologyDone(e + 1, True) for _, x in done)
+    # Nothing of the withdrawn initiate lingers into the new epoch.
+    for p in (p1, p2, p3):
+        h.initiate(p, tag=3)
+    assert len(h.take(m.CollectiveCommence)) == 3
+
+
+def test_withdraw_of_a_started_operation_aborts_it_for_every_member() -> None:
+    h = Harness()
+    p1, p2, p3 = h.admit(3)
+    for p in (p1, p2, p3):
+        h.initiate(p, tag=6)
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 6, op_id)
+    h.withdraw(p2, 6, reason="cancelled by the application")
+    sent = h.take()
+    assert sorted(to for to, _ in sent) == [p1, p2, p3]
+    for to, v in sent:
+        assert isinstance(v, m.CollectiveDone)
+        assert (v.tag, v.attempt, v.op_id, v.ok, v.kind) == (
+            6,
+            h.attempts[(to, 6)],
+            op_id,
+            False,
+            AbortKind.ABORTED,
+        )
+        assert f"peer {p2}" in v.reason and "cancelled by the application" in v.reason
+    assert h.kicks == [] and not h.state.groups[0].ops
+    assert h.query(p1, op_id).state == VerdictState.ABORTED
+    h.complete(p3, 6, op_id)  # a late completion changes nothing
+    assert h.take() == [] and h.query(p3, op_id).state == VerdictState.ABORTED
+
+
+def test_withdraw_crossing_its_verdict_is_ignored() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    a1 = h.initiate(p1, tag=2)
+    h.initiate(p2, tag=2)
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 2, op_id)
+    h.complete(p2, 2, op_id)
+    assert len(h.take(m.CollectiveDone)) == 2  # the verdict is on its way ...
+    h.withdraw(p1, 2, a1, "gave up")  # ... while p1's withdraw crosses it
+    assert h.take() == [] and h.kicks == []
+    assert h.query(p1, op_id).state == VerdictState.OK  # the verdict stands
+    # A withdraw crossing an immediate refusal is ignored too.
+    h.drop(p2)
+    h.take()
+    a2 = h.initiate(p1, tag=2)
+    ((_, refusal),) = h.take()
+    assert isinstance(refusal, m.CollectiveDone) and refusal.kind == AbortKind.STALE_TOPOLOGY
+    h.withdraw(p1, 2, a2)
+    assert h.take() == [] and h.kicks == []
+
+
+def test_withdraw_of_an_older_attempt_leaves_the_current_one() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    a1 = h.initiate(p1, tag=4)
+    h.withdraw(p1, 4)
+    h.take()
+    h.initiate(p1, tag=4)
+    h.withdraw(p1, 4, a1)  # a duplicate, late withdraw of the first attempt
+    assert h.take() == [] and h.kicks == []
+    h.initiate(p2, tag=4)  # the current attempt still counts: the operation starts
+    go = h.take()
+    op_id = go[0][1].op_id  # type: ignore[attr-defined]
+    assert sorted(go) == sorted([(p1, h.commence(p1, 4, op_id)), (p2, h.commence(p2, 4, op_id))])
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def test_start_deadline_aborts_for_those_who_initiated_naming_the_laggard() -> None:
+    h = Harness(Config(start_timeout_s=30.0))
+    p1, p2, p3 = h.admit(3)
+    h.initiate(p1, tag=12)
+    h.initiate(p2, tag=12)
+    t0 = time.monotonic()  # not before the first initiate
+    h.state.tick(t0 + 15.0)
+    assert h.take() == [] and h.kicks == []
+    h.state.tick(t0 + 31.0)
+    sent = h.take()
+    assert sorted(to for to, _ in sent) == [p1, p2]  # p3 never initiated: nothing to answer
+    for to, v in sent:
+        assert isinstance(v, m.CollectiveDone)
+        assert (v.tag, v.attempt, v.op_id, v.ok, v.kind) == (
+            12,
+            h.attempts[(to, 12)],
+            0,
+            False,
+            AbortKind.START_TIMEOUT,
+        )
+        assert f"[{p3}]" in v.reason and "start_timeout_s=30" in v.reason
+    assert h.kicks == [] and p3 in h.state.peers  # nobody is evicted for being slow
+    assert not h.state.groups[0].ops
+    h.state.tick(t0 + 62.0)  # decided once
+    assert h.take() == []
+    # A retry by everyone starts normally.
+    for p in (p1, p2, p3):
+        h.initiate(p, tag=12)
+    assert len(h.take(m.CollectiveCommence)) == 3
+
+
+def test_start_deadline_spares_operations_already_running() -> None:
+    h = Harness(Config(start_timeout_s=5.0))
+    p1, p2 = h.admit(2)
+    h.initiate(p1, tag=1)
+    h.initiate(p2, tag=1)
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.state.tick(time.monotonic() + 60.0)
+    assert h.take() == [] and h.kicks == []
+    assert h.query(p1, op_id).state == VerdictState.RUNNING
+
+
+def test_vote_deadline_tells_the_voters_naming_the_laggard() -> None:
+    h = Harness(Config(vote_timeout_s=30.0))
+    p1, p2, p3 = h.admit(3)
+    e = h.state.epoch
+    h.vote(p1, p2)
+    t0 = time.monotonic()
+    h.state.tick(t0 + 15.0)
+    assert h.take() == [] and h.kicks == []
+    h.state.tick(t0 + 31.0)
+    sent = h.take()
+    assert sorted(to for to, _ in sent) == [p1, p2]
+    for _, v in sent:
+        assert isinstance(v, m.TopologyDone)
+        assert (v.epoch, v.ok) == (e, False)
+        assert f"[{p3}]" in v.reason and "vote_timeout_s=30" in v.reason
+    assert h.kicks == [] and sorted(h.state.peers) == [p1, p2, p3]  # nobody evicted
+    assert h.state.epoch == e and h.state.phase is Phase.IDLE
+    h.state.tick(t0 + 62.0)  # told once
+    assert h.take() == []
+    # The timed-out votes were reset: p3's late vote alone does not re-wire ...
+    h.vote(p3)
+    assert h.take() == []
+    # ... and a complete retry does.
+    h.vote(p1, p2)
+    assert sorted(to for to, _ in h.take(m.Topology)) == [p1, p2, p3]
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_verdict_query_reports_ok_aborted_running_and_unknown() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    ok_id = h.run_op([p1, p2], tag=1)
+    for p in (p1, p2):
+        h.initiate(p, tag=2)
+    bad_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p2, 2, bad_id, ok=False, reason="link reset")
+    h.take()
+    for p in (p1, p2):
+        h.initiate(p, tag=3)
+    run_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    assert len({ok_id, bad_id, run_id}) == 3
+    assert h.query(p1, ok_id) == m.Verdict(ok_id, int(VerdictState.OK), "")
+    v = h.query(p2, bad_id)
+    assert v.state == VerdictState.ABORTED and "link reset" in v.reason
+    assert h.query(p1, run_id).state == VerdictState.RUNNING
+    assert h.query(p1, run_id + 1000).state == VerdictState.UNKNOWN
+    assert h.query(p2, 1).state == VerdictState.UNKNOWN
+    h.complete(p1, 3, run_id)
+    h.complete(p2, 3, run_id)
+    h.take()
+    assert h.query(p2, run_id).state == VerdictState.OK
+    # A departure's abort is remembered too.
+    for p in (p1, p2):
+        h.initiate(p, tag=4)
+    gone_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.drop(p2)
+    h.take()
+    assert h.query(p1, gone_id).state == VerdictState.ABORTED
+    assert h.kicks == []
+
+
+def test_verdict_memory_is_bounded() -> None:
+    h = Harness()
+    (p1,) = h.admit(1)
+    ids = [h.run_op([p1], tag=i % 7) for i in range(VERDICT_MEMORY + 10)]
+    assert len(set(ids)) == len(ids)
+    assert len(h.state.verdicts) == VERDICT_MEMORY
+    for old in ids[:10]:
+        assert h.query(p1, old).state == VerdictState.UNKNOWN  # forgotten, oldest first
+    for kept in (ids[10], ids[len(ids) // 2], ids[-1]):
+        assert h.query(p1, kept).state == VerdictState.OK
 
 
 # --------------------------------------------------------------------------- ring order
@@ -582,23 +995,26 @@ def test_groups_are_isolated() -> None:
         h.initiate(p, tag=0)
     go_a = h.take()
     assert sorted(to for to, _ in go_a) == [a1, a2]
-    (go,) = {x for _, x in go_a}
+    op_id = go_a[0][1].op_id  # type: ignore[attr-defined]
+    assert go_a == [(to, h.commence(to, 0, op_id)) for to, _ in go_a]
     # A departure in group 1 aborts group 1's operation only.
     h.drop(b2)
     sent = h.take()
     assert [to for to, _ in sent] == [b1]
     assert isinstance(sent[0][1], m.CollectiveDone) and not sent[0][1].ok
     assert not h.state.groups[0].broken and h.state.groups[1].broken
-    h.complete(a1, 0, go.op_id)
-    h.complete(a2, 0, go.op_id)
-    assert {x for _, x in h.take()} == {m.CollectiveDone(0, go.op_id, True, "", "")}
+    h.complete(a1, 0, op_id)
+    h.complete(a2, 0, op_id)
+    done = h.take()
+    assert sorted(to for to, _ in done) == [a1, a2]
+    assert done == [(to, h.done(to, 0, op_id, True)) for to, _ in done]
     # Group 0 keeps running; group 1 is stale until the next topology update.
     h.initiate(a1, tag=3)
     h.initiate(a2, tag=3)
     assert len(h.take(m.CollectiveCommence)) == 2
     h.initiate(b1, tag=3)
     ((to, v),) = h.take()
-    assert to == b1 and isinstance(v, m.CollectiveDone) and v.kind == "stale_topology"
+    assert to == b1 and isinstance(v, m.CollectiveDone) and v.kind == AbortKind.STALE_TOPOLOGY
 
 
 def test_departure_in_one_group_during_setup_keeps_other_groups_rings() -> None:
@@ -627,7 +1043,7 @@ def test_mismatch_verdict_among_many_peers_fits_the_wire() -> None:
         h.initiate(p, tag=0, count=1000 + i)  # every peer disagrees
     sent = h.take()
     assert sorted(to for to, _ in sent) == sorted(pids)
-    assert all(isinstance(v, m.CollectiveDone) and v.kind == "mismatch" for _, v in sent)
+    assert all(isinstance(v, m.CollectiveDone) and v.kind == AbortKind.MISMATCH for _, v in sent)
 
 
 def test_abort_verdict_quoting_a_maximal_peer_reason_fits_the_wire() -> None:
@@ -637,11 +1053,28 @@ def test_abort_verdict_quoting_a_maximal_peer_reason_fits_the_wire() -> None:
     p1, p2 = h.admit(2)
     h.initiate(p1)
     h.initiate(p2)
-    (go,) = {x for _, x in h.take()}
-    h.complete(p1, 0, go.op_id, ok=False, reason="r" * 512)
+    op_id = h.take()[0][1].op_id  # type: ignore[attr-defined]
+    h.complete(p1, 0, op_id, ok=False, reason="r" * 512)
     sent = h.take()
     assert sorted(to for to, _ in sent) == [p1, p2]
     assert all(isinstance(v, m.CollectiveDone) and not v.ok for _, v in sent)
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["pending", "running"])
+def test_withdraw_with_a_maximal_reason_gets_a_decodable_answer(started: bool) -> None:
+    """A withdraw may carry a 512-character reason; what the master answers (a confirmation,
+    or the abort that quotes it to the whole group) must still decode."""
+    h = Harness()
+    p1, p2 = h.admit(2)
+    h.initiate(p1)
+    if started:
+        h.initiate(p2)
+        h.take()
+    h.withdraw(p1, 0, reason="w" * 512)
+    sent = h.take()
+    assert sorted(to for to, _ in sent) == ([p1, p2] if started else [p1])
+    kind = AbortKind.ABORTED if started else AbortKind.WITHDRAWN
+    assert all(isinstance(v, m.CollectiveDone) and v.kind == kind for _, v in sent)
 
 
 def test_registrations_beyond_max_peers_never_produce_an_undecodable_topology() -> None:
@@ -658,3 +1091,164 @@ def test_registrations_beyond_max_peers_never_produce_an_undecodable_topology() 
     topo = h.take(m.Topology)
     assert topo, "no topology announced"
     assert all(t.world_size <= m.MAX_PEERS for _, t in topo)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- peer ids
+
+
+@pytest.mark.parametrize("resume", [m.MAX_PEER_ID + 1, 2**63, 2**64 - 1])
+def test_resume_above_max_peer_id_is_refused_at_decode(resume: int) -> None:
+    fields = msgpack.unpackb(m.Hello(PROTOCOL_VERSION, 0, 4242, "", 7).encode()[HEADER.size :])
+    assert fields[4] == 7
+    m.decode(MsgType.P2M_HELLO, msgpack.packb(fields))  # the well-formed one decodes
+    fields[4] = resume
+    with pytest.raises(ProtocolError, match="resume_peer_id"):
+        m.decode(MsgType.P2M_HELLO, msgpack.packb(fields))
+    fields[4] = m.MAX_PEER_ID  # the largest id is still a valid resume
+    assert m.decode(MsgType.P2M_HELLO, msgpack.packb(fields)).resume_peer_id == m.MAX_PEER_ID  # type: ignore[attr-defined]
+
+
+def test_resume_of_the_largest_id_does_not_exhaust_ids() -> None:
+    """Without a store a resume is granted as asked; one asking for ``MAX_PEER_ID`` (a stranger
+    can, when no token is set) must not leave every later newcomer without an id."""
+    h = Harness()
+    (p1,) = h.admit(1)
+    top = h.state.new_peer_id(m.MAX_PEER_ID)
+    assert top == m.MAX_PEER_ID
+    h.state.register(top, 0, "10.0.0.99", 40099, resumed=True)
+    newcomers = []
+    for i in range(3):
+        pid = h.state.new_peer_id()
+        h.state.register(pid, 0, f"10.0.1.{i}", 41000 + i)
+        newcomers.append(pid)
+    assert h.kicks == []
+    assert all(0 < p <= m.MAX_PEER_ID for p in newcomers)
+    assert len({p1, top, *newcomers}) == 5
+    h.vote(p1)
+    topo = h.take(m.Topology)
+    assert sorted(to for to, _ in topo) == sorted([p1, top, *newcomers])
+    h.ready()
+    assert all(h.state.peers[p].accepted for p in newcomers)
+
+
+def test_resume_of_an_id_in_use_gets_a_fresh_id() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    other = h.state.new_peer_id(p2)
+    assert other not in (0, p1, p2)
+
+
+# --------------------------------------------------------------------------- restart safety
+
+
+def test_ids_issued_before_a_restart_are_never_reissued(tmp_path: Path) -> None:
+    path = tmp_path / "master-state.json"
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    issued = set(h.admit(3))
+    gone = h.join()  # registered, then left: its id was issued all the same
+    h.drop(gone)
+    issued.add(gone)
+    for restart in range(3):  # each a new master over the same file, the previous one killed
+        h = Harness(store=RunStore(path), restart_grace_s=0.0)
+        # More ids than one reserved block, so the floor must move while this master runs.
+        fresh = [h.state.new_peer_id() for _ in range(300 if restart == 1 else 5)]
+        assert 0 not in fresh and len(set(fresh)) == len(fresh)
+        assert not issued & set(fresh), f"restart {restart} reissued {sorted(issued & set(fresh))}"
+        issued |= set(fresh)
+    # A returning incumbent keeps its id; the ids are not handed to anyone else meanwhile.
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    assert h.state.new_peer_id(gone) == gone
+    assert h.state.new_peer_id() not in issued
+
+
+def test_resume_with_an_id_never_issued_gets_a_fresh_id(tmp_path: Path) -> None:
+    path = tmp_path / "master-state.json"
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    p1, p2 = h.admit(2)
+    # Within one run: an id this master has not issued yet is not granted to a resume.
+    wanted = p2 + 50
+    got = h.state.new_peer_id(wanted)
+    assert got not in (0, wanted, p1, p2)
+    assert h.state.new_peer_id() not in (wanted, got)
+    issued = {p1, p2, got}
+    # After a restart: ids beyond everything ever reserved are not granted either.
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    for wanted in (10**6, m.MAX_PEER_ID):
+        fresh = h.state.new_peer_id(wanted)
+        assert fresh not in (0, wanted) and fresh not in issued
+        issued.add(fresh)
+    assert h.state.new_peer_id(p1) == p1  # an id it did issue is granted back
+
+
+def _previous_run(path: Path, n: int) -> list[int]:
+    """A master over ``path`` that formed a run of ``n`` peers, then was killed."""
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    pids = h.admit(n)
+    h.state.tick(time.monotonic())  # the daemon's periodic tick persists the membership
+    return pids
+
+
+def test_restart_newcomer_waits_for_the_incumbents_then_all_form_one_run(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "master-state.json"
+    p1, p2 = _previous_run(path, 2)
+    h = Harness(Config(reconnect_timeout_s=30.0), store=RunStore(path), restart_grace_s=2.0)
+    newcomer = h.join()
+    assert newcomer not in (p1, p2)
+    h.state.tick(clock.advance(1.0))
+    h.state.tick(clock.advance(20.0))
+    assert h.take() == [] and h.state.phase is Phase.IDLE  # no run of its own
+    # What the daemon's Welcome says: newcomers wait, the previous run's peers do not.
+    assert not h.state.admits_at_once(newcomer + 1)
+    assert h.state.admits_at_once(p1)
+    assert not h.state.peers[newcomer].accepted
+    assert h.state.new_peer_id(p1) == p1
+    h.state.register(p1, 0, "10.0.0.1", 40001, resumed=True)
+    h.state.tick(clock.advance(1.0))
+    assert h.take() == []  # the restart grace: waits for the rest of the previous run
+    assert h.state.new_peer_id(p2) == p2
+    h.state.register(p2, 0, "10.0.0.2", 40002, resumed=True)
+    h.state.tick(clock.advance(1.5))
+    topo = h.take(m.Topology)
+    assert sorted(to for to, _ in topo) == sorted([p1, p2, newcomer])
+    assert all(ring_ids(t) == [p1, p2, newcomer] for _, t in topo)  # type: ignore[arg-type]
+    h.ready()
+    done = h.take(m.TopologyDone)
+    assert sorted(to for to, _ in done) == sorted([p1, p2, newcomer])
+    assert all(x.ok for _, x in done)  # type: ignore[attr-defined]
+    assert h.kicks == []
+
+
+def test_restart_newcomers_form_a_run_alone_after_the_orphan_deadline(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "master-state.json"
+    p1, _ = _previous_run(path, 2)
+    h = Harness(Config(reconnect_timeout_s=20.0), store=RunStore(path), restart_grace_s=1.0)
+    n1 = h.join()
+    n2 = h.join()
+    h.state.tick(clock.advance(20.5))  # within reconnect_timeout_s + restart_grace_s
+    assert h.take() == []
+    assert not h.state.admits_at_once(n2 + 1)
+    h.state.tick(clock.advance(1.0))  # past it: the previous run is not coming back
+    topo = h.take(m.Topology)
+    assert sorted(to for to, _ in topo) == [n1, n2]
+    assert all(ring_ids(t) == [n1, n2] for _, t in topo)  # type: ignore[arg-type]
+    h.ready()
+    assert len(h.take(m.TopologyDone)) == 2
+    # An incumbent returning late keeps its id and joins the new run by its vote.
+    assert h.state.new_peer_id(p1) == p1
+    h.state.register(p1, 0, "10.0.0.1", 40001, resumed=True)
+    assert h.take() == [] and not h.state.peers[p1].accepted
+    h.vote(n1, n2)
+    assert sorted(to for to, _ in h.take(m.Topology)) == sorted([n1, n2, p1])
+    assert h.kicks == []
+
+
+def test_restart_without_a_previous_run_admits_the_first_peer_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "master-state.json"
+    Harness(store=RunStore(path), restart_grace_s=0.0).state.new_peer_id()  # no run formed
+    h = Harness(store=RunStore(path), restart_grace_s=0.0)
+    p = h.join()
+    assert [to for to, _ in h.take(m.Topology)] == [p]
