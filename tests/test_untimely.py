@@ -7,6 +7,9 @@
 - A local give-up (the peer's own start deadline, shorter than the master's) withdraws its
   initiate: retrying the same tag and ``update_topology()`` work (they used to get the peer
   kicked for initiating twice).
+- A peer that keeps heartbeating but never votes ``update_topology()``: the voters get a
+  retryable ``TopologyUpdateFailed`` naming it within ``vote_timeout_s`` (they used to wait
+  forever, and with them every admission).
 - A verdict lost to a cut master link after the ring finished: the peer reconnects under its
   id, asks the master for the verdict of its operation and keeps the result, so every peer
   ends with the same bytes (it used to restore its input while the others kept the result).
@@ -68,6 +71,22 @@ def test_local_give_up_withdraws_so_retry_and_update_topology_work(master, worke
         if i != late:
             assert any("withdrawn" in e["message"] for e in r["errors"]), r
     assert "initiated twice" not in master.log_tail()
+
+
+def test_a_peer_that_never_votes_gets_the_voters_a_named_retryable_error(master_factory, workers):
+    master = master_factory(PCCL_VOTE_TIMEOUT_S="2")
+    late = WORLD - 1
+    ws, res = _run(workers, master, {"mode": "novote", "late": late, "delay": 4.0})
+    late_id = res[ws[late].name]["peer_id"]
+    for i, w in enumerate(ws):
+        r = res[w.name]
+        assert r["new_epoch"] and r["second"] == r["exact"], r
+        if i == late:
+            continue
+        first = r["errors"][0]
+        assert first["type"] == "TopologyUpdateFailed", r
+        assert f"[{late_id}]" in first["message"] and "vote_timeout_s" in first["message"], r
+        assert first["s"] < 2.0 + 1.5, first
 
 
 class CuttingProxy:

@@ -25,6 +25,37 @@ def value(idx: int, n: int) -> np.ndarray:
     return (np.arange(n, dtype=np.float32) % 1000) * np.float32(idx + 1)
 
 
+def novote(comm: pccl.Communicator, p: dict[str, Any], idx: int, world: int) -> None:
+    """Peer ``late`` keeps heartbeating but calls ``update_topology()`` only after ``delay``;
+    the others' votes must fail within the master's vote deadline, naming it, then succeed."""
+    errors: list[dict[str, Any]] = []
+    epoch0 = comm.epoch
+    if idx == p["late"]:
+        time.sleep(p["delay"])
+        comm.update_topology(timeout=30)
+    else:
+        for _ in range(p.get("tries", 4)):
+            t0 = time.monotonic()
+            try:
+                comm.update_topology(timeout=30)
+                break
+            except pccl.TopologyUpdateFailed as e:
+                errors.append(
+                    {"type": type(e).__name__, "message": str(e), "s": time.monotonic() - t0}
+                )
+    x = value(idx, p.get("n", 1 << 16))
+    comm.all_reduce(x, tag=1)
+    emit(
+        "result",
+        errors=errors,
+        new_epoch=comm.epoch > epoch0,
+        second=digest(x),
+        exact=digest(sum(value(i, p.get("n", 1 << 16)) for i in range(world))),
+        peer_id=comm.peer_id,
+    )
+    comm.close()
+
+
 def main() -> None:
     addr, p = params()
     world, idx, n = p["world"], p["idx"], p.get("n", 1 << 16)
@@ -33,6 +64,9 @@ def main() -> None:
     join(comm, world, timeout=60)
     pid0 = comm.peer_id
     emit("ready", peer_id=pid0)
+    if p.get("mode") == "novote":
+        novote(comm, p, idx, world)
+        return
     x = value(idx, n)
     errors: list[dict[str, Any]] = []
     if idx == late:
@@ -46,9 +80,7 @@ def main() -> None:
             ok = True
             break
         except pccl.CollectiveAborted as e:
-            errors.append(
-                {"type": type(e).__name__, "message": str(e), "s": time.monotonic() - t0}
-            )
+            errors.append({"type": type(e).__name__, "message": str(e), "s": time.monotonic() - t0})
             if digest(x) != digest(value(idx, n)):
                 raise AssertionError("input not restored after an abort") from e
     emit("first", ok=ok)
