@@ -2,15 +2,19 @@
 
 Each message is a frozen dataclass registered under one :class:`~pccl.frame.MsgType`. A body is a
 msgpack array of the fields in declaration order; trailing fields with defaults may be omitted.
-Decoding uses bounded ``msgpack`` limits and then checks every field against its declared
-:class:`Spec` (type, numeric range, length), so a decoded message is always well-formed.
-Anything else raises :class:`pccl.ProtocolError`. Pure functions; any thread.
+Decoding walks the schema: every array's claimed length is checked against its :class:`Spec`
+before any item is read, and every scalar is unpacked alone (containers refused, str/bin bounded)
+and checked (type, numeric range, length) before the next byte is looked at. So a decoded message
+is always well-formed, and a malformed body costs no more time or memory than its valid prefix:
+nothing is materialised that the schema would not hold. Anything else raises
+:class:`pccl.ProtocolError`. Pure functions; any thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,37 +144,143 @@ def spec(sp: Spec, *, default: Any = dataclasses.MISSING) -> Any:
     return field(default=default, metadata={"spec": sp})
 
 
-def _check(v: Any, sp: Spec, where: str) -> Any:
-    k = sp.kind
+#: Reads one value of its spec from a ``msgpack.Unpacker`` positioned at it. It raises
+#: :class:`ProtocolError` whose message starts with the path below the field
+#: (``"[3][1]: expected ..."``) so that the caller can prefix the message and field name.
+_Reader = Callable[[Any], Any]
+
+
+def _malformed(e: Exception) -> ProtocolError:
+    # msgpack raises ValueError, OutOfData, FormatError, StackError...; the ext hook raises ours.
+    if isinstance(e, ProtocolError):
+        return e
+    return ProtocolError(f": malformed msgpack ({type(e).__name__}: {e!s:.80})")
+
+
+#: Type bytes of array16 and array32 headers, and how many length bytes follow each.
+_WIDE_ARRAYS = {0xDC: 2, 0xDD: 4}
+
+
+def _read(u: Any, n: int) -> bytes:
+    try:
+        raw: bytes = u.read_bytes(n)
+    except Exception as e:  # the pure-Python unpacker raises OutOfData; the C one returns less
+        raise _malformed(e) from None
+    if len(raw) < n:
+        raise ProtocolError(": truncated")
+    return raw
+
+
+def _array_header(u: Any) -> int:
+    """Read an array header, not its items: the caller checks the claimed count first.
+
+    Parsed here from raw bytes because msgpack's ``read_array_header`` differs between its
+    implementations: the C one ignores ``max_array_len`` (it returns any claim, even 2**32-1),
+    the pure-Python one enforces it, which the readers' limit of 0 would then refuse.
+    """
+    t = _read(u, 1)[0]
+    if t & 0xF0 == 0x90:  # fixarray
+        return t & 0x0F
+    width = _WIDE_ARRAYS.get(t)
+    if width is None:
+        raise ProtocolError(f": expected an array, got msgpack type byte 0x{t:02x}")
+    return int.from_bytes(_read(u, width), "big")
+
+
+@functools.cache
+def _reader(sp: Spec) -> _Reader:
+    """Compile ``sp`` into a reader; cached, as specs are frozen and shared between messages."""
+    k, lo, hi = sp.kind, sp.lo, sp.hi
+    # Scalars come from an Unpacker that refuses every non-empty container (its max_array_len
+    # and max_map_len are 0), so each read materialises at most one object, which is checked
+    # before the next byte is looked at.
     if k == "int":
-        if type(v) is not int or not (sp.lo <= v <= sp.hi):
-            raise ProtocolError(f"{where}: expected int in [{sp.lo}, {sp.hi}], got {v!r:.40}")
-        return v
+
+        def read_int(u: Any) -> int:
+            try:
+                v = u.unpack()
+            except Exception as e:
+                raise _malformed(e) from None
+            if type(v) is not int or not lo <= v <= hi:
+                raise ProtocolError(f": expected int in [{lo}, {hi}], got {v!r:.40}")
+            return v
+
+        return read_int
     if k == "float":
-        if type(v) is int:
-            v = float(v)
-        if type(v) is not float or not math.isfinite(v):
-            raise ProtocolError(f"{where}: expected a finite float, got {v!r:.40}")
-        return v
+
+        def read_float(u: Any) -> float:
+            try:
+                v = u.unpack()
+            except Exception as e:
+                raise _malformed(e) from None
+            if type(v) is int:  # msgpack ints are at most 64-bit: float() cannot overflow
+                v = float(v)
+            if type(v) is not float or not math.isfinite(v):
+                raise ProtocolError(f": expected a finite float, got {v!r:.40}")
+            return v
+
+        return read_float
     if k == "bool":
-        if type(v) is not bool:
-            raise ProtocolError(f"{where}: expected bool, got {v!r:.40}")
-        return v
+
+        def read_bool(u: Any) -> bool:
+            try:
+                v = u.unpack()
+            except Exception as e:
+                raise _malformed(e) from None
+            if type(v) is not bool:
+                raise ProtocolError(f": expected bool, got {v!r:.40}")
+            return v
+
+        return read_bool
     if k in ("str", "bytes"):
         want = str if k == "str" else bytes
-        if type(v) is not want or len(v) > sp.hi:
-            raise ProtocolError(f"{where}: expected {k} of at most {sp.hi}, got {v!r:.40}")
-        return v
+
+        def read_text(u: Any) -> str | bytes:
+            try:
+                v = u.unpack()
+            except Exception as e:
+                raise _malformed(e) from None
+            if type(v) is not want or len(v) > hi:
+                raise ProtocolError(f": expected {k} of at most {hi}, got {v!r:.40}")
+            return v
+
+        return read_text
     if k == "list":
-        if type(v) is not list or len(v) > sp.hi:
-            raise ProtocolError(f"{where}: expected a list of at most {sp.hi} items")
         assert isinstance(sp.items, Spec)
-        return [_check(x, sp.items, f"{where}[{i}]") for i, x in enumerate(v)]
+        item = _reader(sp.items)
+
+        def read_list(u: Any) -> list[Any]:
+            n = _array_header(u)
+            if n > hi:  # judged from the header, before any item is read
+                raise ProtocolError(f": expected a list of at most {hi} items, got {n}")
+            out: list[Any] = []
+            append = out.append  # items are appended as read: memory follows bytes consumed
+            try:
+                for _ in range(n):
+                    append(item(u))
+            except ProtocolError as e:
+                raise ProtocolError(f"[{len(out)}]{e}") from None
+            return out
+
+        return read_list
     if k == "tuple":
         assert isinstance(sp.items, tuple)
-        if type(v) is not list or len(v) != len(sp.items):
-            raise ProtocolError(f"{where}: expected a {len(sp.items)}-tuple")
-        return tuple(_check(x, si, f"{where}[{i}]") for i, (x, si) in enumerate(zip(v, sp.items)))
+        items = tuple(_reader(i) for i in sp.items)
+        width = len(items)
+
+        def read_tuple(u: Any) -> tuple[Any, ...]:
+            n = _array_header(u)
+            if n != width:
+                raise ProtocolError(f": expected a {width}-tuple, got an array of {n}")
+            out: list[Any] = []
+            try:
+                for r in items:
+                    out.append(r(u))
+            except ProtocolError as e:
+                raise ProtocolError(f"[{len(out)}]{e}") from None
+            return tuple(out)
+
+        return read_tuple
     raise AssertionError(f"unknown spec kind {k}")
 
 
@@ -224,14 +334,57 @@ def encode(msg: Message) -> bytes:
 
 
 def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+    raise ProtocolError(f": msgpack extension type {code} is not allowed")
+
+
+def _limits(sp: Spec) -> tuple[int, int]:
+    """Longest str (in UTF-8 bytes) and bytes value that ``sp`` admits anywhere inside it."""
+    if sp.kind == "str":
+        return 4 * sp.hi, 0  # the bound counts characters; UTF-8 needs up to 4 bytes each
+    if sp.kind == "bytes":
+        return 0, sp.hi
+    subs = (sp.items,) if isinstance(sp.items, Spec) else sp.items or ()
+    found = [_limits(i) for i in subs]
+    return max((a for a, _ in found), default=0), max((b for _, b in found), default=0)
+
+
+_Plan = tuple[dict[str, Any], tuple[tuple[str, _Reader], ...]]
+_PLANS: dict[type[Message], _Plan] = {}
+
+
+def _plan(cls: type[Message]) -> _Plan:
+    """Unpacker settings sized to ``cls``'s schema, and one reader per field (cached)."""
+    plan = _PLANS.get(cls)
+    if plan is not None:
+        return plan
+    found = [_limits(sp) for _, sp in cls._fields]
+    settings = {
+        "raw": False,
+        "max_str_len": max(a for a, _ in found),
+        "max_bin_len": max(b for _, b in found),
+        "max_array_len": 0,  # arrays are read header-first by the readers, never by unpack()
+        "max_map_len": 0,  # no message uses maps
+        "max_ext_len": 0,
+        "ext_hook": _no_ext,
+    }
+    plan = settings, tuple((name, _reader(sp)) for name, sp in cls._fields)
+    _PLANS[cls] = plan
+    return plan
 
 
 def decode(mtype: MsgType, body: bytes) -> Message:
     """Decode a control ``body`` of type ``mtype`` into its message.
 
+    The body is read along the schema: each array's claimed length is checked against its
+    spec before any item is read, each scalar is unpacked alone (containers refused, str/bin
+    bounded by the longest the message admits) and checked before the next, and the body must
+    end with the last field. So a malformed body is refused at the first byte that leaves the
+    schema; what was built before that is a valid prefix of the message plus at most one
+    refused scalar (a few KiB at most), and time is linear in the bytes read.
+
     Raises:
-        ProtocolError: not a control type, malformed msgpack, or any field out of bounds.
+        ProtocolError: not a control type, oversized, malformed or truncated msgpack, trailing
+            bytes, a missing or extra field, or any field out of its spec. Never anything else.
     """
     try:
         mtype = MsgType(mtype)
@@ -242,28 +395,26 @@ def decode(mtype: MsgType, body: bytes) -> Message:
         raise ProtocolError(f"{mtype.name} has no control body")
     if len(body) > max_body(mtype):
         raise ProtocolError("control body too large")
+    settings, readers = _plan(cls)
+    # Sized to the body so feeding it copies it once and never grows a larger buffer.
+    u = msgpack.Unpacker(max_buffer_size=max(len(body), 1), **settings)
+    u.feed(body)
     try:
-        obj = msgpack.unpackb(
-            body,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_str_len=65536,
-            max_bin_len=65536,
-            max_array_len=MAX_KEYS,
-            max_map_len=0,  # no message uses maps
-            max_ext_len=0,
-            ext_hook=_no_ext,
+        n = _array_header(u)
+    except ProtocolError as e:
+        raise ProtocolError(f"{mtype.name}: expected an array of fields{e}") from None
+    if not cls._required <= n <= len(readers):
+        raise ProtocolError(
+            f"{mtype.name}: expected {cls._required} to {len(readers)} fields, got {n}"
         )
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises many types: ValueError, FormatError, StackError...
-        raise ProtocolError(f"malformed {mtype.name} body: {type(e).__name__}") from None
-    if type(obj) is not list or not (cls._required <= len(obj) <= len(cls._fields)):
-        raise ProtocolError(f"{mtype.name}: expected an array of {cls._required}+ fields")
-    kwargs = {
-        name: _check(v, sp, f"{mtype.name}.{name}") for (name, sp), v in zip(cls._fields, obj)
-    }
+    kwargs = {}
+    for name, read in readers[:n]:
+        try:
+            kwargs[name] = read(u)
+        except ProtocolError as e:
+            raise ProtocolError(f"{mtype.name}.{name}{e}") from None
+    if u.tell() != len(body):
+        raise ProtocolError(f"{mtype.name}: {len(body) - u.tell()} bytes after the last field")
     return cls(**kwargs)
 
 

@@ -3,19 +3,25 @@
 Proves that every message in ``pccl.messages.MESSAGES`` survives encode -> ``FrameDecoder``
 (fed whole, byte by byte, and in random splits) -> ``decode`` unchanged, and that every header
 field and every message field is checked against its bound: anything out of bounds raises
-``pccl.ProtocolError`` and nothing else. Pure functions; no sockets.
+``pccl.ProtocolError`` and nothing else. Wire version 2: typed kick codes and abort kinds,
+attempt numbers, and the state-transfer hello split from the request. Decoding is checked with
+both msgpack implementations (the C extension and its pure-Python fallback), every proper
+prefix and any trailing byte of a body is refused. Pure functions; no sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import random
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import msgpack.fallback
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,6 +52,18 @@ ALL_TYPES = sorted(MESSAGES, key=int)
 DATA_TYPES = [t for t in MsgType if t.name in ("P2P_DATA", "P2P_STATE_DATA")]
 KNOWN = {int(t) for t in MsgType}
 UNKNOWN_TYPES = [t for t in range(256) if t not in KNOWN]
+#: msgpack's two implementations: ``decode`` must behave the same on both (they differ, e.g.,
+#: in whether ``read_array_header`` honours ``max_array_len``).
+IMPLS = ["c", "python"]
+
+
+@contextlib.contextmanager
+def unpacker_impl(impl: str) -> Iterator[None]:
+    """Run ``decode`` on msgpack's C ``Unpacker`` (the default) or its pure-Python fallback."""
+    with pytest.MonkeyPatch.context() as mp:
+        if impl == "python":
+            mp.setattr(msgpack, "Unpacker", msgpack.fallback.Unpacker)
+        yield
 
 
 # --------------------------------------------------------------------------- spec helpers
@@ -166,7 +184,7 @@ def message_strategy(cls: type[m.Message]) -> st.SearchStrategy[m.Message]:
     return st.builds(cls, **{name: strategy(sp) for name, sp in fields_of(cls)})
 
 
-def minimal_message(cls: type[m.Message]) -> m.Message:
+def minimal_message(cls: type[m.Message]) -> Any:  # Any: dataclasses.replace() takes it
     return cls(**{name: minimal(sp) for name, sp in fields_of(cls)})
 
 
@@ -200,7 +218,7 @@ def test_every_control_type_has_a_message_and_data_types_do_not() -> None:
         assert cls.TYPE is t
         assert fields_of(cls), f"{cls.__name__} has no fields"
         names = [n for n, _ in fields_of(cls)]
-        assert names == [f.name for f in dataclasses.fields(cls)]
+        assert names == [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
 
 
 def test_protocol_error_is_public_and_a_value_error() -> None:
@@ -252,6 +270,76 @@ def test_random_instances_round_trip(mtype: MsgType, data: st.DataObject) -> Non
     assert decoded.encode() == enc
 
 
+def big_strategy(sp: Spec) -> st.SearchStrategy[Any]:
+    """Valid values up to their bounds: full-length strings, wide lists, any int or float."""
+    k = sp.kind
+    if k == "str":
+        return st.text(max_size=24) | st.text(min_size=sp.hi, max_size=sp.hi)
+    if k == "bytes":
+        return st.binary(max_size=sp.hi)
+    if k == "list":
+        assert isinstance(sp.items, Spec)
+        return st.lists(big_strategy(sp.items), max_size=min(sp.hi, 40))
+    if k == "tuple":
+        assert isinstance(sp.items, tuple)
+        return st.tuples(*(big_strategy(i) for i in sp.items))
+    return strategy(sp)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mtype", ALL_TYPES, ids=lambda t: t.name)
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_wide_random_instances_round_trip_on_both_unpackers(
+    impl: str, mtype: MsgType, data: st.DataObject
+) -> None:
+    """Strings at their bound, lists of up to 40 items (nested lists too), extreme ints."""
+    cls = MESSAGES[mtype]
+    msg = data.draw(st.builds(cls, **{n: big_strategy(sp) for n, sp in fields_of(cls)}))
+    body = msg.encode()[HEADER.size :]
+    with unpacker_impl(impl):
+        decoded = m.decode(mtype, body)
+    assert decoded == msg
+    assert type(decoded) is cls
+    assert decoded.encode()[HEADER.size :] == body
+    # Tuples come back as tuples and lists as lists, as the dataclass declared them.
+    for name, sp in fields_of(cls):
+        value = getattr(decoded, name)
+        assert type(value) is {"list": list, "tuple": tuple}.get(sp.kind, type(value))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mtype", ALL_TYPES, ids=lambda t: t.name)
+def test_truncated_bodies_and_trailing_bytes_are_refused(impl: str, mtype: MsgType) -> None:
+    """Every proper prefix of a valid body is refused (msgpack is prefix-free, so none is a
+    shorter valid message), and so is a valid body followed by anything at all."""
+    cls = MESSAGES[mtype]
+    rng = random.Random(int(mtype))
+    base = minimal_message(cls)
+    msgs = [base] + [dataclasses.replace(base, **{n: at_bound(sp)}) for n, sp in fields_of(cls)]
+    trailers = [b"\x00", b"\xc0", b"\x90", b"\x91\x00", b"\xa1x", b"\xdd\xff\xff\xff\xff"]
+    with unpacker_impl(impl):
+        for msg in msgs:
+            body = msg.encode()[HEADER.size :]
+            assert m.decode(mtype, body) == msg
+            # Short bodies: every cut; long ones (lists at their bound): a sample, and the last
+            # bytes, where a cut leaves the most of the message decodable.
+            cuts = list(range(len(body)))
+            if len(body) > 600:  # the pure-Python unpacker takes ~0.1 s on these: fewer
+                k = 16 if impl == "c" else 4
+                cuts = [*rng.sample(cuts, k), *cuts[-k:]]
+            for cut in cuts:
+                with pytest.raises(ProtocolError):
+                    m.decode(mtype, body[:cut])
+            for extra in [*trailers, body]:
+                with pytest.raises(ProtocolError, match="after the last field"):
+                    m.decode(mtype, body + extra)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     msgs=st.lists(
@@ -272,7 +360,7 @@ def test_byte_by_byte_stream_of_every_type() -> None:
     msgs = [minimal_message(MESSAGES[t]) for t in ALL_TYPES]
     data = b"".join(x.encode() for x in msgs)
     dec = FrameDecoder()
-    out = []
+    out: list[m.Message] = []
     for i in range(len(data)):
         out.extend(m.decode(t, b) for t, b in dec.feed(data[i : i + 1]))
         assert dec.pending <= HEADER.size + MAX_CONTROL_FRAME
@@ -283,7 +371,7 @@ def test_byte_by_byte_stream_of_every_type() -> None:
 @pytest.mark.parametrize("mtype", ALL_TYPES, ids=lambda t: t.name)
 def test_trailing_defaults_may_be_omitted(mtype: MsgType) -> None:
     cls = MESSAGES[mtype]
-    fs = dataclasses.fields(cls)
+    fs = dataclasses.fields(cls)  # type: ignore[arg-type]
     required = [
         f
         for f in fs
@@ -309,6 +397,84 @@ def test_float_fields_accept_ints_and_float32_encodings() -> None:
     msg = m.decode(MsgType.M2P_WELCOME, body32)
     assert msg == m.Welcome(7, 0.5, 3.0, False)
     assert type(msg.heartbeat_interval_s) is float
+
+
+# --------------------------------------------------------------------------- wire version 2
+
+
+def test_wire_version_2_schemas() -> None:
+    """The v2 layouts: attempts on collectives, typed codes as ints, split state hello."""
+    assert VERSION == 2
+
+    def names(cls: type[m.Message]) -> list[str]:
+        return [n for n, _ in fields_of(cls)]
+
+    assert names(m.CollectiveInitiate) == ["tag", "attempt", "count", "dtype", "op", "quant"]
+    assert names(m.CollectiveCommence) == ["tag", "attempt", "op_id", "epoch"]
+    assert names(m.CollectiveDone) == ["tag", "attempt", "op_id", "ok", "reason", "kind"]
+    assert names(m.CollectiveWithdraw) == ["tag", "attempt", "reason"]
+    assert names(m.VerdictQuery) == ["op_id"]
+    assert names(m.Verdict) == ["op_id", "state", "reason"]
+    assert names(m.StateHello) == ["peer_id", "sync_id", "auth"]
+    assert names(m.StateRequest) == ["ranges"]
+    for cls, name in [(m.Kick, "code"), (m.CollectiveDone, "kind"), (m.Verdict, "state")]:
+        assert dict(fields_of(cls))[name] == Spec("int", 0, 0xFF)
+    # Ids: operations and syncs below 2**63 (any int64 holds them), peers below 2**31.
+    specs = {(c.__name__, n): sp for c in MESSAGES.values() for n, sp in fields_of(c)}
+    for (cls_name, name), sp in specs.items():
+        if name in ("op_id", "sync_id", "attempt"):
+            assert sp.hi == m.U63, (cls_name, name)
+        if name in ("peer_id", "resume_peer_id"):
+            assert sp.hi == m.MAX_PEER_ID, (cls_name, name)
+
+
+@pytest.mark.parametrize(
+    ("msg", "enum_field", "parse"),
+    [
+        (m.Kick(m.KickCode.AUTH, "bad token"), "code", m.KickCode.parse),
+        (
+            m.CollectiveDone(1, 2, 3, False, "x", m.AbortKind.STALE_TOPOLOGY),
+            "kind",
+            m.AbortKind.parse,
+        ),
+        (m.Verdict(9, m.VerdictState.RUNNING), "state", m.VerdictState),
+    ],
+    ids=["kick", "done", "verdict"],
+)
+def test_typed_codes_travel_as_ints(msg: m.Message, enum_field: str, parse: Any) -> None:
+    out = m.decode(msg.TYPE, msg.encode()[HEADER.size :])
+    assert out == msg
+    value = getattr(out, enum_field)
+    assert type(value) is int  # decode yields plain ints; the receiver parses the enum
+    assert parse(value) == getattr(msg, enum_field)
+    values = [plain(getattr(msg, n)) for n, _ in fields_of(type(msg))]
+    index = [n for n, _ in fields_of(type(msg))].index(enum_field)
+    # v1 sent these as free-text strings: refused now, as are values beyond a byte.
+    for bad in ["auth", "aborted", 256, -1]:
+        values[index] = bad
+        with pytest.raises(ProtocolError, match=enum_field):
+            m.decode(msg.TYPE, body_of(values))
+    # A code from a newer build still decodes; parsing it names it UNKNOWN.
+    values[index] = 200
+    assert getattr(m.decode(msg.TYPE, body_of(values)), enum_field) == 200
+    if parse is not m.VerdictState:
+        assert parse(200).name == "UNKNOWN"
+
+
+def test_version_1_layouts_are_refused() -> None:
+    """Bodies in the v1 layouts (no attempt; state request carrying the hello) never decode as
+    something else."""
+    v1: list[tuple[MsgType, list[Any]]] = [
+        (MsgType.P2P_STATE_REQUEST, [7, 1, [["k", 0, 8]], b""]),  # peer_id, sync_id, ranges, auth
+        (MsgType.P2P_STATE_HELLO, [7, 1, [["k", 0, 8]], b""]),
+        (MsgType.P2M_COLLECTIVE_INITIATE, [1, 1024, 0, 0, 0]),  # tag, count, dtype, op, quant
+        (MsgType.M2P_COLLECTIVE_COMMENCE, [1, 5, 3]),  # tag, op_id, epoch
+        (MsgType.M2P_COLLECTIVE_DONE, [1, 5, False, "peer left", "aborted"]),
+        (MsgType.M2P_KICK, ["auth", "bad token"]),
+    ]
+    for mtype, values in v1:
+        with pytest.raises(ProtocolError):
+            m.decode(mtype, body_of(values))
 
 
 # --------------------------------------------------------------------------- field bounds

@@ -6,19 +6,25 @@ splicing, msgpack type confusion, nesting bombs) go through ``FrameDecoder`` and
 ``messages.decode`` exactly as the master and the peers use them. Any exception other than
 ``pccl.ProtocolError`` fails the test; every message that does decode is well-formed (it
 re-encodes and decodes to itself). Memory stays bounded: a header claiming 4 GiB is refused
-before anything is allocated for it. Pure functions; no sockets.
+before anything is allocated for it, and expansion bombs (nested or wide empty containers, huge
+count claims, maps, extension types, strings at the unpacker's limit) as large as each type's
+frame bound (16 MiB for the state messages) are refused, at every position of every schema, in
+well under a second with a peak of at most 8x the body plus 1 MiB. Pure functions; no sockets.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import msgpack.fallback
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +32,7 @@ from hypothesis import strategies as st
 from pccl import messages as m
 from pccl.config import MAX_CONTROL_FRAME
 from pccl.errors import ProtocolError
-from pccl.frame import HEADER, MAGIC, VERSION, FrameDecoder, MsgType
+from pccl.frame import HEADER, MAGIC, VERSION, FrameDecoder, MsgType, max_body
 from pccl.messages import MESSAGES, Spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,6 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 KNOWN_TYPES = [int(t) for t in MsgType]
 CONTROL_TYPES = sorted(MESSAGES, key=int)
 MUTATION_FRAMES = 110_000
+#: The largest control body of any type (the state messages': 16 MiB).
+MAX_BODY = max(max_body(t) for t in CONTROL_TYPES)
 
 
 # --------------------------------------------------------------------------- harness
@@ -51,7 +59,7 @@ def feed(data: bytes, chunks: list[int] | None = None, *, allow_data: bool = Fal
     try:
         for piece in pieces:
             for mtype, body in dec.feed(piece):
-                assert len(body) <= MAX_CONTROL_FRAME or allow_data
+                assert len(body) <= max_body(mtype)
                 if mtype not in MESSAGES:
                     continue  # raw data frame (allow_data only): no control body
                 msg = m.decode(mtype, body)
@@ -61,7 +69,7 @@ def feed(data: bytes, chunks: list[int] | None = None, *, allow_data: bool = Fal
         out["refused"] += 1
         return out
     # An incomplete frame waits for more bytes; it never buffers more than one bounded frame.
-    assert dec.pending < HEADER.size + MAX_CONTROL_FRAME + 64
+    assert dec.pending < HEADER.size + MAX_BODY
     out["waiting" if dec.pending else "clean"] += 1
     return out
 
@@ -71,8 +79,34 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *pts], [*pts, len(data)])]
 
 
+def conforms(v: Any, sp: Spec) -> bool:
+    """Whether ``v`` lies within ``sp``: the fuzzers' oracle, independent of ``decode``."""
+    k = sp.kind
+    if k == "int":
+        return type(v) is int and sp.lo <= v <= sp.hi
+    if k == "float":
+        return type(v) is float and math.isfinite(v)
+    if k == "bool":
+        return type(v) is bool
+    if k in ("str", "bytes"):
+        return type(v) is (str if k == "str" else bytes) and len(v) <= sp.hi
+    if k == "list":
+        assert isinstance(sp.items, Spec)
+        item = sp.items
+        return type(v) is list and len(v) <= sp.hi and all(conforms(x, item) for x in v)
+    assert k == "tuple" and isinstance(sp.items, tuple)
+    return (
+        type(v) is tuple
+        and len(v) == len(sp.items)
+        and all(conforms(x, s) for x, s in zip(v, sp.items))
+    )
+
+
 def _check_well_formed(msg: m.Message) -> None:
-    """A decoded message satisfies its schema: it re-encodes and decodes to itself."""
+    """A decoded message satisfies its schema (every value within its spec, lists as lists,
+    tuples as tuples), and it re-encodes and decodes to itself."""
+    for name, sp in msg._fields:
+        assert conforms(getattr(msg, name), sp), f"{type(msg).__name__}.{name} out of spec"
     raw = msg.encode()
     _, _, t, n = HEADER.unpack_from(raw)
     assert t == msg.TYPE
@@ -216,6 +250,8 @@ def mutate(frames: list[bytes], rng: random.Random) -> tuple[str, bytes]:
                 len(body) + 1,
                 MAX_CONTROL_FRAME,
                 MAX_CONTROL_FRAME + 1,
+                max_body(mtype),
+                max_body(mtype) + 1,
                 2**31,
                 2**32 - 1,
                 rng.randrange(2**32),
@@ -392,7 +428,7 @@ def test_trickled_maximum_frame_buffers_only_what_arrived() -> None:
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        frames = []
+        frames: list[tuple[MsgType, bytes]] = []
         for i in range(0, len(data), 64 << 10):
             frames.extend(dec.feed(data[i : i + (64 << 10)]))
             assert dec.pending <= i + (64 << 10)
@@ -421,27 +457,331 @@ def test_header_trickled_then_stalled_claim_costs_nothing() -> None:
     assert peak < 64 << 10
 
 
-@pytest.mark.parametrize("filler", [b"\x90", b"\x80", b"\xa0"], ids=["lists", "maps", "strs"])
-def test_expansion_bomb_in_a_maximum_control_frame_is_bounded(filler: bytes) -> None:
-    """A 1 MiB body of 16384-wide arrays of empty containers expands to ~1M Python objects.
+# --------------------------------------------------------------------------- expansion bombs
 
-    It is refused, and its transient cost stays within a fixed bound. The bound documents the
-    current amplification (about 70x for empty maps); it is not a target.
-    """
-    inner = b"\xdc" + struct.pack("!H", 16384) + filler * 16384
-    n = (MAX_CONTROL_FRAME - 3) // len(inner)
-    body = b"\xdc" + struct.pack("!H", n) + inner * n
-    assert len(body) <= MAX_CONTROL_FRAME
-    data = hdr(MsgType.P2M_HELLO, len(body)) + body
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def _arr(n: int) -> bytes:
+    return _PACKER.pack_array_header(n)
+
+
+def _pk(v: Any) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)  # tuples travel as arrays
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack("!I", n)
+
+
+def _minimal(sp: Spec) -> Any:
+    if sp.kind == "tuple":
+        assert isinstance(sp.items, tuple)
+        return tuple(_minimal(i) for i in sp.items)
+    return {"int": sp.lo, "float": 0.0, "bool": False, "str": "", "bytes": b"", "list": []}[sp.kind]
+
+
+def _at_bound(sp: Spec) -> Any:
+    """Lists at their bound, of minimal items: the most objects per byte a schema admits."""
+    if sp.kind == "list":
+        assert isinstance(sp.items, Spec)
+        return [_minimal(sp.items)] * sp.hi
+    if sp.kind == "tuple":
+        assert isinstance(sp.items, tuple)
+        return tuple(_at_bound(i) for i in sp.items)
+    return _minimal(sp)
+
+
+def _starts(sp: Spec) -> list[tuple[str, bytes]]:
+    """Where a value of ``sp``, or of anything inside it, starts: (path, valid bytes before)."""
+    out = [("", b"")]
+    if sp.kind == "list":
+        assert isinstance(sp.items, Spec)
+        out += [(f"[0]{p}", _arr(1) + pre) for p, pre in _starts(sp.items)]
+        # The list claiming its bound, every item valid but the last.
+        out.append((f"[{sp.hi - 1}]", _arr(sp.hi) + _pk(_minimal(sp.items)) * (sp.hi - 1)))
+    elif sp.kind == "tuple":
+        assert isinstance(sp.items, tuple)
+        for j, item in enumerate(sp.items):
+            lead = _arr(len(sp.items)) + b"".join(_pk(_minimal(i)) for i in sp.items[:j])
+            out += [(f"[{j}]{p}", lead + pre) for p, pre in _starts(item)]
+    return out
+
+
+def positions(cls: type[m.Message]) -> list[tuple[str, bytes]]:
+    """Every position in ``cls``'s schema, named as decode's errors name it, with the valid
+    bytes of a body up to it: the body itself, each field, each list item and tuple slot."""
+    out = [("", b"")]
+    fs = cls._fields
+    for i, (name, sp) in enumerate(fs):
+        lead = _arr(len(fs)) + b"".join(_pk(_minimal(s)) for _, s in fs[:i])
+        out += [(f".{name}{p}", lead + pre) for p, pre in _starts(sp)]
+    return out
+
+
+def _str_limit(cls: type[m.Message]) -> int:
+    """Longest str (UTF-8 bytes) that ``cls`` admits anywhere: 4 bytes per character."""
+
+    def walk(sp: Spec) -> int:
+        if sp.kind == "str":
+            return 4 * sp.hi
+        subs = [sp.items] if isinstance(sp.items, Spec) else list(sp.items or ())
+        return max((walk(s) for s in subs), default=0)
+
+    return max(walk(sp) for _, sp in cls._fields)
+
+
+def _repeat(head: bytes, item: bytes, n: int) -> bytes:
+    """An array32 of as many ``item`` as fit in ``n`` bytes (``head`` comes before it)."""
+    k = (n - len(head) - 5) // len(item)
+    return head + b"\xdd" + _u32(k) + item * k
+
+
+def _run(item: bytes, n: int) -> bytes:
+    return item * (n // len(item))
+
+
+def _strs(n: int, limit: int, over: int) -> bytes:
+    return _repeat(b"", _PACKER.pack("a" * (limit + over)), n)
+
+
+#: Bodies (or body tails) of ``n`` bytes at most that are cheap on the wire and would be costly
+#: to materialise; ``limit`` is the longest str the message admits.
+BOMBS: dict[str, Callable[[int, int], bytes]] = {
+    "deep_arrays": lambda n, _: b"\x91" * (n - 1) + b"\x90",  # the measured attack's shape
+    "wide_empty_arrays": lambda n, _: _repeat(b"", b"\x90", n),
+    # Each 3 bytes claim 65535 items: msgpack's C unpacker preallocates a list that long.
+    "nested_wide_headers": lambda n, _: _run(b"\xdc\xff\xff", n),
+    "array32_claims_4g": lambda n, _: b"\xdd\xff\xff\xff\xff" + b"\x90" * (n - 5),
+    "deep_maps": lambda n, _: _run(b"\x81\xa0", n),
+    "wide_empty_maps": lambda n, _: b"\xdf" + _u32((n - 5) // 2) + b"\xa0\x80" * ((n - 5) // 2),
+    "map32_claims_4g": lambda n, _: b"\xdf\xff\xff\xff\xff" + b"\x80" * (n - 5),
+    "fixexts": lambda n, _: _repeat(b"", b"\xd4\x01\x00", n),
+    "empty_ext8s": lambda n, _: _run(b"\xc7\x00\x05", n),
+    "timestamps": lambda n, _: _repeat(b"", b"\xd6\xff\x00\x00\x00\x01", n),
+    "ext32_claims_4g": lambda n, _: b"\xc9\xff\xff\xff\xff\x01" + b"\x00" * (n - 6),
+    "str32_claims_4g": lambda n, _: b"\xdb\xff\xff\xff\xff" + b"a" * (n - 5),
+    "bin32_claims_4g": lambda n, _: b"\xc6\xff\xff\xff\xff" + b"\x00" * (n - 5),
+    "strs_at_the_limit": lambda n, lim: _strs(n, lim, 0),
+    "strs_over_the_limit": lambda n, lim: _strs(n, lim, 1),
+    "str_run_at_the_limit": lambda n, lim: _run(_PACKER.pack("a" * lim), n),
+    "negative_fixints": lambda n, _: _repeat(b"", b"\xe0", n),  # -32: not a cached int
+    "uint16s": lambda n, _: _repeat(b"", b"\xcd\x01\x01", n),
+    "float64s": lambda n, _: _repeat(b"", b"\xcb" + struct.pack("!d", 1e300), n),
+    "nils": lambda n, _: _repeat(b"", b"\xc0", n),
+}
+
+
+LONG_LEAD_BOMBS = ("deep_arrays", "nested_wide_headers", "array32_claims_4g", "strs_at_the_limit")
+
+
+def _measure(mtype: MsgType, body: bytes) -> tuple[str, int, float]:
+    """Decode ``body`` (it must be refused); return the error, peak bytes allocated, seconds."""
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
-    assert feed(data)["refused"] == 1
-    elapsed = time.perf_counter() - t0  # the master's loop is blocked this long per frame
+    try:
+        m.decode(mtype, body)
+    except ProtocolError as e:
+        err = str(e)
+    else:
+        pytest.fail(f"{mtype.name} decoded {body[:40].hex()}...")
+    elapsed = time.perf_counter() - t0
+    return err, tracemalloc.get_traced_memory()[1] - before, elapsed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("mtype", CONTROL_TYPES, ids=lambda t: t.name)
+def test_expansion_bombs_at_every_schema_position_are_refused_cheaply(
+    mtype: MsgType, impl: str
+) -> None:
+    """Every bomb at every position of the schema, filling the body to its frame bound.
+
+    Each is refused at the position it was put (the error names it), with a peak of at most
+    8x the body plus 1 MiB (the unpacker's copy of the body, the valid prefix, one refused
+    scalar) and in well under a second. The pure-Python unpacker gets bodies of up to 1 MiB.
+    """
+    cls = MESSAGES[mtype]
+    bound = max_body(mtype) if impl == "c" else min(max_body(mtype), 1 << 20)
+    limit = _str_limit(cls)
+    tracemalloc.start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if impl == "python":
+                mp.setattr(msgpack, "Unpacker", msgpack.fallback.Unpacker)
+            for where, prefix in positions(cls):
+                # Behind a list at its bound (a long valid prefix, slow to decode under
+                # tracemalloc), a few bombs suffice; the pure-Python unpacker skips these.
+                long_lead = len(prefix) > 4096
+                if long_lead and impl == "python":
+                    continue
+                for name, bomb in BOMBS.items():
+                    if long_lead and name not in LONG_LEAD_BOMBS:
+                        continue
+                    body = prefix + bomb(bound - len(prefix), limit)
+                    assert bound - 8192 <= len(body) <= bound
+                    err, peak, elapsed = _measure(mtype, body)
+                    what = f"{name} at {mtype.name}{where}"
+                    assert err.startswith(f"{mtype.name}{where}"), f"{what}: {err}"
+                    assert peak <= 8 * len(body) + (1 << 20), f"{what}: peak {peak} bytes"
+                    assert elapsed < 2.0, f"{what}: {elapsed:.2f} s"
+    finally:
+        tracemalloc.stop()
+
+
+def _bound_body(cls: type[m.Message]) -> bytes:
+    return _pk([_at_bound(sp) for _, sp in cls._fields])
+
+
+LISTED_TYPES = [t for t in CONTROL_TYPES if any(sp.kind == "list" for _, sp in MESSAGES[t]._fields)]
+
+
+@pytest.mark.parametrize("mtype", LISTED_TYPES, ids=lambda t: t.name)
+def test_garbage_after_a_valid_prefix_costs_no_more_than_the_prefix(mtype: MsgType) -> None:
+    """The costliest prefix a bomb can have is a valid message with every list at its bound;
+    what follows it (cut short, then a bomb up to the frame bound) adds only the unpacker's
+    copy of the longer body."""
+    cls = MESSAGES[mtype]
+    valid = _bound_body(cls)
+    assert len(valid) <= max_body(mtype)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        assert feed(data)["refused"] == 1
-        _, peak = tracemalloc.get_traced_memory()
+        before = tracemalloc.get_traced_memory()[0]
+        msg = m.decode(mtype, valid)
+        valid_peak = tracemalloc.get_traced_memory()[1] - before
+        del msg
+        for name in ("deep_arrays", "wide_empty_arrays", "nested_wide_headers", "nils"):
+            body = valid[:-1] + BOMBS[name](max_body(mtype) - len(valid) + 1, 0)
+            _, peak, elapsed = _measure(mtype, body)
+            assert peak <= valid_peak + len(body) + (1 << 20), (name, peak, valid_peak)
+            assert elapsed < 2.0, (name, elapsed)
     finally:
         tracemalloc.stop()
-    assert peak < 128 * MAX_CONTROL_FRAME, f"peak {peak / 2**20:.0f} MiB"
-    assert elapsed < 1.0, f"{elapsed:.2f}s to refuse one frame"
+
+
+@pytest.mark.parametrize("mtype", LISTED_TYPES, ids=lambda t: t.name)
+def test_largest_valid_messages_cost_a_bounded_multiple_of_their_bytes(mtype: MsgType) -> None:
+    """What a valid message may cost decoded: lists at their bound, inner lists full of small
+    uncached ints (257: 3 bytes on the wire, 40 in Python), cut to fit 512 KiB. Those objects
+    are the message itself; no input can cost more per byte than these do."""
+    cls = MESSAGES[mtype]
+
+    def dense(sp: Spec) -> Any:
+        if sp.kind == "int":
+            return min(sp.hi, 257)
+        if sp.kind == "list":
+            assert isinstance(sp.items, Spec)
+            return [dense(sp.items)] * sp.hi
+        if sp.kind == "tuple":
+            assert isinstance(sp.items, tuple)
+            return tuple(dense(i) for i in sp.items)
+        return _minimal(sp)
+
+    values = [dense(sp) for _, sp in cls._fields]
+    budget = (512 << 10) // sum(type(v) is list for v in values)  # bytes per top-level list
+    values = [v[: budget // len(_pk(v[0]))] if type(v) is list else v for v in values]
+    body = _pk(values)
+    assert len(body) <= 513 << 10
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        msg = m.decode(mtype, body)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert msg == cls(*values)
+    assert peak <= 16 * len(body) + (4 << 20), f"{peak / len(body):.1f}x of {len(body)} bytes"
+
+
+#: Pieces of msgpack that fragment-built bodies repeat: containers, claims, scalars and whole
+#: valid items of the state messages' lists.
+FRAGMENTS = [
+    b"\x90",
+    b"\x91",
+    b"\x9f",
+    b"\x80",
+    b"\x81\xa0",
+    b"\xa0",
+    b"\xa1a",
+    b"\xc0",
+    b"\xc3",
+    b"\x00",
+    b"\xe0",
+    b"\xcd\x01\x01",
+    b"\xc4\x00",
+    b"\xd4\x01\x00",
+    b"\xdc\x40\x00",
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdb\x00\x00\x10\x00",
+    b"\x96\xa0\x00\x00\x90\xc4\x00\xc2",  # a vote entry ("", 0, 0, [], b"", False)
+    b"\x93\xa0\xc4\x00\x91\x01",  # a plan fetch item ("", b"", [1])
+    b"\x93\x01\xa0\x00",  # a ring or source entry (1, "", 0)
+    b"\x93\xa0\x00\x00",  # a state range ("", 0, 0)
+]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    mtype=st.sampled_from(CONTROL_TYPES),
+    where=st.integers(0, 10_000),
+    runs=st.lists(
+        st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 1 << 24) | st.just(1 << 24)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_fragment_bodies_up_to_the_frame_bound(
+    mtype: MsgType, where: int, runs: list[tuple[bytes, int]]
+) -> None:
+    """Bodies far past the old 4 KiB fuzz bound, up to each type's frame bound: a valid lead
+    up to a random schema position, then runs of repeated fragments. Each decodes to a
+    well-formed message or is refused, through the frame decoder too."""
+    bound = max_body(mtype)
+    places = positions(MESSAGES[mtype])
+    _, lead = places[where % len(places)]
+    body = lead + b"".join(f * min(n, bound // len(f) + 1) for f, n in runs)
+    body = body[:bound]
+    t0 = time.perf_counter()
+    try:
+        msg = m.decode(mtype, body)
+    except ProtocolError:
+        pass
+    else:
+        _check_well_formed(msg)
+    assert time.perf_counter() - t0 < 5.0  # generous: a 16 MiB body takes tens of ms
+    feed(hdr(mtype, len(body)) + body)
+
+
+@pytest.mark.parametrize(
+    ("filler", "nested"),
+    [(b"\x90", False), (b"\x80", False), (b"\xa0", False), (b"\x91", True)],
+    ids=["wide-lists", "wide-maps", "wide-strs", "deep-lists"],
+)
+def test_the_measured_16_mib_vote_bomb_is_refused_at_once(filler: bytes, nested: bool) -> None:
+    """The measured attack: one 16 MiB shared-state vote of empty containers used to freeze a
+    process for more than 3 s and take 1.2 GiB. Now the frame decoder buffers it and decode
+    refuses it from its first array header: a few copies of the body, milliseconds."""
+    mtype = MsgType.P2M_SYNC_SHARED_STATE
+    n = max_body(mtype)
+    body = filler * n if nested else b"\xdd" + _u32(n - 5) + filler * (n - 5)
+    data = hdr(mtype, len(body)) + body
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        t0 = time.perf_counter()
+        assert feed(data)["refused"] == 1
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    # The decoder's buffer, the frame's body, the unpacker's copy: 3x, plus slack.
+    assert peak <= 4 * len(body) + (1 << 20), f"peak {peak / 2**20:.0f} MiB"
+    assert elapsed < 1.0, f"{elapsed:.2f} s to refuse one frame"
