@@ -445,16 +445,16 @@ class Heartbeat(Message):
 class UpdateTopology(Message):
     """Vote to admit pending peers and re-wire the rings."""
 
-    want_epoch: int = spec(u(), default=0)
+    want_epoch: int = spec(u(U63), default=0)
 
 
 @message(MsgType.P2M_TOPOLOGY_READY)
 class TopologyReady(Message):
     """The peer has (or failed to) establish its p2p links for ``epoch``."""
 
-    epoch: int = spec(u())
+    epoch: int = spec(u(U63))
     ok: bool = spec(B)
-    unreachable: list = spec(lst(u(), MAX_PEERS), default=[])
+    unreachable: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
     reason: str = spec(s(512), default="")
 
 
@@ -549,7 +549,10 @@ class Topology(Message):
 
 @message(MsgType.M2P_TOPOLOGY_DONE)
 class TopologyDone(Message):
-    epoch: int = spec(u())
+    """The epoch is live (``ok``), or the peer's ``update_topology`` vote was refused or timed
+    out (``ok=False``, ``epoch`` the current one, ``reason`` names the laggards)."""
+
+    epoch: int = spec(u(U63))
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
 
