@@ -1,17 +1,19 @@
-"""Peer-to-peer data links: the listener, receive streams, send streams and frame routing.
+"""Peer-to-peer links: the listener and its connection registry, send streams, frame routing.
 
-Each peer keeps ``streams`` TCP connections to its ring successor (:class:`TxStream`, send only)
-and accepts as many from its predecessor (:class:`RxStream`, receive only). A connection opens
-with ``P2P_HELLO``/``P2P_HELLO_ACK`` (who, for which topology epoch, which stream); after that only
-``P2P_DATA`` frames flow. Receive streams are ``asyncio.BufferedProtocol``s that read each frame
-header into a fixed buffer and the payload straight into the memory the operation named for it
-(:meth:`pccl.peer.ring.RingOp.recv_target`), so no payload is copied or allocated in Python.
+Each peer keeps ``streams`` TCP connections to its ring successor (:class:`TxStream`, send only,
+a small :class:`TxState` machine) and accepts as many from its predecessor; shared-state
+requesters (:mod:`pccl.peer.state_sync`) dial the same listener. Accepted connections are
+:class:`~pccl.peer.rx_stream.RxStream` state machines (pre-auth -> ring data or state serving ->
+closed; see :mod:`pccl.peer.rx_stream`). :class:`P2PNode` owns them: it caps connections that
+have not proven the token (in all and per address, evicting the oldest), judges ring hellos
+against the announced epoch, routes data frames to registered operations, runs state-serving
+tasks under a progress deadline and counts connection outcomes in ``stats``.
 
-Routing invariants: frames of an operation already finished or aborted are discarded; frames of an
-operation this peer has not registered yet park the stream (reading paused) until it is; once an
-operation is finished no further byte is written into its buffers.
+Only an accepted ring stream from our predecessor, or an acknowledged stream to our successor,
+can fail operations; nothing a stranger sends reaches an operation, a buffer or another
+connection.
 
-Everything here runs on the peer's event-loop thread.
+Everything here runs on the peer's event-loop thread, except :class:`_Sender`'s write loops.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import ipaddress
 import logging
 import os
@@ -29,22 +32,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from pccl.peer.rx_stream import RxState, RxStream
 from pccl.peer.state_sync import StateServer
 
 from pccl import messages as m
-from pccl.auth import new_nonce, prove, verify
+from pccl.auth import prove
 from pccl.config import Config
 from pccl.errors import ProtocolError
-from pccl.frame import (
-    DATA_HEADER,
-    HEADER,
-    DataHeader,
-    FrameDecoder,
-    MsgType,
-    max_body,
-    parse_data_header,
-    parse_header,
-)
+from pccl.frame import PRE_AUTH_MAX_BODY, FrameDecoder, MsgType
 from pccl.tls import TLSConfig
 
 if TYPE_CHECKING:
@@ -52,12 +47,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pccl.peer")
 
-__all__ = ["P2PNode", "RxStream", "TxStream"]
+__all__ = [
+    "MAX_UNAUTHENTICATED",
+    "MAX_UNAUTHENTICATED_PER_ADDRESS",
+    "P2PNode",
+    "RxState",
+    "RxStream",
+    "TxState",
+    "TxStream",
+]
 
-_FULL_HEADER = HEADER.size + DATA_HEADER.size
-_MAX_HELLO = 4096
-_DISCARD = memoryview(bytearray(1 << 20))
-_NO_HEADER = DataHeader(0, 0, 0, 0, 0, 0, 0)
+#: Connections that have not proven the token yet, in all and from one address. Beyond either
+#: cap the oldest such connection (of that address first) is closed for the newcomer.
+MAX_UNAUTHENTICATED = 128
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 
 
 def same_host(sock: socket.socket) -> bool:
@@ -107,206 +110,20 @@ def tune_socket(sock: socket.socket | None, cfg: Config) -> None:
         pass
 
 
-class RxStream(asyncio.BufferedProtocol):
-    """Receiving end of one stream from our ring predecessor."""
+class TxState(enum.Enum):
+    """States of one send stream we dialled to our ring successor."""
 
-    # states
-    HELLO_HDR, HELLO_BODY, PARKED_HELLO, FRAME_HDR, PAYLOAD, DISCARD, PARKED, SERVING = range(8)
+    CHALLENGE = "challenge"  #: connected; only the acceptor's small challenge may arrive
+    HELLO_SENT = "hello_sent"  #: our hello is out; only its small ack may arrive
+    SENDING = "sending"  #: acknowledged: data frames flow out, nothing may arrive
+    CLOSED = "closed"  #: closed by us or lost
 
-    def __init__(self, node: P2PNode) -> None:
-        self.node = node
-        self.transport: asyncio.Transport | None = None
-        self.hdr = bytearray(_FULL_HEADER)
-        self.state = self.HELLO_HDR
-        self.target = memoryview(self.hdr)[: HEADER.size]
-        self.pos = 0
-        self.remaining = 0  # payload bytes left to discard
-        self.peer_id = 0
-        self.epoch = 0
-        self.op: RingOp | None = None
-        self.header: DataHeader = _NO_HEADER
-        self.opened = time.monotonic()
-        self.parked_since = 0.0
-        self.closed = False
-        self.first_type = MsgType.P2P_HELLO
-        self.writable = asyncio.Event()
-        self.writable.set()
 
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tune_socket(transport.get_extra_info("socket"), self.node.config)
-        self.node.pending_rx.add(self)
-        self.nonce = new_nonce()
-        self.transport.write(m.P2PChallenge(self.nonce).encode())
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.state == self.PAYLOAD and self.op is not None and self.op.finished:
-            # The operation ended (aborted): never write into its memory again.
-            self.remaining = len(self.target) - self.pos
-            self.op = None
-            self._discard_next()
-        return self.target[self.pos :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.pos += nbytes
-        if self.pos < len(self.target):
-            if self.op is not None:
-                self.op.last_progress = time.monotonic()
-            return
-        try:
-            self._advance()
-        except ProtocolError as e:
-            self.fail(f"protocol error from peer {self.peer_id}: {e}")
-
-    def _advance(self) -> None:
-        st = self.state
-        if st == self.FRAME_HDR:
-            mtype, length = parse_header(self.hdr)
-            if mtype != MsgType.P2P_DATA:
-                raise ProtocolError(f"{mtype.name} on a data stream")
-            h = parse_data_header(self.hdr, length, HEADER.size)
-            self.header = h
-            self._route()
-        elif st == self.PAYLOAD:
-            op, h = self.op, self.header
-            self.op = None
-            self._expect_header()
-            if op is not None and not op.finished:
-                op.on_frame(h)
-        elif st == self.DISCARD:
-            self.remaining -= self.pos
-            self._discard_next()
-        elif st == self.HELLO_HDR:
-            mtype, length = parse_header(self.hdr)
-            limit = _MAX_HELLO if mtype == MsgType.P2P_HELLO else max_body(mtype)
-            if mtype not in (MsgType.P2P_HELLO, MsgType.P2P_STATE_REQUEST) or length > limit:
-                raise ProtocolError(f"expected a hello, got {mtype.name} of {length} bytes")
-            self.first_type = mtype
-            self.state = self.HELLO_BODY
-            self.target = memoryview(bytearray(length))
-            self.pos = 0
-            if length == 0:
-                self._advance()
-        elif st == self.HELLO_BODY and self.first_type == MsgType.P2P_STATE_REQUEST:
-            req = m.decode(MsgType.P2P_STATE_REQUEST, bytes(self.target))
-            assert isinstance(req, m.StateRequest)
-            token = self.node.token
-            if not verify(token, req.auth, b"pccl-state", self.nonce, req.peer_id, req.sync_id):
-                self.peer_id = req.peer_id
-                self.reject("state request failed authentication")
-                return
-            self.state = self.SERVING
-            self.target = memoryview(bytearray(1))  # the requester sends nothing more
-            self.pos = 0
-            self.node.pending_rx.discard(self)
-            assert self.transport is not None
-            task = asyncio.get_running_loop().create_task(
-                self.node.state_server.serve(self.transport, self.writable, req)
-            )
-            self.node.serving.add(task)
-            task.add_done_callback(self.node.serving.discard)
-        elif st == self.SERVING:
-            raise ProtocolError("unexpected bytes from a state requester")
-        elif st == self.HELLO_BODY:
-            msg = m.decode(MsgType.P2P_HELLO, bytes(self.target))
-            assert isinstance(msg, m.P2PHello)
-            self.peer_id, self.epoch = msg.peer_id, msg.epoch
-            parts = (self.nonce, msg.peer_id, msg.epoch, msg.stream)
-            if not verify(self.node.token, msg.auth, b"pccl-p2p", *parts):
-                self.reject("hello failed authentication")
-                return
-            self.node.on_hello(self, msg)
-
-    def _expect_header(self) -> None:
-        self.state = self.FRAME_HDR
-        self.target = memoryview(self.hdr)
-        self.pos = 0
-
-    def _discard_next(self) -> None:
-        if self.remaining <= 0:
-            self._expect_header()
-            return
-        self.state = self.DISCARD
-        self.target = _DISCARD[: min(self.remaining, len(_DISCARD))]
-        self.pos = 0
-
-    def _route(self) -> None:
-        """Decide where the payload of the frame whose header we hold goes."""
-        h = self.header
-        node = self.node
-        op = node.ops.get(h.op_id)
-        if op is not None and not op.finished:
-            self.op = op
-            self.target = op.recv_target(h)
-            self.pos = 0
-            self.state = self.PAYLOAD
-            if h.payload == 0:
-                self._advance()
-        elif op is not None or h.op_id <= node.max_op_id:
-            self.remaining = h.payload  # stale: an aborted or finished operation
-            node.stale_frames += 1
-            self._discard_next()
-        else:
-            self.state = self.PARKED  # an operation we have not been told about yet
-            self.parked_since = time.monotonic()
-            assert self.transport is not None
-            self.transport.pause_reading()
-            node.parked.add(self)
-
-    def unpark(self) -> None:
-        """Re-route the parked frame after a new operation was registered."""
-        if self.state != self.PARKED or self.closed:
-            return
-        h = self.header
-        if h.op_id not in self.node.ops and h.op_id > self.node.max_op_id:
-            return  # still not ours
-        self.node.parked.discard(self)
-        try:
-            self._route()
-        except ProtocolError as e:
-            self.fail(f"protocol error from peer {self.peer_id}: {e}")
-            return
-        assert self.transport is not None
-        self.transport.resume_reading()
-
-    def accept(self) -> None:
-        """Acknowledge the hello: from now on the stream carries data."""
-        assert self.transport is not None
-        self.transport.write(m.P2PHelloAck(True).encode())
-        self._expect_header()
-        self.transport.resume_reading()
-
-    def reject(self, reason: str) -> None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        log.warning("rejecting p2p connection from %s (peer %d): %s", peer, self.peer_id, reason)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(m.P2PHelloAck(False, reason[:500]).encode())
-            self.transport.close()
-        self.closed = True
-
-    def fail(self, reason: str) -> None:
-        log.warning("closing p2p stream: %s", reason)
-        self.node.fail_ops(reason)
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        was_data = self.state in (self.FRAME_HDR, self.PAYLOAD, self.DISCARD, self.PARKED)
-        deliberate = self.closed
-        self.closed = True
-        self.node.pending_rx.discard(self)
-        self.node.parked.discard(self)
-        streams = self.node.rx.get(self.peer_id)
-        if streams is not None:
-            streams.discard(self)
-        if was_data and not deliberate and not self.node.closing:
-            self.node.fail_ops(f"stream from peer {self.peer_id} lost ({exc or 'closed'})")
+#: The one message each state accepts (each at most ``PRE_AUTH_MAX_BODY``); none in the others.
+_TX_ACCEPTS: dict[TxState, MsgType] = {
+    TxState.CHALLENGE: MsgType.P2P_CHALLENGE,
+    TxState.HELLO_SENT: MsgType.P2P_HELLO_ACK,
+}
 
 
 class TxStream(asyncio.Protocol):
@@ -317,49 +134,58 @@ class TxStream(asyncio.Protocol):
         self.peer_id = peer_id
         self.epoch = epoch
         self.index = index
-        self.challenged = False
+        self.state = TxState.CHALLENGE
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(gate=self._gate)
         self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue: collections.deque[tuple[bytes, memoryview]] = collections.deque()
         self.paused = False
-        self.closed = False
         self.sender: _Sender | None = None
+        self._handlers: dict[MsgType, Callable[[m.Message], None]] = {
+            MsgType.P2P_CHALLENGE: self.on_challenge,
+            MsgType.P2P_HELLO_ACK: self.on_hello_ack,
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self.state is TxState.CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_socket(transport.get_extra_info("socket"), self.node.config)
         self.transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
 
+    def _gate(self, mtype: MsgType, length: int) -> None:
+        if _TX_ACCEPTS.get(self.state) is not mtype or length > PRE_AUTH_MAX_BODY:
+            raise ProtocolError(f"unexpected {mtype.name} ({length} bytes) in {self.state.value}")
+
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             for mtype, body in self.decoder.feed(data):
-                if mtype == MsgType.P2P_CHALLENGE and not self.challenged:
-                    ch = m.decode(mtype, body)
-                    assert isinstance(ch, m.P2PChallenge) and self.transport is not None
-                    self.challenged = True
-                    node = self.node
-                    proof = prove(
-                        node.token, b"pccl-p2p", ch.nonce, node.my_id, self.epoch, self.index
-                    )
-                    self.transport.write(
-                        m.P2PHello(node.my_id, self.epoch, self.index, proof).encode()
-                    )
-                    continue
-                if mtype != MsgType.P2P_HELLO_ACK or self.acked.done() or not self.challenged:
-                    raise ProtocolError(f"unexpected {mtype.name} on a send stream")
-                ack = m.decode(mtype, body)
-                assert isinstance(ack, m.P2PHelloAck)
-                if ack.ok:
-                    self.acked.set_result(None)
-                else:
-                    self.acked.set_exception(ConnectionRefusedError(ack.reason))
+                self._gate(mtype, len(body))  # the state may have changed within this read
+                self._handlers[mtype](m.decode(mtype, body))
+                if self.closed:
+                    return
         except ProtocolError as e:
-            if not self.acked.done():
-                self.acked.set_exception(e)
-            self.node.fail_ops(f"protocol error on stream to peer {self.peer_id}: {e}")
-            assert self.transport is not None
-            self.transport.abort()
+            self._broken(f"protocol error on stream to peer {self.peer_id}: {e}")
+
+    def on_challenge(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.P2PChallenge) and self.transport is not None
+        node = self.node
+        proof = prove(node.token, b"pccl-p2p", msg.nonce, node.my_id, self.epoch, self.index)
+        self.state = TxState.HELLO_SENT
+        self.transport.write(m.P2PHello(node.my_id, self.epoch, self.index, proof).encode())
+
+    def on_hello_ack(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.P2PHelloAck)
+        if not msg.ok:
+            self.acked.set_exception(ConnectionRefusedError(msg.reason))
+            self.close()
+            return
+        self.state = TxState.SENDING
+        self.acked.set_result(None)
 
     def send(self, header: bytes, payload: memoryview) -> None:
         sender = self.sender
@@ -383,12 +209,8 @@ class TxStream(asyncio.Protocol):
             log.debug("no sender thread for the stream to peer %d: %s", self.peer_id, e)
 
     def _sender_failed(self, err: OSError) -> None:
-        if self.closed or self.node.closing:
-            return
-        self.node.tx_broken = True
-        self.node.fail_ops(f"stream to peer {self.peer_id} lost ({err})")
-        if self.transport is not None:
-            self.transport.abort()
+        if not self.closed and not self.node.closing:
+            self._broken(f"stream to peer {self.peer_id} lost ({err})")
 
     def _pump(self) -> None:
         t = self.transport
@@ -407,24 +229,31 @@ class TxStream(asyncio.Protocol):
         self._pump()
 
     def close(self) -> None:
-        self.closed = True
-        self.queue.clear()
-        if self.sender is not None:
-            self.sender.stop()
+        """Close deliberately: nothing is failed."""
+        self._end(None)
         if self.transport is not None:
             self.transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        was_open = not self.closed
-        self.closed = True
+    def _end(self, why: str | None) -> None:
+        was = self.state
+        self.state = TxState.CLOSED
         self.queue.clear()
         if self.sender is not None:
             self.sender.stop()
         if not self.acked.done():
-            self.acked.set_exception(ConnectionError(f"closed before hello ack: {exc}"))
-        if was_open and not self.node.closing:
+            self.acked.set_exception(ConnectionError(f"closed before hello ack: {why}"))
+        if why is not None and was is not TxState.CLOSED and not self.node.closing:
             self.node.tx_broken = True
-            self.node.fail_ops(f"stream to peer {self.peer_id} lost ({exc or 'closed'})")
+            if was is TxState.SENDING:  # only an acknowledged stream carries operations
+                self.node.fail_ops(why)
+
+    def _broken(self, why: str) -> None:
+        self._end(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"stream to peer {self.peer_id} lost ({exc or 'closed'})")
 
 
 class _Sender:
@@ -496,7 +325,17 @@ class _Sender:
 
 
 class P2PNode:
-    """Listener, streams and the operation registry of one peer."""
+    """Listener, streams and the operation registry of one peer.
+
+    ``stats`` counts connections by outcome, for metrics: ``accepted`` (by the listener),
+    ``authenticated`` (hello verified), ``rejected`` (hello refused: bad proof, wrong epoch or
+    peer), ``protocol_error`` (a malformed or unexpected frame on a connection that does not
+    carry ring data), ``broken`` (an accepted ring stream lost or failed: operations fail),
+    ``evicted_per_address`` / ``evicted_total`` (an older stranger closed for a newcomer),
+    ``timed_out`` (no valid hello within ``handshake_timeout_s``), ``stalled`` (a state
+    requester drained nothing for ``progress_timeout_s``), ``served`` / ``refused`` (state
+    requests answered with every range, or with ``P2P_STATE_ERROR``).
+    """
 
     def __init__(
         self,
@@ -519,12 +358,20 @@ class P2PNode:
         self.next_addr: tuple[str, int] | None = None
         self.tx: list[TxStream] = []
         self.tx_broken = False
-        self.rx: dict[int, set[RxStream]] = {}
-        self.pending_rx: set[RxStream] = set()
+        self.conns: set[RxStream] = set()  # every open accepted connection
+        #: connections still pre-auth, oldest first (dicts keep insertion order), in all and
+        #: by address
+        self.unauthenticated: dict[RxStream, None] = {}
+        self._unauth_by_host: dict[str, dict[RxStream, None]] = {}
+        self.max_unauthenticated = MAX_UNAUTHENTICATED
+        self.max_unauthenticated_per_address = MAX_UNAUTHENTICATED_PER_ADDRESS
+        self.parked_hellos: set[RxStream] = set()
+        self.rx: dict[int, set[RxStream]] = {}  # accepted ring streams by peer
         self.parked: set[RxStream] = set()
         self.ops: dict[int, RingOp] = {}
         self.max_op_id = 0
         self.stale_frames = 0
+        self.stats: collections.Counter[str] = collections.Counter()
         self.closing = False
         self.state_server = StateServer()
         self.serving: set[asyncio.Task[None]] = set()
@@ -543,6 +390,71 @@ class P2PNode:
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
+    # ------------------------------------------------------------ connections
+
+    def admit(self, s: RxStream) -> None:
+        """Count a new connection as unauthenticated, first evicting the oldest stranger (of its
+        address first) when a cap is reached: a flood displaces its own older connections, while
+        a peer whose hello follows its connect within a round trip gets through."""
+        self.stats["accepted"] += 1
+        self.conns.add(s)
+        same = self._unauth_by_host.setdefault(s.host, {})
+        while len(same) >= self.max_unauthenticated_per_address:
+            next(iter(same)).close("evicted_per_address", "too many unauthenticated connections")
+        while len(self.unauthenticated) >= self.max_unauthenticated:
+            old = next(iter(self.unauthenticated))
+            old.close("evicted_total", "too many unauthenticated connections")
+        self.unauthenticated[s] = None
+        self._unauth_by_host.setdefault(s.host, {})[s] = None
+
+    def authenticated(self, s: RxStream) -> None:
+        """``s`` proved the token: it no longer counts against the caps."""
+        self._unauth_left(s)
+        self.stats["authenticated"] += 1
+
+    def forget(self, s: RxStream) -> None:
+        """``s`` is closed: drop it from every registry."""
+        self._unauth_left(s)
+        self.conns.discard(s)
+        self.parked.discard(s)
+        self.parked_hellos.discard(s)
+        streams = self.rx.get(s.peer_id)
+        if streams is not None:
+            streams.discard(s)
+
+    def _unauth_left(self, s: RxStream) -> None:
+        if self.unauthenticated.pop(s, 0) is None:
+            same = self._unauth_by_host[s.host]
+            del same[s]
+            if not same:
+                del self._unauth_by_host[s.host]
+
+    def tune(self, transport: asyncio.BaseTransport | None) -> None:
+        """Set socket options on an authenticated connection (strangers keep the kernel's
+        defaults: a large receive buffer would let them park megabytes in our kernel)."""
+        if transport is not None:
+            tune_socket(transport.get_extra_info("socket"), self.config)
+
+    def serve(self, s: RxStream, hello: m.StateHello, req: m.StateRequest) -> None:
+        """Start serving an authenticated state request on ``s`` (see :meth:`close`)."""
+        task = asyncio.get_running_loop().create_task(self._serve(s, hello, req))
+        s.task = task
+        self.serving.add(task)
+        task.add_done_callback(self.serving.discard)
+
+    async def _serve(self, s: RxStream, hello: m.StateHello, req: m.StateRequest) -> None:
+        assert s.transport is not None
+        limit = self.config.progress_timeout_s
+        try:
+            sent = await self.state_server.serve(s.transport, s.writable, hello, req, limit)
+        except TimeoutError:
+            s.task = None
+            s.close("stalled", f"state requester {hello.peer_id} drained nothing for {limit}s")
+            return
+        s.task = None
+        # Drained: the graceful close is immediate.
+        s.close("served" if sent else "refused", "state request done", reply=b"", quiet=True)
+
     # ------------------------------------------------------------ topology
 
     def announce(self, epoch: int, my_id: int, prev_id: int) -> None:
@@ -551,33 +463,25 @@ class P2PNode:
         for pid in list(self.rx):
             if pid != prev_id:
                 for s in list(self.rx.pop(pid)):
-                    s.closed = True
-                    if s.transport is not None:
-                        s.transport.close()
-        for s in list(self.pending_rx):
-            if s.state == RxStream.PARKED_HELLO:
-                self._judge_hello(s)
+                    s.close("", f"peer {pid} is no longer our predecessor", quiet=True)
+        for s in list(self.parked_hellos):
+            self.judge_hello(s)
 
-    def on_hello(self, s: RxStream, msg: m.P2PHello) -> None:
-        if msg.epoch > self.epoch:
-            s.state = RxStream.PARKED_HELLO  # the master's announcement has not reached us yet
-            assert s.transport is not None
-            s.transport.pause_reading()
+    def judge_hello(self, s: RxStream) -> None:
+        """Accept, park or reject the verified ring hello of ``s`` against our epoch."""
+        if s.epoch > self.epoch:  # the master's announcement has not reached us yet
+            if s.state is not RxState.PARKED_HELLO:
+                s.park_hello()
+                self.parked_hellos.add(s)
             return
-        self._judge_hello(s)
-
-    def _judge_hello(self, s: RxStream) -> None:
-        if s.epoch > self.epoch:
-            return  # still waiting for our announcement
+        self.parked_hellos.discard(s)
         if s.epoch < self.epoch:
             s.reject(f"hello for epoch {s.epoch}, current is {self.epoch}")
-            return
-        if s.peer_id != self.prev_id:
+        elif s.peer_id != self.prev_id:
             s.reject(f"peer {s.peer_id} is not our predecessor (expected {self.prev_id})")
-            return
-        self.pending_rx.discard(s)
-        self.rx.setdefault(s.peer_id, set()).add(s)
-        s.accept()
+        else:
+            self.rx.setdefault(s.peer_id, set()).add(s)
+            s.accept()
 
     def streams_to(self, host: str) -> int:
         """Streams to open to a successor at ``host`` (see :func:`streams_for`)."""
@@ -645,30 +549,28 @@ class P2PNode:
             op.fail(reason)
 
     def expire_parked(self, older_than_s: float) -> None:
-        """Close streams parked on an unknown operation too long, and connections that have
-        not completed their hello within ``handshake_timeout_s`` (silent or stale dialers)."""
+        """Fail and close ring streams parked on an unknown operation for ``older_than_s``.
+        (Connections without a valid hello close by themselves at ``handshake_timeout_s``.)"""
         now = time.monotonic()
         for s in list(self.parked):
             if now - s.parked_since > older_than_s:
                 s.fail(f"frame for unknown operation parked for {older_than_s:.0f}s")
-        limit = self.config.handshake_timeout_s
-        for s in list(self.pending_rx):
-            if now - s.opened > limit and s.transport is not None:
-                log.warning("closing p2p connection without a valid hello after %.0fs", limit)
-                self.pending_rx.discard(s)
-                s.closed = True
-                s.transport.abort()
 
     async def close(self) -> None:
+        """Stop listening, close every connection and cancel and await every serving task
+        (each ends at its next await; a task still running after ``handshake_timeout_s`` is
+        logged and left)."""
         self.closing = True
         self.close_tx()
-        for streams in self.rx.values():
-            for s in streams:
-                if s.transport is not None:
-                    s.transport.close()
-        for s in list(self.pending_rx):
-            if s.transport is not None:
-                s.transport.close()
+        for s in list(self.conns):
+            s.close("", "closing", quiet=True)
+        tasks = list(self.serving)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.config.handshake_timeout_s)
+            if pending:
+                log.warning("%d state-serving tasks did not end on close", len(pending))
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
