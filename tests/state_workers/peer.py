@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from pccl.peer import communicator as _comm_mod
+from pccl.peer import session as _comm_mod
 
 import pccl
 from pccl import messages as m
