@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         chaos.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from pccl import hammer
+
+        hammer.add_arguments(sub)
+    except ImportError:  # pragma: no cover
+        pass
     return parser
 
 
