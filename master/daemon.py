@@ -61,6 +61,7 @@ ACCEPTS: dict[ConnState, frozenset[MsgType]] = {
             MsgType.P2M_COLLECTIVE_COMPLETE,
             MsgType.P2M_COLLECTIVE_WITHDRAW,
             MsgType.P2M_VERDICT_QUERY,
+            MsgType.P2M_OUTCOMES,
             MsgType.P2M_LEAVE,
             MsgType.P2M_SYNC_SHARED_STATE,
             MsgType.P2M_SYNC_DONE,
@@ -111,6 +112,7 @@ class _Conn(asyncio.Protocol):
             MsgType.P2M_COLLECTIVE_COMPLETE: self.on_collective_complete,
             MsgType.P2M_COLLECTIVE_WITHDRAW: self.on_collective_withdraw,
             MsgType.P2M_VERDICT_QUERY: self.on_verdict_query,
+            MsgType.P2M_OUTCOMES: self.on_outcomes,
             MsgType.P2M_LEAVE: self.on_leave,
             MsgType.P2M_SYNC_SHARED_STATE: self.on_sync_shared_state,
             MsgType.P2M_SYNC_DONE: self.on_sync_done,
@@ -267,6 +269,10 @@ class _Conn(asyncio.Protocol):
         assert isinstance(msg, m.VerdictQuery)
         self.master.state.on_verdict_query(self.peer_id, msg)
 
+    def on_outcomes(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.Outcomes)
+        self.master.state.on_outcomes(self.peer_id, msg)
+
     def on_sync_shared_state(self, msg: m.Message) -> None:
         assert isinstance(msg, m.SyncSharedState)
         self.master.state.on_sync_vote(self.peer_id, msg)
@@ -420,7 +426,10 @@ class Master:
             now = time.monotonic()
             seq += 1
             hb = m.MasterHeartbeat(seq)
-            self.state.tick(now)
+            try:
+                self.state.tick(now)
+            except Exception:  # a bug must not stop heartbeats and deadlines: log, go on
+                log.exception("master tick failed")
             for conn in list(self.unauthenticated):  # oldest first
                 if now - conn.opened <= cfg.handshake_timeout_s:
                     break

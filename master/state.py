@@ -24,7 +24,7 @@ from pccl.master.store import ID_BLOCK, RunRecord, RunStore
 
 from pccl import messages as m
 from pccl.config import Config
-from pccl.messages import AbortKind, KickCode, VerdictState
+from pccl.messages import AbortKind, KickCode, Outcome, VerdictState
 from pccl.types import SyncStrategy
 
 log = logging.getLogger("pccl.master")
@@ -33,6 +33,8 @@ __all__ = ["MasterState", "PeerRecord", "Phase"]
 
 #: Verdicts of this many recent operations are kept for peers that missed theirs.
 VERDICT_MEMORY = 4096
+#: Operations of a previous master incarnation being resolved from the peers' outcomes.
+IN_DOUBT_MEMORY = 1024
 
 
 class Phase(enum.Enum):
@@ -55,6 +57,7 @@ class PeerRecord:
     in_epoch: bool = False  # part of the epoch being established / current
     ready: bool = False
     resumed: bool = False  # said hello with its id from before a master restart
+    reported: bool = False  # sent its outcomes of recent operations (P2M_OUTCOMES)
     ops: dict[int, int] = field(default_factory=dict)  # tag -> attempt, initiated or running
     tx_bytes: int = 0  # payload sent in completed collectives (as reported)
     last_gbps: float = 0.0  # send rate of its last completed collective
@@ -141,6 +144,10 @@ class MasterState:
         self.collectives_completed = 0  # lifetime totals (status / metrics)
         self.aborts_total = 0
         self.verdicts: OrderedDict[int, tuple[bool, str]] = OrderedDict()  # op_id -> verdict
+        # Operations of a previous incarnation whose verdict a peer asked for: op_id -> members.
+        self.in_doubt: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._started = time.monotonic()
+        self._first_op_id = base + 1  # ops below this were decided by an earlier incarnation
         self._vote_opened = 0.0  # when the first vote of the pending topology update came
         # Restart safety (see pccl.master.store).
         self._store = store
@@ -419,6 +426,8 @@ class MasterState:
                     f"start_timeout_s={cfg.start_timeout_s:g}"
                 )
                 self._finish(gid, op, False, why, AbortKind.START_TIMEOUT)
+        if self.in_doubt:
+            self._resolve_in_doubt(now)
         acc = self.accepted
         voters = [p for p in acc if p.voted_update]
         if voters and self.phase is Phase.IDLE and now - self._vote_opened > cfg.vote_timeout_s:
@@ -502,8 +511,27 @@ class MasterState:
         kind = int(AbortKind.WITHDRAWN)
         self._send(pid, m.CollectiveDone(msg.tag, msg.attempt, 0, False, "withdrawn", kind))
 
+    def _remember(self, op_id: int, ok: bool, reason: str) -> None:
+        self.verdicts[op_id] = (ok, reason)
+        self.verdicts.move_to_end(op_id)
+        while len(self.verdicts) > VERDICT_MEMORY:
+            self.verdicts.popitem(last=False)
+
     def on_verdict_query(self, pid: int, msg: m.VerdictQuery) -> None:
+        """Answer a lost verdict from memory. An operation of a previous incarnation of the
+        master (it restarted) is resolved from the members' outcomes (:meth:`on_outcomes`):
+        ``RUNNING`` (ask again) until it is."""
         v = self.verdicts.get(msg.op_id)
+        if v is None and msg.op_id < self._first_op_id and msg.members:
+            if msg.op_id not in self.in_doubt:
+                self.in_doubt[msg.op_id] = tuple(msg.members)
+                while len(self.in_doubt) > IN_DOUBT_MEMORY:
+                    self.in_doubt.popitem(last=False)
+            self._resolve_in_doubt(time.monotonic())
+            v = self.verdicts.get(msg.op_id)
+            if v is None:
+                self._send(pid, m.Verdict(msg.op_id, int(VerdictState.RUNNING), "resolving"))
+                return
         if v is not None:
             state = VerdictState.OK if v[0] else VerdictState.ABORTED
             self._send(pid, m.Verdict(msg.op_id, int(state), v[1]))
@@ -512,8 +540,40 @@ class MasterState:
         grp = self.groups.get(rec.group)
         running = grp is not None and any(o.op_id == msg.op_id for o in grp.ops.values())
         state = VerdictState.RUNNING if running else VerdictState.UNKNOWN
-        why = "" if running else "no record of this operation (too old, or the master restarted)"
+        why = "" if running else "no record of this operation (too old, or never started)"
         self._send(pid, m.Verdict(msg.op_id, int(state), why))
+
+    def on_outcomes(self, pid: int, msg: m.Outcomes) -> None:
+        """What a resuming peer did with its recent operations. A peer that kept a result
+        proves the verdict was OK; one that restored its input proves it was an abort (the
+        old master decides OK only when every member reported success)."""
+        self.peers[pid].reported = True
+        for op_id, outcome in msg.outcomes:
+            if op_id in self.verdicts or op_id >= self._first_op_id:
+                continue
+            if outcome == Outcome.KEPT:
+                self._remember(op_id, True, f"recovered from peer {pid} (it kept the result)")
+            elif outcome == Outcome.RESTORED:
+                why = f"recovered from peer {pid} (it restored its input)"
+                self._remember(op_id, False, why)
+        self._resolve_in_doubt(time.monotonic())
+
+    def _resolve_in_doubt(self, now: float) -> None:
+        """Decide operations of a previous incarnation that no outcome decided: once the
+        resuming peers had ``restart_grace_s`` to return and every member still present has
+        reported without objection (each holds the completed result), they keep it: OK.
+        Members that did not return are gone; their bytes no longer matter."""
+        for op_id, members in list(self.in_doubt.items()):
+            if op_id in self.verdicts:
+                del self.in_doubt[op_id]
+                continue
+            if now - self._started < self._restart_grace_s:
+                continue
+            present = [self.peers[q] for q in members if q in self.peers]
+            if present and all(p.reported for p in present):
+                why = "recovered after a master restart: every returning member completed it"
+                self._remember(op_id, True, why)
+                del self.in_doubt[op_id]
 
     def _check_commence(self, gid: int, grp: GroupState, op: OpState) -> None:
         if op.op_id or not all(q in op.params for q in grp.ring):
@@ -569,9 +629,7 @@ class MasterState:
             del self.aborts[64:]
         reason = reason if len(reason) <= 500 else reason[:497] + "..."
         if op.op_id:
-            self.verdicts[op.op_id] = (ok, reason)
-            while len(self.verdicts) > VERDICT_MEMORY:
-                self.verdicts.popitem(last=False)
+            self._remember(op.op_id, ok, reason)
         k = int(AbortKind.OK if ok else kind)
         for q in set(op.members) | set(op.params):
             rec = self.peers.get(q)

@@ -1083,6 +1083,7 @@ def _peer_loop(comm: Any, state: Any, runner: _StepRunner, check: Any) -> None:
 
     retryable = (
         pccl.CollectiveAborted,
+        pccl.VerdictUnknown,  # the step changed no state: redo it after the sync
         pccl.TopologyUpdateFailed,
         pccl.SharedStateError,
         pccl.TooFewPeers,

@@ -66,6 +66,7 @@ class MsgType(enum.IntEnum):
     P2M_SYNC_DONE = 9
     P2M_COLLECTIVE_WITHDRAW = 10
     P2M_VERDICT_QUERY = 11
+    P2M_OUTCOMES = 12
 
     M2P_WELCOME = 32
     M2P_HEARTBEAT = 33

@@ -31,6 +31,7 @@ __all__ = [
     "AbortKind",
     "KickCode",
     "Message",
+    "Outcome",
     "VerdictState",
     "decode",
     "encode",
@@ -91,6 +92,14 @@ class AbortKind(enum.IntEnum):
             return cls(v)
         except ValueError:
             return cls.UNKNOWN
+
+
+class Outcome(enum.IntEnum):
+    """What a peer did with the result of one operation (``P2M_OUTCOMES``)."""
+
+    KEPT = 1  #: verdict OK: the result stands
+    RESTORED = 2  #: aborted (verdict, or its own ring failed): the input was restored
+    IN_DOUBT = 3  #: its ring completed, no verdict yet: holding the result, asking
 
 
 class VerdictState(enum.IntEnum):
@@ -483,9 +492,19 @@ class CollectiveWithdraw(Message):
 
 @message(MsgType.P2M_VERDICT_QUERY)
 class VerdictQuery(Message):
-    """What did the master decide for operation ``op_id``? (a verdict was lost)"""
+    """What did the master decide for operation ``op_id``? (a verdict was lost). ``members``:
+    the ring that ran it, so that a restarted master can resolve it from their outcomes."""
 
     op_id: int = spec(u(U63))
+    members: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
+
+
+@message(MsgType.P2M_OUTCOMES)
+class Outcomes(Message):
+    """Sent after every welcome on a resumed link: what this peer did with its recent
+    operations, ``(op_id, Outcome)``, so a restarted master can rebuild lost verdicts."""
+
+    outcomes: list = spec(lst(tup(u(U63), u(U8)), 256), default=[])
 
 
 @message(MsgType.P2M_COLLECTIVE_COMPLETE)

@@ -27,6 +27,7 @@ import enum
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +45,15 @@ from pccl.errors import (
     VerdictUnknown,
 )
 from pccl.frame import MsgType
-from pccl.messages import AbortKind, VerdictState
+from pccl.messages import AbortKind, Outcome, VerdictState
 from pccl.types import DType, Quantization, ReduceInfo, ReduceOp
 
 log = logging.getLogger("pccl.peer")
 
 __all__ = ["AttemptState", "CollectiveRunner", "ReduceHandle"]
+
+#: Outcomes of this many recent operations are reported to a restarted master.
+OUTCOME_MEMORY = 64
 
 
 class AttemptState(enum.Enum):
@@ -76,6 +80,7 @@ class _Attempt:
     op_id: int = 0
     ring: RingOp | None = None
     query: asyncio.Future[m.Verdict] | None = None
+    members: tuple[int, ...] = ()  # the ring that ran it (for a restarted master)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,6 +109,9 @@ class CollectiveRunner:
         self.pool = BufferPool()
         self.live: dict[int, _Attempt] = {}  # tag -> its current attempt
         self._numbers = itertools.count(1)
+        #: what this peer did with its recent operations: op_id -> Outcome (for a restarted
+        #: master rebuilding verdicts it lost, see ``P2M_OUTCOMES``)
+        self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
         session.subscribe(
             {
                 MsgType.M2P_COLLECTIVE_COMMENCE: self._on_commence,
@@ -112,6 +120,18 @@ class CollectiveRunner:
             }
         )
         session.on_link_lost(self._on_link_lost)
+        session.on_resumed(self._report_outcomes)
+
+    def _record(self, op_id: int, outcome: Outcome) -> None:
+        if not op_id:
+            return
+        self.outcomes[op_id] = outcome
+        self.outcomes.move_to_end(op_id)
+        while len(self.outcomes) > OUTCOME_MEMORY:
+            self.outcomes.popitem(last=False)
+
+    def _report_outcomes(self) -> None:
+        self.session.send(m.Outcomes([(k, int(v)) for k, v in self.outcomes.items()]))
 
     # ------------------------------------------------------------------ master messages
 
@@ -211,6 +231,7 @@ class CollectiveRunner:
                 )
             go = st.commence.result()
             st.state = AttemptState.RUNNING
+            st.members = tuple(p[0] for p in session.ring)
             if go.epoch != session.epoch:
                 raise CollectiveAborted(
                     f"operation started for epoch {go.epoch}, we are at {session.epoch}", tag=tag
@@ -242,6 +263,7 @@ class CollectiveRunner:
             )
         except VerdictUnknown:
             keep_result = True
+            self._record(st.op_id, Outcome.KEPT)
             raise
         except BaseException as e:
             if st.state in (AttemptState.INITIATED, AttemptState.RUNNING) and not (
@@ -256,6 +278,8 @@ class CollectiveRunner:
             raise
         finally:
             st.state = AttemptState.DONE
+            if st.op_id:
+                self._record(st.op_id, Outcome.KEPT if keep_result else Outcome.RESTORED)
             if backup is not None:
                 if not keep_result and ring is not None:
                     np.copyto(sv, backup)
@@ -351,6 +375,7 @@ class CollectiveRunner:
         """Learn a lost verdict from the master's memory (reconnecting first if need be)."""
         cfg = self.config
         st.state = AttemptState.RESOLVING
+        self._record(st.op_id, Outcome.IN_DOUBT)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.reconnect_timeout_s + 2 * cfg.heartbeat_timeout_s
         why = "the verdict was lost"
@@ -366,7 +391,7 @@ class CollectiveRunner:
                 why = f"the master link is gone ({e})"
                 break
             st.query = loop.create_future()
-            self.session.send(m.VerdictQuery(st.op_id))
+            self.session.send(m.VerdictQuery(st.op_id, list(st.members)))
             try:
                 async with asyncio.timeout(cfg.heartbeat_timeout_s * 2):
                     answer = await st.query

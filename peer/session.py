@@ -220,6 +220,7 @@ class MasterSession:
             MsgType.M2P_KICK: self._on_kick,
         }
         self._lost_listeners: list[Callable[[PCCLError], None]] = []
+        self._resume_listeners: list[Callable[[], None]] = []
         self._changed = asyncio.Event()
         self._vote_refused: str | None = None  # reason of a refused update_topology vote
         # The epoch this peer last saw at the end of update_topology() (or its admission):
@@ -247,6 +248,11 @@ class MasterSession:
     def on_link_lost(self, listener: Callable[[PCCLError], None]) -> None:
         """Call ``listener(error)`` whenever the current link is lost (or the session ends)."""
         self._lost_listeners.append(listener)
+
+    def on_resumed(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` when a reconnection was welcomed, before re-admission (the place
+        to tell the master what it may have forgotten)."""
+        self._resume_listeners.append(listener)
 
     def send(self, msg: m.Message) -> None:
         """Send on the current link; dropped when there is none (the caller's deadline and
@@ -460,6 +466,8 @@ class MasterSession:
                 async with asyncio.timeout(max(0.1, min(attempt, deadline - loop.time()))):
                     welcome = await self._open_link(resume_id=self.peer_id)
                     link = self.link
+                    for listener in self._resume_listeners:
+                        listener()
                     if welcome.peer_id != self.peer_id:
                         log.warning(
                             "peer %d rejoined as %d (id was taken)", self.peer_id, welcome.peer_id

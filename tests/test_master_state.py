@@ -28,7 +28,7 @@ from pccl import messages as m
 from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import HEADER, PROTOCOL_VERSION, MsgType
-from pccl.messages import AbortKind, KickCode, VerdictState
+from pccl.messages import AbortKind, KickCode, Outcome, VerdictState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -1252,3 +1252,69 @@ def test_restart_without_a_previous_run_admits_the_first_peer_at_once(tmp_path: 
     h = Harness(store=RunStore(path), restart_grace_s=0.0)
     p = h.join()
     assert [to for to, _ in h.take(m.Topology)] == [p]
+
+
+# ---------------------------------------------------------------- verdicts across a restart
+
+
+def _restarted(grace: float = 0.0) -> tuple[Harness, list[int], int]:
+    """A master that restarted (its op ids start after ``old``) with three resumed peers."""
+    h = Harness(restart_grace_s=grace)
+    pids = []
+    for _ in range(3):
+        pid = h.state.new_peer_id()
+        h.state.register(pid, 0, f"10.0.0.{pid}", 40000 + pid, resumed=True)
+        pids.append(pid)
+    old = h.state._first_op_id - 7  # an operation the previous incarnation ran
+    return h, pids, old
+
+
+def _query(h: Harness, pid: int, op_id: int, members: list[int]) -> m.Verdict:
+    h.state.on_verdict_query(pid, m.VerdictQuery(op_id, members))
+    ((to, v),) = h.take(m.Verdict)
+    assert to == pid and isinstance(v, m.Verdict)
+    return v
+
+
+def test_restart_rebuilds_an_ok_verdict_from_a_peer_that_kept_the_result() -> None:
+    h, (a, b, c), old = _restarted(grace=60.0)
+    h.state.on_outcomes(a, m.Outcomes([(old, int(Outcome.KEPT))]))
+    assert _query(h, b, old, [a, b, c]).state == VerdictState.OK  # no grace needed: proven
+
+
+def test_restart_rebuilds_an_abort_from_a_peer_that_restored() -> None:
+    h, (a, b, c), old = _restarted(grace=60.0)
+    h.state.on_outcomes(c, m.Outcomes([(old, int(Outcome.RESTORED))]))
+    v = _query(h, a, old, [a, b, c])
+    assert v.state == VerdictState.ABORTED and f"peer {c}" in v.reason
+
+
+def test_restart_in_doubt_is_ok_once_every_returning_member_reported() -> None:
+    h, (a, b, c), old = _restarted(grace=0.0)
+    gone = 99  # a member that never came back: its bytes no longer matter
+    h.state.on_outcomes(a, m.Outcomes([(old, int(Outcome.IN_DOUBT))]))
+    assert _query(h, a, old, [a, b, c, gone]).state == VerdictState.RUNNING  # b, c unheard
+    h.state.on_outcomes(b, m.Outcomes([(old, int(Outcome.IN_DOUBT))]))
+    assert _query(h, b, old, [a, b, c, gone]).state == VerdictState.RUNNING
+    h.state.on_outcomes(c, m.Outcomes([]))  # c reported, with no objection
+    assert _query(h, a, old, [a, b, c, gone]).state == VerdictState.OK
+    assert _query(h, b, old, [a, b, c, gone]).state == VerdictState.OK
+
+
+def test_restart_in_doubt_waits_for_the_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    h, (a, b, c), old = _restarted(grace=5.0)
+    for p in (a, b, c):
+        h.state.on_outcomes(p, m.Outcomes([(old, int(Outcome.IN_DOUBT))]))
+    assert _query(h, a, old, [a, b, c]).state == VerdictState.RUNNING
+    h.state.tick(h.state._started + 6.0)  # past the grace: decided by the tick
+    assert _query(h, a, old, [a, b, c]).state == VerdictState.OK
+
+
+def test_outcomes_never_override_a_verdict_of_this_incarnation() -> None:
+    h = Harness()
+    p1, p2 = h.admit(2)
+    op = h.run_op([p1, p2], tag=1)
+    h.state.on_outcomes(p1, m.Outcomes([(op, int(Outcome.RESTORED))]))
+    assert h.query(p2, op).state == VerdictState.OK
+    # A query without members for an unknown old op cannot be resolved: UNKNOWN, not RUNNING.
+    assert h.query(p1, 5).state == VerdictState.UNKNOWN
