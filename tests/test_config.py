@@ -177,6 +177,8 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
         "send_threads": "false",
         "reconnect_timeout_s": "30",
         "restart_grace_s": "1.5",
+        "start_timeout_s": "45",
+        "vote_timeout_s": "9.5",
     }
     assert set(values) == set(FIELDS)
     for k, v in values.items():
@@ -192,6 +194,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
     assert (c.local_socket_buffer_bytes, c.local_streams) == (131072, 2)
     assert c.send_threads is False
     assert (c.reconnect_timeout_s, c.restart_grace_s) == (30.0, 1.5)
+    assert (c.start_timeout_s, c.vote_timeout_s) == (45.0, 9.5)
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
 
