@@ -1,7 +1,8 @@
 """``pccl chaos``: churn against the real master and real peer processes, judged by its report.
 
 The 60-second run is the default-suite version of the SRE acceptance run (``--peers 6
---duration 300``): kills, SIGSTOP hangs, clean leaves and joins every ~2.5 s, and the report
+--duration 300``): kills, SIGSTOP hangs, clean leaves, joins and master kills (restarted on the
+same port with its state file) every ~2.5 s, and the report
 must show every one of those faults fired, zero parity violations (all peers' shared-state
 hashes equal per revision, after every step and every sync), zero stalls, steady progress and
 recoveries within a few heartbeat timeouts. Separate tests prove the driver leaves no process
@@ -73,7 +74,7 @@ def test_sixty_seconds_of_churn_keep_parity_and_progress(tmp_path):
     assert report["stalls"] == 0, report["stall_details"]
     assert report["worker_errors"] == [] and report["wrong_results"] == [], detail
     # Counted fault injection: each kind really fired.
-    for kind in ("kill", "hang", "leave", "join"):
+    for kind in ("kill", "hang", "leave", "join", "masterkill"):
         assert report["faults"][kind] >= 1, (kind, report["faults"])
     assert sum(report["faults"].values()) >= 10, report["faults"]
     # Progress: hundreds of steps, every one compared across peers.
