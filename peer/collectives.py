@@ -258,9 +258,8 @@ class CollectiveRunner:
                 session.send(m.CollectiveComplete(tag, go.op_id, False, reason))
             st.state = AttemptState.REPORTED
             keep_result = await self._settle(st, ring_ok)
-            return ReduceInfo(
-                session.group_world_size, ring.tx_bytes, ring.rx_bytes, time.perf_counter() - t0
-            )
+            # The ring's size: after a recovered verdict the session may be in a new epoch.
+            return ReduceInfo(ring.world, ring.tx_bytes, ring.rx_bytes, time.perf_counter() - t0)
         except VerdictUnknown:
             keep_result = True
             self._record(st.op_id, Outcome.KEPT)
@@ -385,11 +384,10 @@ class CollectiveRunner:
                 if v.ok:
                     return True
                 raise self._verdict_error(v, st.tag)
-            try:
-                await self.session.await_link()
-            except PCCLError as e:
-                why = f"the master link is gone ({e})"
-                break
+            # The session may end meanwhile (evicted, closed): then this peer is out of the
+            # group, its bytes no longer have to agree with it, and the session's error (e.g.
+            # ConnectionLost) is raised with the input restored, like any failed call.
+            await self.session.await_link()
             st.query = loop.create_future()
             self.session.send(m.VerdictQuery(st.op_id, list(st.members)))
             try:
