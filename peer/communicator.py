@@ -324,9 +324,10 @@ class Communicator:
         self._session.check_usable()
         if tag in self._collectives.live:
             raise ValueError(f"tag {tag} is already in flight")
-        if self._session.reconnecting:
+        if self._session.reconnecting or self._session.ring_reformed:
             raise CollectiveAborted(
-                "reconnecting to the master; call update_topology() and retry",
+                "the master link was lost and the ring is being (or was) re-formed; call "
+                "update_topology() and retry",
                 tag=tag,
                 phase="all_reduce",
             )

@@ -283,6 +283,14 @@ class MasterSession:
     def reconnecting(self) -> bool:
         return self.state is SessionState.RECONNECTING
 
+    @property
+    def ring_reformed(self) -> bool:
+        """The ring was re-formed without this peer's ``update_topology()`` (a reconnection
+        re-admitted it): until the caller acknowledges with ``update_topology()`` (which then
+        returns at once), new collectives are refused, so that no step of the caller spans
+        two rings without it knowing."""
+        return self.state is SessionState.ACCEPTED and self.epoch != self._voted_epoch
+
     def check_usable(self) -> None:
         """Raise the session's error, or RuntimeError before ``connect()`` completed."""
         if self.error is not None:
