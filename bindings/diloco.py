@@ -140,6 +140,18 @@ class OuterStepInfo:
 
 
 @dataclass
+class _Refused:
+    """Stands for an all-reduce the communicator refused to start (``CollectiveAborted``
+    before any I/O, e.g. after a reconnection re-formed the ring): waiting raises it, so the
+    round takes the ordinary retry path."""
+
+    def __init__(self, error: CollectiveAborted) -> None:
+        self.error = error
+
+    def wait(self, timeout: float | None = None) -> Any:
+        raise self.error
+
+
 class DiLoCoStats:
     """Cumulative counters of one :class:`DiLoCo` (this peer's view)."""
 
@@ -552,6 +564,8 @@ class DiLoCo:
             np.copyto(self._anchor, self._theta)
         try:
             self._inflight = self._launch()
+        except CollectiveAborted as e:  # refused before any I/O (a re-formed ring): retried
+            self._inflight = [_Refused(e)]  # at the next boundary like any aborted round
         except TooFewPeers:
             self._inflight = None  # this round's pseudo-gradient is dropped
             np.copyto(self._anchor, self._theta)
@@ -678,6 +692,8 @@ class DiLoCo:
             if handles is None:
                 try:
                     handles = self._launch()
+                except CollectiveAborted as e:  # refused before any I/O: retry as an abort
+                    handles = [_Refused(e)]
                 except TooFewPeers:
                     log.info("outer step %d: fewer than 2 peers, step dropped", self.outer_step)
                     return False
