@@ -389,6 +389,7 @@ class Driver:
                 stderr=err,
                 env={**os.environ, **CHAOS_ENV},
                 start_new_session=True,
+                preexec_fn=_kill_me_with_parent,
             )
         line = _read_line(self.master_proc, MASTER_START_S)
         prefix = f"pccl master listening on {host}:"
@@ -442,6 +443,7 @@ class Driver:
                 stderr=err,
                 env={**os.environ, **CHAOS_ENV, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=_kill_me_with_parent,
             )
         now = time.monotonic()
         c = Child(idx, proc, log, now, slot=slot, last_event=now)
@@ -884,6 +886,15 @@ def _install_exit_signals() -> dict[int, Any]:
 def _restore_signals(old: dict[int, Any]) -> None:
     for s, h in old.items():
         signal.signal(s, h)
+
+
+def _kill_me_with_parent() -> None:
+    """``preexec_fn`` of every child: PR_SET_PDEATHSIG set in the forked child before it execs
+    Python, so a child that is stopped (a hang fault) or still importing when the driver is
+    SIGKILLed dies with it too (setting it only once Python runs left that window open)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _die_with_parent(parent: int) -> None:
