@@ -683,13 +683,8 @@ def _worker(params: dict[str, Any]) -> None:
         advertise_port=params["advertise_port"],
         config=config,
     )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
     comm.connect(timeout=JOIN_TIMEOUT_S)
-    while comm.world_size < world:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"world size {comm.world_size} < {world} after {JOIN_TIMEOUT_S}s")
-        comm.update_topology(timeout=left)
+    comm.wait_for_world(world, timeout=JOIN_TIMEOUT_S)
     if comm.world_size != world:
         raise RuntimeError(f"world size {comm.world_size}, expected {world}")
     _emit("joined", peer_id=comm.peer_id)

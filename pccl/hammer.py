@@ -705,13 +705,8 @@ def _peer(p: dict[str, Any]) -> None:
     comm = pccl.Communicator(
         p["master"], auth_token=load_token(p["token_file"]), streams=p["streams"]
     )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
     comm.connect(timeout=JOIN_TIMEOUT_S)
-    while comm.world_size < world:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"world size {comm.world_size} < {world} after {JOIN_TIMEOUT_S}s")
-        comm.update_topology(timeout=left)
+    comm.wait_for_world(world, timeout=JOIN_TIMEOUT_S)
     peer_id = comm.peer_id
     _emit("ready", peer_id=peer_id, p2p_port=comm.aio._node.port, pid=os.getpid())
 

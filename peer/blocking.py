@@ -134,6 +134,10 @@ class Communicator:
         """See :meth:`pccl.aio.Communicator.update_topology`."""
         self._run(self._aio.update_topology(timeout))
 
+    def wait_for_world(self, n: int, timeout: float = 60.0) -> None:
+        """See :meth:`pccl.aio.Communicator.wait_for_world`."""
+        self._run(self._aio.wait_for_world(n, timeout))
+
     def all_reduce(
         self,
         send: Any,

@@ -17,6 +17,7 @@ the loop that called :meth:`Communicator.connect`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -28,7 +29,7 @@ from pccl.peer.sync_runner import SyncRunner
 
 from pccl.auth import check_token
 from pccl.config import Config
-from pccl.errors import CollectiveAborted, PendingOperations, TooFewPeers
+from pccl.errors import CollectiveAborted, PendingOperations, TooFewPeers, TopologyUpdateFailed
 from pccl.shared_state import SharedState
 from pccl.tls import TLSConfig
 from pccl.types import (
@@ -255,6 +256,31 @@ class Communicator:
                 f"{len(self._collectives.live)} collective(s) in flight", phase="update_topology"
             )
         await self._session.update_topology(timeout or 60.0)
+
+    async def wait_for_world(self, n: int, timeout: float = 60.0) -> None:
+        """Take part in topology updates until at least ``n`` peers are in the run.
+
+        Every accepted peer must vote for an update to complete, so every peer of the run
+        calls this (with the same ``n``) and they leave at the same epoch. A lone peer's update
+        completes at once; it then waits 50 ms between tries instead of spinning.
+
+        Raises:
+            TopologyUpdateFailed: fewer than ``n`` peers after ``timeout`` seconds.
+            ValueError: ``n`` is not a positive int.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.world_size < n:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TopologyUpdateFailed(
+                    f"world size {self.world_size} < {n} after {timeout}s", phase="wait_for_world"
+                )
+            await self.update_topology(timeout=left)
+            if self.world_size < n and self.group_world_size <= 1:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
     # ------------------------------------------------------------------ all-reduce
 

@@ -44,13 +44,8 @@ def join(comm: Any, expected: int, timeout: float = 60.0) -> None:
     Every accepted peer must vote in an update for it to complete; peers of one run leave this
     loop at the same epoch because they all see the same world size.
     """
-    deadline = time.monotonic() + timeout
     comm.connect(timeout=timeout)
-    while comm.world_size < expected:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"world size {comm.world_size} < {expected} after {timeout}s")
-        comm.update_topology(timeout=left)
+    comm.wait_for_world(expected, timeout=timeout)
     if comm.world_size != expected:
         raise RuntimeError(f"world size {comm.world_size}, expected {expected}")
 
