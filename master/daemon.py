@@ -84,8 +84,10 @@ def raise_fd_limit() -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
             soft = want
-        except (ValueError, OSError):
-            pass
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, e)
+    if soft < 4096:
+        log.warning("open-file limit is %d: the master serves fewer peers than that", soft)
     return soft
 
 
@@ -135,11 +137,7 @@ class _Conn(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.host = str(peer[0]) if peer else "?"
         self.addr = f"{peer[0]}:{peer[1]}" if peer else "?"
-        refusal = self.master.admit_unauthenticated(self)
-        if refusal:  # over a cap: close at once, before any byte is sent or kept
-            self.state = ConnState.CLOSED
-            self.transport.abort()
-            return
+        self.master.admit_unauthenticated(self)
         self.nonce = new_nonce()
         self.transport.write(m.Challenge(self.nonce, self.master.token is not None).encode())
 
@@ -365,11 +363,11 @@ class Master:
         else:
             self.state.remove(pid, f"{code.name.lower()}: {reason}")
 
-    def admit_unauthenticated(self, conn: _Conn) -> str:
+    def admit_unauthenticated(self, conn: _Conn) -> None:
         """Count a new connection as unauthenticated, evicting the oldest unauthenticated one
         (of its address first) when a cap is reached: a flood of strangers displaces its own
         older connections, while a peer's hello, which follows its connect within a round
-        trip, gets through. Returns a refusal reason, or "" (admitted)."""
+        trip, gets through."""
         self.conns.add(conn)
         while self._unauth_by_host[conn.host] >= MAX_UNAUTHENTICATED_PER_ADDRESS:
             old = next(c for c in self.unauthenticated if c.host == conn.host)
@@ -378,7 +376,6 @@ class Master:
             self._evict(next(iter(self.unauthenticated)), "total_cap")
         self.unauthenticated[conn] = None
         self._unauth_by_host[conn.host] += 1
-        return ""
 
     def _evict(self, conn: _Conn, why: str) -> None:
         self.unauthenticated_closed[why] += 1

@@ -396,10 +396,6 @@ class MasterState:
             for q in grp.ring:
                 self._send(q, msg)
 
-    def poll(self) -> None:
-        """Periodic re-evaluation (deadlines such as the restart grace period)."""
-        self.tick(time.monotonic())
-
     def tick(self, now: float) -> None:
         """Enforce the master-side deadlines; called every heartbeat interval.
 

@@ -518,7 +518,9 @@ def _verdict(d: Driver) -> dict[str, Any]:
     elif master_aborts:
         failures.append(f"the master counted {master_aborts} aborted operations")
     epochs = [d.get("master", {}).get("epoch") for d in (before, after)]
-    if None not in epochs and epochs[0] != epochs[1]:
+    if None in epochs:
+        failures.append(f"the topology could not be checked (no /status before or after: {epochs})")
+    elif epochs[0] != epochs[1]:
         failures.append(f"the topology changed during the attack (epochs {epochs})")
     rss = {name: r.report() for name, r in d.rss.items()}
     limit = d.o.rss_limit_mib
@@ -531,6 +533,9 @@ def _verdict(d: Driver) -> dict[str, Any]:
     for name, t in attack.get("targets", {}).items():
         if not t["connected"]:
             failures.append(f"no stranger connected to {name} (the attack did not happen)")
+        served = {c: n for c, n in t.get("http_status", {}).items() if c.startswith("2")}
+        if served:
+            failures.append(f"{name} answered strangers without a credential: {served}")
     elements = int(d.o.mib * (1 << 18))
     return {
         "ok": not failures,

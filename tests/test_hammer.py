@@ -75,6 +75,8 @@ def test_strangers_cannot_hurt_a_run(tmp_path: Path) -> None:
         # The listeners dropped the strangers themselves (bad frames, caps, handshake deadline).
         assert t["closed_by_remote"] > 0, (name, t)
     assert targets["status"]["http_status"].get("401", 0) > 0  # no credential, no status
+    for name, t in targets.items():  # ... and never a document, on any listener
+        assert not [c for c in t.get("http_status", {}) if c.startswith("2")], (name, t)
     assert doc["attack"]["attempts_per_s"] >= 100
 
     assert set(doc["rss"]) == {"master", "peer0", "peer1", "peer2"}

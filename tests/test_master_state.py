@@ -1301,7 +1301,7 @@ def test_restart_in_doubt_is_ok_once_every_returning_member_reported() -> None:
     assert _query(h, b, old, [a, b, c, gone]).state == VerdictState.OK
 
 
-def test_restart_in_doubt_waits_for_the_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_in_doubt_waits_for_the_grace_period() -> None:
     h, (a, b, c), old = _restarted(grace=5.0)
     for p in (a, b, c):
         h.state.on_outcomes(p, m.Outcomes([(old, int(Outcome.IN_DOUBT))]))

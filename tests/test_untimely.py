@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import struct
 import threading
 from collections.abc import Iterator
 
@@ -151,12 +150,11 @@ class CuttingProxy:
                 await cw.drain()
 
         tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except (OSError, asyncio.IncompleteReadError, struct.error):
-            pass
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
             t.cancel()
+        # A closed side ends its pump with OSError/IncompleteReadError: expected, retrieved here.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for w in (cw, uw):
             w.transport.abort()
 
