@@ -139,7 +139,6 @@ class OuterStepInfo:
     seconds: float
 
 
-@dataclass
 class _Refused:
     """Stands for an all-reduce the communicator refused to start (``CollectiveAborted``
     before any I/O, e.g. after a reconnection re-formed the ring): waiting raises it, so the
@@ -152,6 +151,7 @@ class _Refused:
         raise self.error
 
 
+@dataclass
 class DiLoCoStats:
     """Cumulative counters of one :class:`DiLoCo` (this peer's view)."""
 

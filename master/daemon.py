@@ -152,7 +152,6 @@ class _Conn(asyncio.Protocol):
             return
         try:
             for mtype, body in self.decoder.feed(data):
-                self._gate(mtype, len(body))  # the state may have changed within this read
                 msg = m.decode(mtype, body)
                 self.last_seen = time.monotonic()
                 self.handlers[mtype](msg)

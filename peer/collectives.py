@@ -28,7 +28,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,6 @@ class _Attempt:
     ring: RingOp | None = None
     query: asyncio.Future[m.Verdict] | None = None
     members: tuple[int, ...] = ()  # the ring that ran it (for a restarted master)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ReduceHandle:
@@ -261,8 +260,7 @@ class CollectiveRunner:
             # The ring's size: after a recovered verdict the session may be in a new epoch.
             return ReduceInfo(ring.world, ring.tx_bytes, ring.rx_bytes, time.perf_counter() - t0)
         except VerdictUnknown:
-            keep_result = True
-            self._record(st.op_id, Outcome.KEPT)
+            keep_result = True  # recorded as KEPT below
             raise
         except BaseException as e:
             if st.state in (AttemptState.INITIATED, AttemptState.RUNNING) and not (

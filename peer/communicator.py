@@ -225,7 +225,8 @@ class Communicator:
             raise ValueError("timeout must be > 0")
         try:
             await self._session.connect(timeout)
-        except BaseException:
+        except BaseException:  # failed or cancelled: no heartbeat or link may outlive it
+            await self._session.close("connect failed or cancelled")
             await self._node.close()
             raise
         s = self._session

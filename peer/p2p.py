@@ -164,7 +164,6 @@ class TxStream(asyncio.Protocol):
             return
         try:
             for mtype, body in self.decoder.feed(data):
-                self._gate(mtype, len(body))  # the state may have changed within this read
                 self._handlers[mtype](m.decode(mtype, body))
                 if self.closed:
                     return

@@ -134,7 +134,6 @@ class _MasterLink(asyncio.Protocol):
             return  # a replaced link: whatever it still delivers is stale
         try:
             for mtype, body in self.decoder.feed(data):
-                self._gate(mtype, len(body))  # the state may have changed within this read
                 self.session._on_message(self, mtype, m.decode(mtype, body))
                 if self.state is LinkState.CLOSED:
                     return
@@ -255,10 +254,12 @@ class MasterSession:
         self._resume_listeners.append(listener)
 
     def send(self, msg: m.Message) -> None:
-        """Send on the current link; dropped when there is none (the caller's deadline and
-        the link-lost notification cover it)."""
-        if self.link is not None:
-            self.link.send(msg)
+        """Send on the current link once it is welcomed; dropped otherwise (a reconnection's
+        link says nothing but its hello before the welcome: the master closes a connection that
+        does; the caller's deadline and the link-lost notification cover the drop)."""
+        link = self.link
+        if link is not None and link.state is LinkState.OPEN:
+            link.send(msg)
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, asyncio.Event()
@@ -301,8 +302,8 @@ class MasterSession:
     async def await_link(self) -> None:
         """Wait (bounded by ``reconnect_timeout_s``) while a reconnection is in progress."""
         task = self._reconnect_task
-        if task is not None:
-            await asyncio.shield(task)
+        if task is not None:  # wait, not shield: a cancelled (closed) reconnection is an error
+            await asyncio.wait([task])
         if self.error is not None:
             raise self.error
 
@@ -472,15 +473,13 @@ class MasterSession:
             attempt = cfg.connect_timeout_s + 2 * cfg.restart_grace_s
             try:
                 async with asyncio.timeout(max(0.1, min(attempt, deadline - loop.time()))):
-                    welcome = await self._open_link(resume_id=self.peer_id)
+                    old_id = self.peer_id
+                    welcome = await self._open_link(resume_id=old_id)
                     link = self.link
                     for listener in self._resume_listeners:
                         listener()
-                    if welcome.peer_id != self.peer_id:
-                        log.warning(
-                            "peer %d rejoined as %d (id was taken)", self.peer_id, welcome.peer_id
-                        )
-                        self.peer_id = self.node.my_id = welcome.peer_id
+                    if welcome.peer_id != old_id:  # the welcome already set the new id
+                        log.warning("peer %d rejoined as %d (id taken)", old_id, welcome.peer_id)
                     before = self.epoch
 
                     def rejoined(b: int = before, lk: _MasterLink | None = link) -> bool:

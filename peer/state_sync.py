@@ -417,7 +417,17 @@ async def fetch_entries(
         protos.clear()
         srcs = list(per_source)
         tasks = [asyncio.ensure_future(one(s, per_source[s])) for s in srcs]
-        await asyncio.wait(tasks)
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            # Cancelled (the sync's budget ran out): the caller hands ``staging`` back to a
+            # pool shared with collectives, so no stream may write into it after we return.
+            for t in tasks:
+                t.cancel()
+            for p in protos.values():
+                p._fail(ConnectionError("fetch cancelled"))
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         retry: dict[int, list[tuple[str, int, int]]] = {}
         for src, task in zip(srcs, tasks):
             exc = task.exception()

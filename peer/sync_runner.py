@@ -3,7 +3,7 @@
 :class:`SyncState` names where a sync is: ``HASHING`` its entries (worker thread), ``VOTED``
 (waiting for the master's plan), ``FETCHING`` the entries whose hash differs from the elected
 one (from every peer that holds them, :mod:`pccl.peer.state_sync`), ``SERVING`` (done here;
-still serving the others until the master says the group is complete) and ``DONE``.
+still serving the others until the master says the group is complete), then ``IDLE`` again.
 
 A local give-up is announced, like a collective's: before the plan a ``P2M_SYNC_DONE`` with
 sync id 0 withdraws the vote; after it a failed ``P2M_SYNC_DONE`` releases the group. A plan
@@ -41,7 +41,6 @@ class SyncState(enum.Enum):
     VOTED = "voted"  #: vote sent; waiting for the plan
     FETCHING = "fetching"  #: pulling the differing entries
     SERVING = "serving"  #: done here; serving the others until the group completes
-    DONE = "done"  #: finished (or given up)
 
 
 class SyncRunner:

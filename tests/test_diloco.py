@@ -683,3 +683,13 @@ def test_diloco_survives_kill_and_late_join(master: Any, workers: Any, delayed: 
     # delayed: the first boundary after joining applies the round the newcomer did not train
     assert contrib == ([2] if delayed else []) + [3] * (len(contrib) - delayed), contrib
     check_results(results, steps)
+
+
+def test_diloco_stats_is_a_dataclass() -> None:
+    import dataclasses
+
+    from pccl.bindings.diloco import DiLoCoStats
+
+    assert dataclasses.is_dataclass(DiLoCoStats)
+    stats = DiLoCoStats()
+    assert dataclasses.asdict(stats) and stats == DiLoCoStats()
