@@ -1296,11 +1296,11 @@ def test_per_address_cap_evicts_only_that_address():
 def test_slot_table_invariants_hold_for_any_sequence(ops: list[tuple[str, int]]):
     """Caps hold always; a newcomer is refused only when every slot it could take is a
     fresh response; counters add up."""
-    from pccl.master.status_conns import ConnState, InvalidTransition, Reason, SlotTable
+    from pccl.master.status_conns import ConnState, InvalidTransition, SlotTable
 
     table = SlotTable(max_total=6, max_per_address=3, slow_response_s=1.0)
     now = 0.0
-    admitted = 0
+    admitted = closed = 0
     for op, arg in ops:
         slots = table.slots()
         if op == "admit":
@@ -1331,15 +1331,15 @@ def test_slot_table_invariants_hold_for_any_sequence(ops: list[tuple[str, int]])
             }[op]
             try:
                 table.advance(slot, to, now)
+                closed += to is ConnState.CLOSED
             except InvalidTransition:
                 pass
         assert len(table) <= 6
         assert all(table.held_by(f"h{i}") <= 3 for i in range(6))
         assert all(s.state is not ConnState.CLOSED for s in table.slots())
+    # Every admitted slot is still held, was evicted for a newcomer, or was closed by us.
     evicted = sum(n for r, n in table.rejected.items() if r.value.startswith("evicted"))
-    closed_by_caller = admitted - evicted - len(table)
-    assert closed_by_caller >= 0
-    assert table.rejected[Reason.REQUEST_TIMEOUT] == 0
+    assert admitted == evicted + closed + len(table)
 
 
 def test_address_key_groups_ipv6_by_64():
