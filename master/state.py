@@ -653,9 +653,13 @@ class MasterState:
             self._send(pid, m.SyncPlan(rnd.sync_id, False, why, 0, [], []))
             return
         if rnd.target >= 0:
-            self._kick(
-                pid, KickCode.OUT_OF_STATE, "shared-state vote while its transfer is running"
-            )
+            # Untimely, not hostile: the peer gave up locally before its plan reached it and
+            # votes again. Its plan is void (it serves as a member until the group is done);
+            # this vote gets a retryable refusal.
+            rnd.waiting.discard(pid)
+            why = "the group is still completing a sync you gave up on; retry"
+            self._send(pid, m.SyncPlan(rnd.sync_id, False, why, 0, [], []))
+            self._check_sync(rec.group, grp)
             return
         # A vote already recorded is a retry after a local timeout: the new one replaces it.
         if self.phase is not Phase.IDLE:

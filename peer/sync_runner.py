@@ -78,8 +78,9 @@ class SyncRunner:
 
     def _on_plan(self, msg: m.Message) -> None:
         assert isinstance(msg, m.SyncPlan)
-        if self._plan is None or self._plan.done():
-            # The plan of a sync we already gave up on (local timeout): release the group.
+        if self._plan is None or self._plan.done() or self.state is not SyncState.VOTED:
+            # The plan of a sync we already gave up on (local timeout; a retry may be hashing
+            # already and has not voted): release the group.
             if msg.ok:
                 self.session.send(m.SyncDone(msg.sync_id, False, "gave up before the plan"))
             return

@@ -1318,3 +1318,25 @@ def test_outcomes_never_override_a_verdict_of_this_incarnation() -> None:
     assert h.query(p2, op).state == VerdictState.OK
     # A query without members for an unknown old op cannot be resolved: UNKNOWN, not RUNNING.
     assert h.query(p1, 5).state == VerdictState.UNKNOWN
+
+
+def test_a_vote_from_a_peer_whose_plan_is_pending_is_refused_not_kicked() -> None:
+    """A peer that gave up before its plan arrived and votes again (untimely, not hostile)
+    gets a retryable refusal; the running round still completes for the others."""
+    h = Harness()
+    a, b = h.admit(2)
+    entry = [("w", 0, 4, [1], b"\x01" * 16, False)]
+    stale = [("w", 0, 4, [1], b"\x02" * 16, False)]
+    h.state.on_sync_vote(a, m.SyncSharedState(0, 0, entry))
+    h.state.on_sync_vote(b, m.SyncSharedState(0, 0, stale))
+    plans = dict(h.take(m.SyncPlan))
+    assert plans[a].ok and plans[b].ok  # type: ignore[attr-defined]
+    h.state.on_sync_vote(a, m.SyncSharedState(0, 0, entry))  # a retried before its plan came
+    ((to, refusal),) = h.take(m.SyncPlan)
+    assert to == a and isinstance(refusal, m.SyncPlan) and not refusal.ok
+    assert "retry" in refusal.reason and h.kicks == []
+    sync_id = plans[b].sync_id  # type: ignore[attr-defined]
+    h.state.on_sync_done(b, m.SyncDone(sync_id, True))
+    done = h.take(m.SyncComplete)
+    assert {to for to, _ in done} == {a, b}  # a stays a member: it serves until the end
+    assert h.state.groups[0].sync is None
