@@ -76,6 +76,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import xxhash
+from pccl.bindings.extra_state import (
+    DEFAULT_CAPACITY,
+    StatefulEntry,
+    pack,
+    stateful_adapter,
+    unpack,
+)
 
 from pccl import kernels
 from pccl.config import Config
@@ -108,6 +115,11 @@ class Phase(enum.IntEnum):
 
 # Control vector (int64 shared-state entry "diloco/ctrl").
 _BOUNDARY, _APPLIED, _PHASE, _FINGERPRINT = range(4)
+# Contributor count vector (int64, all-reduced with SUM next to the pseudo-gradient).
+_WEIGHT, _CONTRIBUTORS, _TOKEN_WEIGHTED = range(3)
+#: Inner-optimizer param groups whose hyper-parameters are compared field by field.
+_INNER_GROUPS = 4
+_INNER_FIELDS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "dampening")
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,9 @@ class OuterStepInfo:
         applied: an outer update was applied (False: dropped for lack of peers).
         world_size: peers in the group after the boundary.
         contributors: peers whose pseudo-gradient is in the applied update (0 when dropped).
+        weight: total weight of the applied update: the sum over contributors of the tokens
+            (or samples) each passed to :meth:`DiLoCo.step` during its round, 1 per
+            contributor that passed none (0 when dropped).
         tx_bytes, rx_bytes: all-reduce payload bytes of this boundary, retries included.
         sync_tx_bytes, sync_rx_bytes: shared-state bytes of this boundary's syncs.
         revision: shared-state revision after the boundary.
@@ -130,6 +145,7 @@ class OuterStepInfo:
     applied: bool
     world_size: int
     contributors: int
+    weight: int
     tx_bytes: int
     rx_bytes: int
     sync_tx_bytes: int
@@ -260,10 +276,16 @@ class DiLoCo:
         bucket_bytes: largest all-reduce (fp32 bytes); bigger models use several.
         tag: first collective tag used (``tag .. tag + buckets``); avoid them elsewhere.
         sync_timeout: deadline of each shared-state sync (default: the communicator's).
+        extra_state: ``{name: value}`` kept identical across peers with the outer state and
+            adopted by newcomers: LR schedulers, ``torch.Generator``, dicts of scalars and
+            tensors, objects with ``state_dict()``/``load_state_dict()``, CPU tensors and numpy
+            arrays (see :mod:`pccl.bindings.extra_state`). Every peer passes the same names.
+        extra_state_bytes: capacity of each serialised (non-tensor) extra-state value.
 
     Raises:
         TypeError/ValueError: bad arguments (before any I/O).
-        ValueError: this peer's hyper-parameters differ from the run's (after the first sync).
+        ValueError: this peer's hyper-parameters differ from the run's (after the first sync;
+            the message names each field, e.g. ``inner_optimizer.param_groups[0].lr``).
         pccl errors of the first sync (``SharedStateError``, ``ConnectionLost``...).
     """
 
@@ -283,6 +305,8 @@ class DiLoCo:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         tag: int = DEFAULT_TAG,
         sync_timeout: float | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        extra_state_bytes: int = DEFAULT_CAPACITY,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
@@ -297,6 +321,16 @@ class DiLoCo:
             raise ValueError(f"bucket_bytes must be an int >= 4096, got {bucket_bytes!r}")
         if not isinstance(tag, int) or not 0 <= tag <= 0xFFFF_FFFF:
             raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+        if (
+            not isinstance(extra_state_bytes, int)
+            or isinstance(extra_state_bytes, bool)
+            or not 64 <= extra_state_bytes <= 1 << 30
+        ):
+            raise ValueError(
+                f"extra_state_bytes must be an int in [64, 2**30], got {extra_state_bytes!r}"
+            )
+        if extra_state is not None and not isinstance(extra_state, Mapping):
+            raise TypeError("extra_state must be a mapping {name: value}")
         self.comm = comm
         self.inner_optimizer = inner_optimizer
         self.sync_every = sync_every
@@ -307,6 +341,8 @@ class DiLoCo:
         self.delayed = bool(delayed)
         self.error_feedback = bool(error_feedback) and quantization != Quantization.NONE
         self.sync_timeout = sync_timeout
+        self.extra_state_bytes = extra_state_bytes
+        self.bucket_bytes = bucket_bytes
         self.stats = DiLoCoStats()
 
         named = _named_params(model)
@@ -348,9 +384,13 @@ class DiLoCo:
         self._recv_t, self._recv = flat()
         self._mom = flat()[1] if self.outer_momentum > 0 else None
         self._residual = flat()[1] if self.error_feedback else None
-        self._count = np.zeros(1, dtype=np.int64)
-        self._count_out = np.zeros(1, dtype=np.int64)
+        self._count = np.zeros(3, dtype=np.int64)
+        self._count_out = np.zeros(3, dtype=np.int64)
         self._weight = 0
+        self._round_token_weighted = False
+        self._tokens = 0  # passed to step() since the last contribution
+        self._token_weighted = False  # step() was given tokens this round
+        self._mixed_warned = False
         self._scratch = np.empty(min(max(self.numel, 1), _CHUNK), dtype=np.float32)
         if self.error_feedback:
             cfg = getattr(getattr(comm, "aio", None), "config", None)
@@ -366,6 +406,9 @@ class DiLoCo:
         if tag + len(self._buckets) > 0xFFFF_FFFF:
             raise ValueError("tag + number of buckets exceeds 2**32 - 1")
 
+        self._hparam_names, hp = self._hyperparameters()
+        self._hparams = np.array(hp, dtype=np.float64)
+        self._own_hparams = self._hparams.copy()
         self._ctrl = np.zeros(4, dtype=np.int64)
         self._ctrl[_FINGERPRINT] = self._fingerprint()
         entries: dict[str, Any] = {}
@@ -374,6 +417,21 @@ class DiLoCo:
             if self._mom is not None:
                 entries[f"momentum/{name}"] = self._mom[off : off + n].reshape(shape)
         entries["diloco/ctrl"] = self._ctrl
+        entries["diloco/hparams"] = self._hparams
+        self._extra: list[tuple[StatefulEntry, np.ndarray]] = []
+        for name, value in (extra_state or {}).items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"extra_state names must be non-empty str, got {name!r}")
+            adapter = stateful_adapter(name, value)
+            if adapter is None:
+                if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                    raise TypeError(f"extra_state[{name!r}] must be a CPU tensor")
+                entries[f"extra/{name}"] = value
+            else:
+                buf = np.zeros(extra_state_bytes, dtype=np.uint8)
+                pack(adapter.get(), buf, name)  # fails early on a value that cannot travel
+                entries[f"extra/{name}"] = buf
+                self._extra.append((adapter, buf))
         self.shared_state = SharedState(entries, revision=0)
         self._synced = False
         self._contributing = False
@@ -385,8 +443,14 @@ class DiLoCo:
 
     # ------------------------------------------------------------------ public
 
-    def step(self) -> OuterStepInfo | None:
+    def step(self, tokens: int | None = None) -> OuterStepInfo | None:
         """Count one inner step; at every ``sync_every``-th, run the outer boundary.
+
+        Args:
+            tokens: how much data this inner step trained on (tokens or samples, any unit
+                every peer uses). A round's contribution is weighted by the sum over its steps,
+                so a peer with 3x the batch counts 3x in the mean. A round in which no step
+                passed ``tokens`` weighs 1. Pass it on every step of every peer, or never.
 
         Returns:
             The boundary's :class:`OuterStepInfo`, or None between boundaries.
@@ -396,6 +460,11 @@ class DiLoCo:
             ``ConnectionLost``, ``SharedStateError``, ``TopologyUpdateFailed``. The peer should
             then close its communicator and rejoin as a newcomer.
         """
+        if tokens is not None:
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
+            self._tokens += tokens
+            self._token_weighted = True
         self._inner += 1
         if self._inner < self.sync_every:
             return None
@@ -475,11 +544,7 @@ class DiLoCo:
     def _join(self) -> None:
         """First sync; a newcomer then enters the boundary the incumbents are in."""
         self._sync()
-        if int(self._ctrl[_FINGERPRINT]) != self._fingerprint():
-            raise ValueError(
-                "this peer's DiLoCo settings (sync_every, delayed, quantization, outer_lr, "
-                "outer_momentum, nesterov) differ from the run's"
-            )
+        self._check_hyperparameters()
         if self._anchor is not self._theta:
             np.copyto(self._anchor, self._theta)
         phase = Phase(int(self._ctrl[_PHASE]))
@@ -500,19 +565,82 @@ class DiLoCo:
             self._copy_anchor_to_local()
         self._contributing = True
 
+    def _hyperparameters(self) -> tuple[list[str], list[float]]:
+        """Names and values of what every peer of a run must agree on (``diloco/hparams``).
+
+        The inner optimizer's hyper-parameters are its param groups' ``initial_lr`` (set by LR
+        schedulers; else ``lr``), ``momentum``, ``weight_decay``, ``betas``, ``eps`` and
+        ``dampening`` of the first few groups; NaN where absent (not compared).
+        """
+        names = [
+            "sync_every",
+            "delayed",
+            "quantization",
+            "outer_lr",
+            "outer_momentum",
+            "nesterov",
+            "error_feedback",
+            "bucket_bytes",
+            "parameters",
+            "extra_state_bytes",
+        ]
+        values = [
+            float(self.sync_every),
+            float(self.delayed),
+            float(int(self.quantization)),
+            self.outer_lr,
+            self.outer_momentum,
+            float(self.nesterov),
+            float(self.error_feedback),
+            float(self.bucket_bytes),
+            float(self.numel),
+            float(self.extra_state_bytes),
+        ]
+        groups = self.inner_optimizer.param_groups if self.inner_optimizer is not None else []
+        nan = float("nan")
+        for i in range(_INNER_GROUPS):
+            g = groups[i] if i < len(groups) else {}
+            betas = g.get("betas")
+            betas = betas if isinstance(betas, (tuple, list)) and len(betas) == 2 else (nan, nan)
+            found = {
+                "lr": g.get("initial_lr", g.get("lr", nan)),
+                "momentum": g.get("momentum", nan),
+                "weight_decay": g.get("weight_decay", nan),
+                "beta1": betas[0],
+                "beta2": betas[1],
+                "eps": g.get("eps", nan),
+                "dampening": g.get("dampening", nan),
+            }
+            for f in _INNER_FIELDS:
+                v = found[f]
+                names.append(f"inner_optimizer.param_groups[{i}].{f}")
+                values.append(float(v) if isinstance(v, (int, float)) else nan)
+        return names, values
+
     def _fingerprint(self) -> int:
-        key = repr(
-            (
-                self.sync_every,
-                self.delayed,
-                int(self.quantization),
-                self.outer_lr,
-                self.outer_momentum,
-                self.nesterov,
-            )
-        )
-        v = xxhash.xxh64_intdigest(key.encode())
+        v = xxhash.xxh64_intdigest(self._own_hparams.tobytes())
         return v - (1 << 64) if v >= 1 << 63 else v
+
+    def _check_hyperparameters(self) -> None:
+        """After the first sync: refuse to train with settings that differ from the run's,
+        naming every field that differs (NaN = not set on one side: not compared)."""
+        diffs = []
+        for name, mine, run in zip(
+            self._hparam_names, self._own_hparams.tolist(), self._hparams.tolist(), strict=True
+        ):
+            if np.isnan(mine) or np.isnan(run) or mine == run:
+                continue
+            diffs.append(f"{name}: this peer {mine:g}, the run {run:g}")
+        if diffs:
+            raise ValueError(
+                "this peer's DiLoCo settings differ from the run's: " + "; ".join(diffs)
+            )
+        if int(self._ctrl[_FINGERPRINT]) != self._fingerprint():
+            raise ValueError(
+                "this peer's DiLoCo settings differ from the run's (fingerprint of "
+                + ", ".join(self._hparam_names[:10])
+                + ")"
+            )
 
     # ------------------------------------------------------------------ boundary pieces
 
@@ -560,6 +688,7 @@ class DiLoCo:
             self._preview(self._send)
             if self._residual is not None:
                 np.add(self._send, self._residual, out=self._send)
+            self._weigh()
         else:
             np.copyto(self._anchor, self._theta)
         try:
@@ -598,7 +727,16 @@ class DiLoCo:
         first = not self._synced
         if not first:
             self.shared_state.revision += 1
+        packed = []
+        for adapter, buf in self._extra:
+            pack(adapter.get(), buf, adapter.name)
+            packed.append(buf.tobytes())
         info = self.comm.sync_shared_state(self.shared_state, timeout=self.sync_timeout)
+        for (adapter, buf), before in zip(self._extra, packed, strict=True):
+            if buf.tobytes() != before:  # the run's value differs from ours: adopt it
+                adapter.set(unpack(buf, adapter.name))
+                if not first:
+                    log.warning("extra_state[%r] differed from the run's: adopted", adapter.name)
         self._synced = True
         self.stats.syncs += 1
         self.stats.sync_tx_bytes += info.tx_bytes
@@ -629,19 +767,36 @@ class DiLoCo:
         ``start`` is where this round began (the outer parameters, or the eager start in delayed
         mode). Synchronous mode adds the residual here; delayed mode after the eager preview.
         """
-        if not self._contributing:
+        weight = self._tokens if self._token_weighted else 1
+        self._round_token_weighted = self._token_weighted
+        self._tokens, self._token_weighted = 0, False
+        if not self._contributing or weight == 0:
             self._send.fill(0)
             self._weight = 0
             return
         self._local_to(self._send_t)
         np.subtract(self._anchor, self._send, out=self._send)
-        if self._residual is not None and not self.delayed:
-            np.add(self._send, self._residual, out=self._send)
-        self._weight = 1
+        self._weight = weight
+        if not self.delayed:
+            if self._residual is not None:
+                np.add(self._send, self._residual, out=self._send)
+            self._weigh()
+
+    def _weigh(self) -> None:
+        """``send *= weight`` (float32, exactly rounded): the all-reduce SUM then holds the
+        weighted sum, divided by the total weight once every contribution is in."""
+        if self._weight not in (0, 1):
+            w32 = np.float32(self._weight)
+            step = max(1, self._scratch.shape[0])
+            for a in range(0, self.numel, step):
+                b = min(self.numel, a + step)
+                np.multiply(self._send[a:b], w32, out=self._send[a:b])
 
     def _launch(self) -> list[ReduceFuture]:
         """Start the count and bucket all-reduces (send -> recv, SUM)."""
-        self._count[0] = self._weight
+        self._count[_WEIGHT] = self._weight
+        self._count[_CONTRIBUTORS] = int(self._weight > 0)
+        self._count[_TOKEN_WEIGHTED] = int(self._weight > 0 and self._round_token_weighted)
         handles = [
             self.comm.all_reduce_async(self._count, self._count_out, op=ReduceOp.SUM, tag=self._tag)
         ]
@@ -711,12 +866,24 @@ class DiLoCo:
                 error,
             )
             self._admit_and_sync(retry_phase)
-        count = int(self._count_out[0])
-        self._io.contributors = count
-        if count <= 0:
+        weight = int(self._count_out[_WEIGHT])
+        contributors = int(self._count_out[_CONTRIBUTORS])
+        weighted = int(self._count_out[_TOKEN_WEIGHTED])
+        self._io.contributors = contributors
+        self._io.weight = weight
+        if 0 < weighted < contributors and not self._mixed_warned:
+            self._mixed_warned = True
+            log.warning(
+                "outer step %d: %d of %d contributors passed tokens to step() and the others did "
+                "not (weight 1 each): pass tokens on every peer, or on none",
+                self.outer_step,
+                weighted,
+                contributors,
+            )
+        if weight <= 0 or contributors <= 0:
             return False
-        if count > 1:
-            np.divide(self._recv, np.float32(count), out=self._recv)
+        if weight > 1:
+            np.divide(self._recv, np.float32(weight), out=self._recv)
         if self._weight and self._residual is not None:
             self._update_residual()
         return True
@@ -742,8 +909,10 @@ class DiLoCo:
                 kernels.encode_bf16(x, self._half[: b - a])
                 kernels.decode_bf16(self._half[: b - a], deq)
             r = self._residual[a:b]
-            with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore", over="ignore"):
                 np.subtract(x, deq, out=r)
+                if self._weight != 1:  # the residual is kept per unit of weight
+                    np.divide(r, np.float32(self._weight), out=r)
             r[~np.isfinite(r)] = 0  # a NaN/inf block must not poison every later step
 
     def _info(self, applied: bool, seconds: float) -> OuterStepInfo:
@@ -753,6 +922,7 @@ class DiLoCo:
             applied=applied,
             world_size=self.comm.group_world_size,
             contributors=io.contributors if applied else 0,
+            weight=io.weight if applied else 0,
             tx_bytes=io.tx,
             rx_bytes=io.rx,
             sync_tx_bytes=io.sync_tx,
@@ -771,3 +941,4 @@ class _BoundaryIO:
     sync_rx: int = 0
     retries: int = 0
     contributors: int = 0
+    weight: int = 0

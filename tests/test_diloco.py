@@ -509,19 +509,19 @@ def test_newcomer_joins_a_retry_with_zero_weight(delayed: bool) -> None:
     comm = _GroupComm(world=3, on_first_sync=receive)
     g_others = np.full(theta_run.size, 0.5, np.float32)
     comm.others_send = g_others * 2
-    comm.others_count = np.array([2])
+    comm.others_count = np.array([2, 2, 0])  # total weight, contributors, token-weighted
     model = _model(seed=2)
     d = DiLoCo(comm, model, sync_every=5, delayed=delayed, quantization=pccl.Quantization.NONE)
     count_sent = [s for t, s in comm.launches if t == d._tag]
     grad_sent = [s for t, s in comm.launches if t != d._tag]
-    assert count_sent[0].tolist() == [0] and not grad_sent[0].any()  # zeros, weight 0
+    assert count_sent[0].tolist() == [0, 0, 0] and not grad_sent[0].any()  # zeros, weight 0
     expect, mom = theta_run.copy(), np.zeros_like(theta_run)
     nesterov_step(expect, g_others.copy(), mom, 0.7, 0.9, True, np.empty(8, np.float32))
     assert _outer(d).tobytes() == expect.tobytes()  # the mean over the 2 contributors only
     assert d.outer_step == 8 and d.applied_steps == 8
     assert comm.syncs[1] == ((Phase.LAUNCH if delayed else Phase.IDLE), 13)
     if delayed:
-        assert len(count_sent) == 2 and count_sent[1].tolist() == [0]  # joins the launch too
+        assert len(count_sent) == 2 and count_sent[1].tolist() == [0, 0, 0]  # joins the launch
     else:
         assert _flat(model).tobytes() == expect.tobytes()
 
@@ -532,6 +532,163 @@ def test_newcomer_with_other_hyperparameters_is_refused() -> None:
 
     with pytest.raises(ValueError, match="differ from the run"):
         DiLoCo(_GroupComm(on_first_sync=receive), _model(), sync_every=5)
+
+
+def test_newcomer_with_a_different_field_is_refused_naming_it() -> None:
+    def run_lr(state: pccl.SharedState) -> None:  # the run was started with outer_lr=0.5
+        hp = state.entries["diloco/hparams"].array
+        hp[3] = 0.5
+
+    with pytest.raises(ValueError, match=r"outer_lr: this peer 0\.7, the run 0\.5"):
+        DiLoCo(_GroupComm(on_first_sync=run_lr), _model(), sync_every=5)
+
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    names = DiLoCo(_GroupComm(), model, opt, sync_every=5)._hparam_names
+    i = names.index("inner_optimizer.param_groups[0].lr")
+
+    def run_inner_lr(state: pccl.SharedState) -> None:
+        state.entries["diloco/hparams"].array[i] = 1e-3
+
+    with pytest.raises(ValueError, match=r"inner_optimizer\.param_groups\[0\]\.lr: this peer"):
+        DiLoCo(_GroupComm(on_first_sync=run_inner_lr), model, opt, sync_every=5)
+    # a peer without an inner optimizer is not compared on its fields (NaN = unknown)
+    DiLoCo(_GroupComm(on_first_sync=run_inner_lr), _model(), None, sync_every=5)
+
+
+@pytest.mark.parametrize("quant", ["NONE", "UINT8"])
+def test_token_weighted_mean_is_exact(quant: str) -> None:
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(comm, model, sync_every=2, quantization=pccl.Quantization[quant])
+    theta0 = _flat(model)
+    g_other = np.linspace(-1, 1, theta0.size, dtype=np.float32)
+    comm.others_send = g_other * np.float32(6)  # the other peer: 3 tokens per step, 2 steps
+    comm.others_count = np.array([6, 1, 1])
+    for i in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.01 * (i + 1))
+        local = _flat(model)
+        info = d.step(tokens=1)  # this peer: 1 token per step (batch sizes 1:3)
+    assert info is not None and info.applied and info.weight == 8 and info.contributors == 2
+    g = theta0 - local
+    sent = comm.launches[-1][1]
+    assert sent.tobytes() == (g * np.float32(2)).tobytes()
+    mean = (g * np.float32(2) + g_other * np.float32(6)) / np.float32(8)
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(expect, mean, mom, 0.7, 0.9, True, np.empty(8, np.float32))
+    assert _outer(d).tobytes() == expect.tobytes()
+    assert comm.launches[-2][1].tolist() == [2, 1, 1]  # weight, contributor, token-weighted
+    if quant == "UINT8":  # the residual is kept per unit of weight
+        from pccl import kernels
+
+        x = g * np.float32(2)
+        qb = np.empty(x.size, np.uint8)
+        meta = np.empty(2 * kernels.num_blocks(x.size, 4096), np.float32)
+        deq = np.empty_like(x)
+        kernels.quantize_u8(x, qb, meta, 4096)
+        kernels.dequantize_u8(qb, meta, deq, 4096)
+        assert d._residual is not None
+        assert d._residual.tobytes() == ((x - deq) / np.float32(2)).tobytes()
+
+
+def test_zero_tokens_contributes_nothing_and_bad_tokens_are_refused() -> None:
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(comm, model, sync_every=1, quantization=pccl.Quantization.NONE)
+    with pytest.raises(ValueError, match="tokens"):
+        d.step(tokens=-1)
+    with pytest.raises(ValueError, match="tokens"):
+        d.step(tokens=1.5)  # type: ignore[arg-type]
+    comm.others_count = np.array([0, 0, 0])
+    comm.others_send = np.zeros(_flat(model).size, np.float32)
+    info = d.step(tokens=0)
+    assert info is not None and not info.applied and info.weight == 0
+    assert comm.launches[-2][1].tolist() == [0, 0, 0] and not comm.launches[-1][1].any()
+
+
+def _sched(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+    return opt, sched
+
+
+def test_extra_state_newcomer_adopts_scheduler_rng_and_dict() -> None:
+    from pccl.bindings.extra_state import pack
+
+    inc_model = _model()
+    inc_opt, inc_sched = _sched(inc_model)
+    for _ in range(37):
+        inc_opt.step()
+        inc_sched.step()
+    inc_rng = torch.Generator().manual_seed(99)
+    torch.rand(5, generator=inc_rng)
+    inc_cfg = {"data_epoch": 3, "path": "/ckpt/7", "seen": [1, 2], "w": torch.arange(3.0)}
+    inc_counter = np.array([123], np.int64)
+
+    def receive(state: pccl.SharedState) -> None:
+        e = state.entries
+        d_inc = {"sched": inc_sched, "rng": inc_rng, "cfg": inc_cfg}
+        from pccl.bindings.extra_state import stateful_adapter
+
+        for name, v in d_inc.items():
+            a = stateful_adapter(name, v)
+            assert a is not None
+            pack(a.get(), e[f"extra/{name}"].array, name)
+        e["extra/counter"].array[...] = inc_counter
+
+    model = _model(seed=3)
+    opt, sched = _sched(model)
+    rng = torch.Generator().manual_seed(1)
+    cfg: dict[str, Any] = {"data_epoch": 0}
+    counter = np.zeros(1, np.int64)
+    DiLoCo(
+        _GroupComm(on_first_sync=receive),
+        model,
+        opt,
+        sync_every=5,
+        extra_state={"sched": sched, "rng": rng, "cfg": cfg, "counter": counter},
+    )
+    assert sched.last_epoch == inc_sched.last_epoch == 37
+    assert sched.get_last_lr() == inc_sched.get_last_lr()
+    assert opt.param_groups[0]["lr"] == inc_opt.param_groups[0]["lr"]  # not just the scheduler
+    assert torch.equal(rng.get_state(), inc_rng.get_state())
+    assert cfg.keys() == inc_cfg.keys() and cfg["path"] == "/ckpt/7" and cfg["seen"] == [1, 2]
+    assert torch.equal(cfg["w"], inc_cfg["w"])
+    assert counter.tolist() == [123]
+
+
+def test_extra_state_refusals() -> None:
+    with pytest.raises(TypeError, match="extra_state\\['x'\\] is a object"):
+        DiLoCo(_GroupComm(), _model(), sync_every=5, extra_state={"x": object()})
+    with pytest.raises(ValueError, match="extra_state_bytes"):
+        DiLoCo(
+            _GroupComm(),
+            _model(),
+            sync_every=5,
+            extra_state={"big": {"a": "x" * 5000}},
+            extra_state_bytes=1024,
+        )
+    with pytest.raises(TypeError, match="cannot share a set"):
+        DiLoCo(_GroupComm(), _model(), sync_every=5, extra_state={"s": {"k": {1, 2}}})
+
+
+def test_extra_state_blob_from_the_network_is_checked() -> None:
+    from pccl.bindings.extra_state import unpack
+
+    buf = np.zeros(64, np.uint8)
+    buf[:4] = np.frombuffer((1000).to_bytes(4, "little"), np.uint8)
+    with pytest.raises(pccl.SharedStateError, match="exceeds"):
+        unpack(buf, "x")
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # random bytes never raise anything but SharedStateError
+        junk = rng.integers(0, 256, 64, dtype=np.uint8)
+        junk[:4] = np.frombuffer(int(rng.integers(0, 61)).to_bytes(4, "little"), np.uint8)
+        try:
+            unpack(junk, "x")
+        except pccl.SharedStateError:
+            pass
 
 
 # ====================================================================== end to end
