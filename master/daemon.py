@@ -62,6 +62,7 @@ ACCEPTS: dict[ConnState, frozenset[MsgType]] = {
             MsgType.P2M_COLLECTIVE_WITHDRAW,
             MsgType.P2M_VERDICT_QUERY,
             MsgType.P2M_OUTCOMES,
+            MsgType.P2M_GATE_ARRIVE,
             MsgType.P2M_LEAVE,
             MsgType.P2M_SYNC_SHARED_STATE,
             MsgType.P2M_SYNC_DONE,
@@ -115,6 +116,7 @@ class _Conn(asyncio.Protocol):
             MsgType.P2M_COLLECTIVE_WITHDRAW: self.on_collective_withdraw,
             MsgType.P2M_VERDICT_QUERY: self.on_verdict_query,
             MsgType.P2M_OUTCOMES: self.on_outcomes,
+            MsgType.P2M_GATE_ARRIVE: self.on_gate_arrive,
             MsgType.P2M_LEAVE: self.on_leave,
             MsgType.P2M_SYNC_SHARED_STATE: self.on_sync_shared_state,
             MsgType.P2M_SYNC_DONE: self.on_sync_done,
@@ -270,6 +272,10 @@ class _Conn(asyncio.Protocol):
         assert isinstance(msg, m.Outcomes)
         self.master.state.on_outcomes(self.peer_id, msg)
 
+    def on_gate_arrive(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.GateArrive)
+        self.master.state.on_gate_arrive(self.peer_id, msg)
+
     def on_sync_shared_state(self, msg: m.Message) -> None:
         assert isinstance(msg, m.SyncSharedState)
         self.master.state.on_sync_vote(self.peer_id, msg)
@@ -338,7 +344,13 @@ class Master:
         #: connections closed before authenticating, by reason (``/metrics``)
         self.unauthenticated_closed: Counter[str] = Counter()
         self.store = RunStore(state_file) if state_file is not None else None
-        self.state = MasterState(self._send, self._kick, self.config, self.store)
+        self.state = MasterState(
+            self._send,
+            self._kick,
+            self.config,
+            self.store,
+            call_later=lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn),
+        )
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()

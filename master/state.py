@@ -59,6 +59,8 @@ class PeerRecord:
     resumed: bool = False  # said hello with its id from before a master restart
     reported: bool = False  # sent its outcomes of recent operations (P2M_OUTCOMES)
     ops: dict[int, int] = field(default_factory=dict)  # tag -> attempt, initiated or running
+    gates: dict[int, int] = field(default_factory=dict)  # gate tag -> attempt, arrived
+    gate_floor: int = 0  # gate attempts up to this one are decided: later words are ignored
     tx_bytes: int = 0  # payload sent in completed collectives (as reported)
     last_gbps: float = 0.0  # send rate of its last completed collective
     ops_done: int = 0
@@ -90,10 +92,25 @@ class SyncRound:
 
 
 @dataclass
+class GateRound:
+    """One quorum gate of a group (see :meth:`MasterState.on_gate_arrive`)."""
+
+    tag: int
+    min_quorum: int
+    grace_ms: int
+    arrived: dict[int, int] = field(default_factory=dict)  # peer -> its attempt
+    ready: set[int] = field(default_factory=set)
+    opened: float = field(default_factory=time.monotonic)  # first arrival (start deadline)
+    quorum_at: float = 0.0  # when min_quorum peers were first ready (0: not yet)
+    timer: object = None  # the pending grace timer, if any
+
+
+@dataclass
 class GroupState:
     ring: list[int] = field(default_factory=list)
     broken: str = ""  # why the current ring is unusable (a member left), "" if usable
     ops: dict[int, OpState] = field(default_factory=dict)
+    gates: dict[int, GateRound] = field(default_factory=dict)
     sync: SyncRound | None = None
     next_revision: int | None = None  # None until the group's first sync
 
@@ -110,6 +127,9 @@ class MasterState:
         store: where ids and the last membership persist across restarts (None: nowhere; a
             restart then cannot tell incumbents from newcomers, see :mod:`pccl.master.store`).
         restart_grace_s: overrides ``config.restart_grace_s`` (tests).
+        call_later: ``call_later(delay_s, fn)`` runs ``fn`` after a delay on this thread (the
+            daemon's event loop): quorum-gate grace ends on time. Without it (tests) graces
+            end at the next :meth:`tick`.
     """
 
     def __init__(
@@ -120,9 +140,11 @@ class MasterState:
         store: RunStore | None = None,
         *,
         restart_grace_s: float | None = None,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self._send = send
         self._kick = kick
+        self._call_later = call_later
         self.config = config or Config()
         self._restart_grace_s = (
             self.config.restart_grace_s if restart_grace_s is None else restart_grace_s
@@ -256,6 +278,8 @@ class MasterState:
             grp.broken = f"peer {pid} left ({reason})"
             for op in list(grp.ops.values()):
                 self._finish(rec.group, op, ok=False, reason=grp.broken)
+            for gate in list(grp.gates.values()):
+                self._gate_abort(grp, gate, f"{grp.broken}; call update_topology()")
         elif grp is not None:  # a pending peer's initiates (refused, but be thorough)
             for op in list(grp.ops.values()):
                 op.params.pop(pid, None)
@@ -381,6 +405,9 @@ class MasterState:
             grp.broken = ""
             for op in list(grp.ops.values()):  # initiates made for the old ring are void
                 self._finish(gid, op, False, "the topology changed", AbortKind.STALE_TOPOLOGY)
+            for gate in list(grp.gates.values()):
+                why = "the topology changed; arrive again"
+                self._gate_abort(grp, gate, why, AbortKind.STALE_TOPOLOGY)
         world = len(self.peers)
         log.info(
             "epoch %d: %d peers in %d groups: %s",
@@ -422,6 +449,18 @@ class MasterState:
                     f"start_timeout_s={cfg.start_timeout_s:g}"
                 )
                 self._finish(gid, op, False, why, AbortKind.START_TIMEOUT)
+        for grp in list(self.groups.values()):
+            for gate in list(grp.gates.values()):
+                present = [q for q in grp.ring if q in self.peers]
+                late = [q for q in present if q not in gate.arrived]
+                if late and now - gate.opened > cfg.start_timeout_s:
+                    why = (
+                        f"peers {late} did not arrive at gate {gate.tag} within "
+                        f"start_timeout_s={cfg.start_timeout_s:g}"
+                    )
+                    self._gate_abort(grp, gate, why, AbortKind.START_TIMEOUT)
+                else:
+                    self._gate_check(grp, gate, now)
         if self.in_doubt:
             self._resolve_in_doubt(now)
         acc = self.accepted
@@ -633,6 +672,132 @@ class MasterState:
             if rec is not None and attempt is not None and rec.ops.get(op.tag) == attempt:
                 del rec.ops[op.tag]
                 self._send(q, m.CollectiveDone(op.tag, attempt, op.op_id, ok, reason, k))
+
+    # ------------------------------------------------------------------ quorum gates
+
+    def on_gate_arrive(self, pid: int, msg: m.GateArrive) -> None:
+        """A peer arrives at, upgrades to ready at, or withdraws from the group's gate
+        ``msg.tag``. The gate is decided once every ring member present has arrived and either
+        all of them are ready, or ``min(min_quorum, ring)`` are and ``grace_ms`` has passed
+        since they first were; the decision names the ready peers (the round's contributors).
+        Words about an attempt already decided are ignored (they crossed the decision)."""
+        rec = self.peers[pid]
+        if msg.attempt <= rec.gate_floor:
+            return
+        held = rec.gates.get(msg.tag)
+        grp = self.groups.get(rec.group)
+        gate = grp.gates.get(msg.tag) if grp is not None else None
+        state = msg.state
+        if state == int(m.GateState.WITHDRAW):
+            if held != msg.attempt:
+                return
+            del rec.gates[msg.tag]
+            rec.gate_floor = max(rec.gate_floor, msg.attempt)
+            if grp is not None and gate is not None:
+                gate.arrived.pop(pid, None)
+                gate.ready.discard(pid)
+                if not gate.arrived:
+                    self._gate_close(grp, gate)
+            kind = int(AbortKind.WITHDRAWN)
+            self._send(pid, m.GateDone(msg.tag, msg.attempt, 0, False, "withdrawn", kind))
+            return
+        if held is not None:
+            if held != msg.attempt:  # a retry must withdraw the previous attempt first
+                self._kick(pid, KickCode.OUT_OF_STATE, f"gate {msg.tag} arrived at twice")
+                return
+            if gate is not None and state == int(m.GateState.READY):
+                gate.ready.add(pid)
+                self._gate_check(grp, gate, time.monotonic())  # type: ignore[arg-type]
+            return
+        why = ""
+        if not rec.accepted or grp is None:
+            why = "not accepted into the run yet"
+        elif grp.broken or self.phase is not Phase.IDLE:
+            why = f"{grp.broken or 'topology is changing'}; call update_topology()"
+        if why:
+            rec.gate_floor = max(rec.gate_floor, msg.attempt)
+            kind = int(AbortKind.STALE_TOPOLOGY)
+            self._send(pid, m.GateDone(msg.tag, msg.attempt, 0, False, why, kind))
+            return
+        assert grp is not None
+        if gate is None:
+            gate = grp.gates[msg.tag] = GateRound(msg.tag, msg.min_quorum, msg.grace_ms)
+        gate.arrived[pid] = msg.attempt
+        rec.gates[msg.tag] = msg.attempt
+        if (msg.min_quorum, msg.grace_ms) != (gate.min_quorum, gate.grace_ms):
+            why = (
+                f"peers disagree on gate {msg.tag}: peer {pid} min_quorum={msg.min_quorum} "
+                f"grace_ms={msg.grace_ms}, others min_quorum={gate.min_quorum} "
+                f"grace_ms={gate.grace_ms}"
+            )
+            self._gate_abort(grp, gate, why, AbortKind.MISMATCH)
+            return
+        if state == int(m.GateState.READY):
+            gate.ready.add(pid)
+        self._gate_check(grp, gate, time.monotonic())
+
+    def _gate_check(self, grp: GroupState, gate: GateRound, now: float) -> None:
+        if grp.gates.get(gate.tag) is not gate:
+            return
+        present = [q for q in grp.ring if q in self.peers]
+        if not present:
+            return
+        ready = [q for q in present if q in gate.ready]
+        quorum = min(gate.min_quorum, len(present))
+        if len(ready) < quorum:
+            gate.quorum_at = 0.0  # (a departure can only abort; kept for clarity)
+            return
+        if not gate.quorum_at:
+            gate.quorum_at = now
+        if not all(q in gate.arrived for q in present):
+            return
+        left = gate.quorum_at + gate.grace_ms / 1000 - now
+        if len(ready) < len(present) and left > 0:
+            if self._call_later is not None and gate.timer is None:
+                gate.timer = self._call_later(left + 1e-3, lambda: self._gate_timer(grp, gate))
+            return
+        round_id = self._next_op_id
+        self._next_op_id += 1
+        members = list(grp.ring)
+        log.debug("gate %d round %d: %d of %d ready", gate.tag, round_id, len(ready), len(present))
+        for q, attempt in gate.arrived.items():
+            rec = self.peers.get(q)
+            if rec is None:
+                continue
+            rec.gates.pop(gate.tag, None)
+            rec.gate_floor = max(rec.gate_floor, attempt)
+            ok = int(AbortKind.OK)
+            self._send(q, m.GateDone(gate.tag, attempt, round_id, True, "", ok, ready, members))
+        self._gate_close(grp, gate)
+
+    def _gate_timer(self, grp: GroupState, gate: GateRound) -> None:
+        gate.timer = None
+        try:
+            self._gate_check(grp, gate, time.monotonic())
+        except Exception:  # a bug must not kill the event loop's callback machinery
+            log.exception("gate %d: grace timer failed", gate.tag)
+
+    def _gate_abort(
+        self, grp: GroupState, gate: GateRound, why: str, kind: AbortKind = AbortKind.ABORTED
+    ) -> None:
+        log.warning("gate %d aborted: %s", gate.tag, why)
+        why = why if len(why) <= 1000 else why[:997] + "..."
+        for q, attempt in gate.arrived.items():
+            rec = self.peers.get(q)
+            if rec is None:
+                continue
+            rec.gates.pop(gate.tag, None)
+            rec.gate_floor = max(rec.gate_floor, attempt)
+            self._send(q, m.GateDone(gate.tag, attempt, 0, False, why, int(kind)))
+        self._gate_close(grp, gate)
+
+    def _gate_close(self, grp: GroupState, gate: GateRound) -> None:
+        if grp.gates.get(gate.tag) is gate:
+            del grp.gates[gate.tag]
+        cancel = getattr(gate.timer, "cancel", None)
+        if cancel is not None:
+            cancel()
+        gate.timer = None
 
     # ------------------------------------------------------------------ shared state
 

@@ -24,7 +24,7 @@ from pccl.errors import (
     VerdictUnknown,
 )
 from pccl.shared_state import SharedState
-from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
+from pccl.types import DType, GateResult, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
 if TYPE_CHECKING:  # resolved lazily at run time (see __getattr__)
     from pccl.peer.blocking import Communicator
@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "ConnectionLost",
     "DType",
+    "GateResult",
     "MasterUnreachable",
     "PCCLError",
     "PendingOperations",

@@ -67,6 +67,7 @@ class MsgType(enum.IntEnum):
     P2M_COLLECTIVE_WITHDRAW = 10
     P2M_VERDICT_QUERY = 11
     P2M_OUTCOMES = 12
+    P2M_GATE_ARRIVE = 13
 
     M2P_WELCOME = 32
     M2P_HEARTBEAT = 33
@@ -79,6 +80,7 @@ class MsgType(enum.IntEnum):
     M2P_SYNC_COMPLETE = 40
     M2P_CHALLENGE = 41
     M2P_VERDICT = 42
+    M2P_GATE_DONE = 43
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_PEER_ID",
     "MESSAGES",
     "AbortKind",
+    "GateState",
     "KickCode",
     "Message",
     "Outcome",
@@ -100,6 +101,14 @@ class Outcome(enum.IntEnum):
     KEPT = 1  #: verdict OK: the result stands
     RESTORED = 2  #: aborted (verdict, or its own ring failed): the input was restored
     IN_DOUBT = 3  #: its ring completed, no verdict yet: holding the result, asking
+
+
+class GateState(enum.IntEnum):
+    """A peer's state at a quorum gate (``P2M_GATE_ARRIVE.state``)."""
+
+    ARRIVED = 0  #: present, no contribution ready yet
+    READY = 1  #: present with a contribution (an upgrade of ARRIVED, or arriving ready)
+    WITHDRAW = 2  #: gave up locally: forget the arrival
 
 
 class VerdictState(enum.IntEnum):
@@ -490,6 +499,18 @@ class CollectiveWithdraw(Message):
     reason: str = spec(s(512), default="")
 
 
+@message(MsgType.P2M_GATE_ARRIVE)
+class GateArrive(Message):
+    """Arrive at (or upgrade to ready at, or withdraw from) the group's quorum gate ``tag``.
+    Every arrival of one gate carries the same ``min_quorum`` and ``grace_ms``."""
+
+    tag: int = spec(u(U32))
+    attempt: int = spec(u(U63))
+    state: int = spec(u(2))
+    min_quorum: int = spec(Spec("int", 1, MAX_PEERS))
+    grace_ms: int = spec(u(3_600_000))
+
+
 @message(MsgType.P2M_VERDICT_QUERY)
 class VerdictQuery(Message):
     """What did the master decide for operation ``op_id``? (a verdict was lost). ``members``:
@@ -597,6 +618,22 @@ class CollectiveDone(Message):
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
     kind: int = spec(u(U8), default=int(AbortKind.ABORTED))
+
+
+@message(MsgType.M2P_GATE_DONE)
+class GateDone(Message):
+    """The master's decision on this peer's ``attempt`` at gate ``tag``: ``ready`` lists the
+    peers whose contributions are in round ``round_id``, ``members`` the ring at the decision;
+    ``ok=False`` is an abort (``kind`` an :class:`AbortKind`; retryable)."""
+
+    tag: int = spec(u(U32))
+    attempt: int = spec(u(U63))
+    round_id: int = spec(u(U63))
+    ok: bool = spec(B)
+    reason: str = spec(s(1000), default="")
+    kind: int = spec(u(U8), default=int(AbortKind.ABORTED))
+    ready: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
+    members: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
 
 
 @message(MsgType.M2P_VERDICT)

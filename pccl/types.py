@@ -138,6 +138,25 @@ def storage_view(arr: np.ndarray) -> tuple[np.ndarray, DType]:
 
 
 @dataclass(frozen=True)
+class GateResult:
+    """The master's decision at a quorum gate (:meth:`pccl.Communicator.quorum_gate`).
+
+    Attributes:
+        round_id: id of the round the decision opens (increasing, unique per master run).
+        ready: peer ids whose contributions are in the round, sorted by ring order.
+        members: the group's ring at the decision.
+        included: this peer is in ``ready``.
+        seconds: from this peer's arrival to the decision.
+    """
+
+    round_id: int
+    ready: tuple[int, ...]
+    members: tuple[int, ...]
+    included: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ReduceInfo:
     """Outcome of one all-reduce.
 

@@ -18,12 +18,12 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from pccl.peer.communicator import Communicator as AioCommunicator
-from pccl.peer.communicator import ReduceHandle
+from pccl.peer.communicator import GateHandle, ReduceHandle
 
 from pccl.config import Config
 from pccl.shared_state import SharedState
 from pccl.tls import TLSConfig
-from pccl.types import Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
+from pccl.types import GateResult, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
 __all__ = ["Communicator", "ReduceFuture", "new_event_loop"]
 
@@ -70,6 +70,48 @@ class ReduceFuture:
             TimeoutError: ``timeout`` elapsed (the operation keeps running).
         """
         return self._fut.result(timeout)
+
+
+class GateFuture:
+    """Handle of a blocking ``quorum_gate_async``; ``mark_ready`` may be called from any
+    thread."""
+
+    def __init__(
+        self,
+        handle: GateHandle,
+        loop: asyncio.AbstractEventLoop,
+        fut: concurrent.futures.Future[Any],
+    ) -> None:
+        self._handle = handle
+        self._loop = loop
+        self._done = fut  # resolves (to None) when the decision is in
+        self.tag = handle.tag
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def mark_ready(self) -> None:
+        """Tell the master this peer's contribution is ready (thread-safe, idempotent)."""
+        try:
+            self._loop.call_soon_threadsafe(self._handle.mark_ready)
+        except RuntimeError:
+            pass  # the loop is closed: the gate failed with it
+
+    def wait_done(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the decision without giving up on it."""
+        try:
+            self._done.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        except BaseException:
+            return True
+        return True
+
+    def wait(self, timeout: float | None = None) -> GateResult:
+        """The decision; a ``timeout`` that expires withdraws the arrival (see
+        :meth:`pccl.aio.GateHandle.wait`)."""
+        fut = asyncio.run_coroutine_threadsafe(self._handle.wait(timeout), self._loop)
+        return fut.result()
 
 
 class Communicator:
@@ -167,6 +209,37 @@ class Communicator:
         )
         fut = asyncio.run_coroutine_threadsafe(handle.wait(), self._loop)
         return ReduceFuture(fut, tag)
+
+    def quorum_gate_async(
+        self, tag: int, *, ready: bool = False, min_quorum: int, grace_s: float = 0.0
+    ) -> GateFuture:
+        """See :meth:`pccl.aio.Communicator.quorum_gate_async`."""
+        handle: GateHandle = self._call(
+            self._aio.quorum_gate_async, tag, ready=ready, min_quorum=min_quorum, grace_s=grace_s
+        )
+
+        async def decided() -> None:
+            await asyncio.wait([handle._st.done])
+
+        return GateFuture(
+            handle, self._loop, asyncio.run_coroutine_threadsafe(decided(), self._loop)
+        )
+
+    def quorum_gate(
+        self,
+        tag: int,
+        *,
+        ready: bool,
+        min_quorum: int,
+        grace_s: float = 0.0,
+        timeout: float | None = None,
+    ) -> GateResult:
+        """See :meth:`pccl.aio.Communicator.quorum_gate`."""
+        return self._run(
+            self._aio.quorum_gate(
+                tag, ready=ready, min_quorum=min_quorum, grace_s=grace_s, timeout=timeout
+            )
+        )
 
     def sync_shared_state(
         self,

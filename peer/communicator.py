@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 from pccl.peer.collectives import CollectiveRunner, ReduceHandle
+from pccl.peer.gates import GateHandle, GateRunner
 from pccl.peer.p2p import P2PNode
 from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
 
+from pccl import messages as m
 from pccl.auth import check_token
 from pccl.config import Config
 from pccl.errors import CollectiveAborted, PendingOperations, TooFewPeers, TopologyUpdateFailed
@@ -34,6 +36,7 @@ from pccl.shared_state import SharedState
 from pccl.tls import TLSConfig
 from pccl.types import (
     DType,
+    GateResult,
     Quantization,
     ReduceInfo,
     ReduceOp,
@@ -44,7 +47,7 @@ from pccl.types import (
 
 log = logging.getLogger("pccl.peer")
 
-__all__ = ["Communicator", "ReduceHandle", "parse_address"]
+__all__ = ["Communicator", "GateHandle", "ReduceHandle", "parse_address"]
 
 MAX_TAG = 0xFFFF_FFFF
 
@@ -160,6 +163,7 @@ class Communicator:
             advertise_port=advertise_port,
         )
         self._collectives = CollectiveRunner(self._session, self._node, self.config)
+        self._gates = GateRunner(self._session)
         self._syncs = SyncRunner(
             self._session, self._node, self.config, self._collectives.pool, self.token, client_ssl
         )
@@ -406,10 +410,63 @@ class Communicator:
 
     # ------------------------------------------------------------------ closing
 
+    # ------------------------------------------------------------------ quorum gates
+
+    def quorum_gate_async(
+        self, tag: int, *, ready: bool = False, min_quorum: int, grace_s: float = 0.0
+    ) -> GateHandle:
+        """Arrive at the group's quorum gate ``tag`` (a namespace apart from collective tags).
+
+        The master decides the gate once every member of the group has arrived and either all
+        are ready, or ``min(min_quorum, group size)`` are and ``grace_s`` has passed since they
+        first were. ``handle.mark_ready()`` upgrades this peer while the gate is open; the
+        decision (:class:`~pccl.GateResult`) lists the ready peers. Every member must pass the
+        same ``min_quorum`` and ``grace_s``.
+
+        Raises:
+            TypeError/ValueError: bad arguments, or this tag already open here (before I/O).
+        """
+        if not isinstance(tag, int) or isinstance(tag, bool) or not 0 <= tag <= 0xFFFF_FFFF:
+            raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+        if not isinstance(ready, bool):
+            raise TypeError(f"ready must be a bool, got {type(ready).__name__}")
+        if (
+            not isinstance(min_quorum, int)
+            or isinstance(min_quorum, bool)
+            or not 1 <= min_quorum <= m.MAX_PEERS
+        ):
+            raise ValueError(f"min_quorum must be an int in [1, {m.MAX_PEERS}], got {min_quorum!r}")
+        if not isinstance(grace_s, (int, float)) or not 0 <= grace_s <= 3600:
+            raise ValueError(f"grace_s must be a number in [0, 3600], got {grace_s!r}")
+        if self._session.error is not None:
+            raise self._session.error
+        return self._gates.start(tag, ready, min_quorum, float(grace_s))
+
+    async def quorum_gate(
+        self,
+        tag: int,
+        *,
+        ready: bool,
+        min_quorum: int,
+        grace_s: float = 0.0,
+        timeout: float | None = None,
+    ) -> GateResult:
+        """Arrive at gate ``tag`` and wait for the decision; see :meth:`quorum_gate_async`.
+
+        Raises:
+            CollectiveAborted: refused/aborted (a member left, the topology changed, a member
+                did not arrive within the master's ``start_timeout_s``), the master link was
+                lost, or ``timeout`` expired here (the arrival is withdrawn): retryable.
+            ProtocolError: members disagree on ``min_quorum``/``grace_s``.
+        """
+        h = self.quorum_gate_async(tag, ready=ready, min_quorum=min_quorum, grace_s=grace_s)
+        return await h.wait(timeout)
+
     async def close(self) -> None:
         """Leave the run (the master re-forms the ring without us) and release everything."""
         if self._session.state is SessionState.CLOSED and self._node.closing:
             return
+        self._gates.fail_all(CollectiveAborted("the communicator was closed", phase="quorum_gate"))
         self._session.leave("closed by the application")
         await self._session.close("closed")
         await self._node.close()
