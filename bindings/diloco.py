@@ -76,12 +76,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import xxhash
+from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
 from pccl.bindings.extra_state import (
     DEFAULT_CAPACITY,
-    StatefulEntry,
-    pack,
+    Slot,
+    array_slot,
     stateful_adapter,
-    unpack,
+    stateful_slot,
 )
 
 from pccl import kernels
@@ -93,7 +94,7 @@ from pccl.types import Quantization, ReduceOp
 if TYPE_CHECKING:  # pragma: no cover
     from pccl.peer.blocking import Communicator, ReduceFuture
 
-__all__ = ["DiLoCo", "DiLoCoStats", "OuterStepInfo", "Phase", "nesterov_step"]
+__all__ = ["DiLoCo", "DiLoCoStats", "OuterStepInfo", "Phase", "RoundRecord", "nesterov_step"]
 
 log = logging.getLogger("pccl.diloco")
 
@@ -281,6 +282,13 @@ class DiLoCo:
             tensors, objects with ``state_dict()``/``load_state_dict()``, CPU tensors and numpy
             arrays (see :mod:`pccl.bindings.extra_state`). Every peer passes the same names.
         extra_state_bytes: capacity of each serialised (non-tensor) extra-state value.
+        min_quorum: quorum mode (see :mod:`pccl.bindings.diloco_quorum`): an outer round
+            starts once this many peers have a pseudo-gradient ready, plus ``grace_s``; the
+            others keep training and join a later round. None (default): every boundary waits
+            for every peer. Not combinable with ``delayed``.
+        grace_s: quorum mode: how long a round waits for more peers once the quorum is ready.
+        trace_hashes: quorum mode: record a digest of the outer state after every round
+            (:meth:`rounds`), to check parity (costs one hash pass per round).
 
     Raises:
         TypeError/ValueError: bad arguments (before any I/O).
@@ -307,6 +315,9 @@ class DiLoCo:
         sync_timeout: float | None = None,
         extra_state: Mapping[str, Any] | None = None,
         extra_state_bytes: int = DEFAULT_CAPACITY,
+        min_quorum: int | None = None,
+        grace_s: float = 0.0,
+        trace_hashes: bool = False,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
@@ -331,6 +342,13 @@ class DiLoCo:
             )
         if extra_state is not None and not isinstance(extra_state, Mapping):
             raise TypeError("extra_state must be a mapping {name: value}")
+        if min_quorum is not None:
+            if not isinstance(min_quorum, int) or isinstance(min_quorum, bool) or min_quorum < 1:
+                raise ValueError(f"min_quorum must be an int >= 1 or None, got {min_quorum!r}")
+            if delayed:
+                raise ValueError("min_quorum (quorum mode) cannot be combined with delayed=True")
+        if not (isinstance(grace_s, (int, float)) and 0 <= grace_s <= 3600):
+            raise ValueError(f"grace_s must be a number of seconds in [0, 3600], got {grace_s!r}")
         self.comm = comm
         self.inner_optimizer = inner_optimizer
         self.sync_every = sync_every
@@ -343,6 +361,10 @@ class DiLoCo:
         self.sync_timeout = sync_timeout
         self.extra_state_bytes = extra_state_bytes
         self.bucket_bytes = bucket_bytes
+        self.min_quorum = min_quorum
+        self.grace_s = float(grace_s)
+        self.trace_hashes = bool(trace_hashes)
+        self.quorum = min_quorum is not None
         self.stats = DiLoCoStats()
 
         named = _named_params(model)
@@ -378,8 +400,10 @@ class DiLoCo:
 
         self._theta_t, self._theta = flat()
         # Where the current round started: the outer parameters, or in delayed mode the eager
-        # start (see _launch_background).
-        self._anchor_t, self._anchor = flat() if self.delayed else (self._theta_t, self._theta)
+        # start (see _launch_background), or in quorum mode the outer parameters of the round
+        # that applied this peer's last contribution (the driver moves theta meanwhile).
+        separate = self.delayed or self.quorum
+        self._anchor_t, self._anchor = flat() if separate else (self._theta_t, self._theta)
         self._send_t, self._send = flat()
         self._recv_t, self._recv = flat()
         self._mom = flat()[1] if self.outer_momentum > 0 else None
@@ -418,28 +442,35 @@ class DiLoCo:
                 entries[f"momentum/{name}"] = self._mom[off : off + n].reshape(shape)
         entries["diloco/ctrl"] = self._ctrl
         entries["diloco/hparams"] = self._hparams
-        self._extra: list[tuple[StatefulEntry, np.ndarray]] = []
+        self._extra: list[Slot] = []
         for name, value in (extra_state or {}).items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"extra_state names must be non-empty str, got {name!r}")
             adapter = stateful_adapter(name, value)
-            if adapter is None:
-                if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-                    raise TypeError(f"extra_state[{name!r}] must be a CPU tensor")
-                entries[f"extra/{name}"] = value
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                raise TypeError(f"extra_state[{name!r}] must be a CPU tensor")
+            if adapter is not None:
+                slot = stateful_slot(adapter, extra_state_bytes)  # fails early if it can't travel
+            elif self.quorum:
+                slot = array_slot(name, value)  # a private copy: the driver syncs it
             else:
-                buf = np.zeros(extra_state_bytes, dtype=np.uint8)
-                pack(adapter.get(), buf, name)  # fails early on a value that cannot travel
-                entries[f"extra/{name}"] = buf
-                self._extra.append((adapter, buf))
+                entries[f"extra/{name}"] = value  # synced in place, between inner steps
+                continue
+            entries[f"extra/{name}"] = slot.entry
+            self._extra.append(slot)
         self.shared_state = SharedState(entries, revision=0)
         self._synced = False
         self._contributing = False
         self._inflight: list[ReduceFuture] | None = None
         self._inner = 0
         self._io = _BoundaryIO()
+        self._driver: QuorumDriver | None = None
         self._local_to(self._theta_t)
         self._join()
+        if self.quorum:
+            assert self.min_quorum is not None
+            self._driver = QuorumDriver(self, self.min_quorum, self.grace_s)
+            self._driver.start()
 
     # ------------------------------------------------------------------ public
 
@@ -469,6 +500,8 @@ class DiLoCo:
         if self._inner < self.sync_every:
             return None
         self._inner = 0
+        if self._driver is not None:
+            return self._quorum_boundary()
         t0 = time.perf_counter()
         self._io = _BoundaryIO()
         if self.delayed:
@@ -483,6 +516,40 @@ class DiLoCo:
             applied = self._reduce(None, Phase.RETRY)
             self._finish_boundary(applied)
         return self._info(applied, time.perf_counter() - t0)
+
+    def _quorum_boundary(self) -> OuterStepInfo:
+        """Quorum mode: post this round's pseudo-gradient, wait until a round applied it,
+        restart from that round's outer parameters (and adopt the run's extra state)."""
+        assert self._driver is not None
+        t0 = time.perf_counter()
+        self._driver.raise_error()
+        weight, weighted = self._fill_quorum()
+        snaps = [slot.snapshot() for slot in self._extra]
+        post = self._driver.post(weight, weighted, snaps)
+        rec = self._driver.wait(post)
+        self._copy_anchor_to_local()
+        for slot, mine, run in zip(self._extra, snaps, post.extra_after, strict=True):
+            if run != mine:  # the run's schedule/counters moved on: follow it
+                slot.adopt(run)
+        return OuterStepInfo(
+            outer_step=rec.outer_step,
+            applied=rec.applied,
+            world_size=rec.world_size,
+            contributors=len(rec.contributors) if rec.applied else 0,
+            weight=rec.weight,
+            tx_bytes=rec.tx_bytes,
+            rx_bytes=rec.rx_bytes,
+            sync_tx_bytes=rec.sync_tx_bytes,
+            sync_rx_bytes=rec.sync_rx_bytes,
+            revision=rec.revision,
+            retries=rec.retries,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def rounds(self) -> list[RoundRecord]:
+        """Quorum mode: the outer rounds completed since the last call, oldest first (every
+        round of the group, including those this peer did not contribute to). [] otherwise."""
+        return self._driver.rounds() if self._driver is not None else []
 
     def flush(self) -> OuterStepInfo | None:
         """Delayed mode: wait for the background all-reduce and apply it now.
@@ -524,14 +591,17 @@ class DiLoCo:
         return self.shared_state.hashes()
 
     def outer_parameters(self) -> dict[str, torch.Tensor]:
-        """``{name: fp32 CPU tensor}`` views of the outer parameters (do not modify)."""
-        return {
-            name: self._theta_t[off : off + n].view(shape)
-            for name, _, off, n, shape in self._params
-        }
+        """``{name: fp32 CPU tensor}`` views of the outer parameters (do not modify). In
+        quorum mode: those of the round that applied this peer's last contribution (the live
+        ones move on the driver thread)."""
+        src = self._anchor_t if self.quorum else self._theta_t
+        return {name: src[off : off + n].view(shape) for name, _, off, n, shape in self._params}
 
     def close(self) -> None:
-        """Wait for a background all-reduce (delayed mode) and drop its result. Idempotent."""
+        """Wait for a background all-reduce (delayed mode) and drop its result; stop the round
+        driver (quorum mode: a post not yet applied is dropped). Idempotent."""
+        if self._driver is not None:
+            self._driver.close()
         handles, self._inflight = self._inflight, None
         for h in handles or []:
             try:
@@ -548,8 +618,14 @@ class DiLoCo:
         if self._anchor is not self._theta:
             np.copyto(self._anchor, self._theta)
         phase = Phase(int(self._ctrl[_PHASE]))
+        if self.quorum and phase is not Phase.IDLE:
+            raise ValueError(f"a quorum-mode run never syncs in phase {phase.name}")
         if phase is not Phase.IDLE:
             log.info("joining a boundary in phase %s at outer step %d", phase.name, self.outer_step)
+        if self.quorum:  # the drivers of the group enter the next gate after this sync
+            self._copy_anchor_to_local()
+            self._contributing = True
+            return
         self._fill_pseudo_grad()  # zeros, weight 0: we have not trained the pending round
         if phase is Phase.RETRY:
             applied = self._reduce(None, Phase.RETRY)
@@ -583,6 +659,8 @@ class DiLoCo:
             "bucket_bytes",
             "parameters",
             "extra_state_bytes",
+            "min_quorum",
+            "grace_s",
         ]
         values = [
             float(self.sync_every),
@@ -595,6 +673,8 @@ class DiLoCo:
             float(self.bucket_bytes),
             float(self.numel),
             float(self.extra_state_bytes),
+            float(self.min_quorum or 0),
+            self.grace_s,
         ]
         groups = self.inner_optimizer.param_groups if self.inner_optimizer is not None else []
         nan = float("nan")
@@ -688,7 +768,7 @@ class DiLoCo:
             self._preview(self._send)
             if self._residual is not None:
                 np.add(self._send, self._residual, out=self._send)
-            self._weigh()
+            self._weigh(self._weight)
         else:
             np.copyto(self._anchor, self._theta)
         try:
@@ -723,27 +803,42 @@ class DiLoCo:
         self.comm.update_topology()
         self._sync()
 
-    def _sync(self) -> None:
+    def _admit_and_sync_quorum(self) -> None:
+        """Quorum mode, driver thread: admit/re-wire and sync; the extra-state entries hold
+        what the driver staged (the training thread's live values are not touched)."""
+        self._ctrl[_PHASE] = int(Phase.IDLE)
+        self.comm.update_topology()
+        self._sync(live=False)
+
+    def _sync(self, live: bool = True) -> None:
+        """One shared-state sync. ``live``: snapshot the extra state into its entries first
+        and adopt what the run holds after (training thread only)."""
         first = not self._synced
         if not first:
             self.shared_state.revision += 1
-        packed = []
-        for adapter, buf in self._extra:
-            pack(adapter.get(), buf, adapter.name)
-            packed.append(buf.tobytes())
+        before = []
+        for slot in self._extra:
+            if live:
+                slot.buf[...] = np.frombuffer(slot.snapshot(), dtype=np.uint8)
+            before.append(slot.buf.tobytes())
         info = self.comm.sync_shared_state(self.shared_state, timeout=self.sync_timeout)
-        for (adapter, buf), before in zip(self._extra, packed, strict=True):
-            if buf.tobytes() != before:  # the run's value differs from ours: adopt it
-                adapter.set(unpack(buf, adapter.name))
-                if not first:
-                    log.warning("extra_state[%r] differed from the run's: adopted", adapter.name)
+        extra_rx = 0
+        for slot, mine in zip(self._extra, before, strict=True):
+            run = slot.buf.tobytes()
+            if run == mine:
+                continue
+            extra_rx += len(run)
+            if live:  # the run's value differs from ours: adopt it
+                slot.adopt(run)
+                if not first and not self.quorum:
+                    log.warning("extra_state[%r] differed from the run's: adopted", slot.name)
         self._synced = True
         self.stats.syncs += 1
         self.stats.sync_tx_bytes += info.tx_bytes
         self.stats.sync_rx_bytes += info.rx_bytes
         self._io.sync_tx += info.tx_bytes
         self._io.sync_rx += info.rx_bytes
-        if info.rx_bytes and not first:
+        if info.rx_bytes > extra_rx and not first:  # (quorum mode: lagging extra state is normal)
             self.stats.repairs += 1
             log.warning(
                 "outer state diverged from the run's at revision %d: %d bytes re-fetched",
@@ -780,20 +875,37 @@ class DiLoCo:
         if not self.delayed:
             if self._residual is not None:
                 np.add(self._send, self._residual, out=self._send)
-            self._weigh()
+            self._weigh(weight)
 
-    def _weigh(self) -> None:
+    def _fill_quorum(self) -> tuple[int, bool]:
+        """Quorum mode, training thread: ``send = w * (anchor - local + residual)``; returns
+        ``(w, token_weighted)``. Touches only send (the driver reads it after the post)."""
+        weight = self._tokens if self._token_weighted else 1
+        weighted = self._token_weighted
+        self._tokens, self._token_weighted = 0, False
+        if weight == 0:
+            self._send.fill(0)
+            return 0, weighted
+        self._local_to(self._send_t)
+        np.subtract(self._anchor, self._send, out=self._send)
+        if self._residual is not None:
+            np.add(self._send, self._residual, out=self._send)
+        self._weigh(weight)
+        return weight, weighted
+
+    def _weigh(self, weight: int) -> None:
         """``send *= weight`` (float32, exactly rounded): the all-reduce SUM then holds the
         weighted sum, divided by the total weight once every contribution is in."""
-        if self._weight not in (0, 1):
-            w32 = np.float32(self._weight)
+        if weight not in (0, 1):
+            w32 = np.float32(weight)
             step = max(1, self._scratch.shape[0])
             for a in range(0, self.numel, step):
                 b = min(self.numel, a + step)
                 np.multiply(self._send[a:b], w32, out=self._send[a:b])
 
-    def _launch(self) -> list[ReduceFuture]:
-        """Start the count and bucket all-reduces (send -> recv, SUM)."""
+    def _launch(self, src: np.ndarray | None = None) -> list[ReduceFuture]:
+        """Start the count and bucket all-reduces (``src`` (default send) -> recv, SUM)."""
+        src = self._send if src is None else src
         self._count[_WEIGHT] = self._weight
         self._count[_CONTRIBUTORS] = int(self._weight > 0)
         self._count[_TOKEN_WEIGHTED] = int(self._weight > 0 and self._round_token_weighted)
@@ -804,7 +916,7 @@ class DiLoCo:
             for i, (a, b) in enumerate(self._buckets):
                 handles.append(
                     self.comm.all_reduce_async(
-                        self._send[a:b],
+                        src[a:b],
                         self._recv[a:b],
                         op=ReduceOp.SUM,
                         quantization=self.quantization,
@@ -866,6 +978,11 @@ class DiLoCo:
                 error,
             )
             self._admit_and_sync(retry_phase)
+        return self._average()
+
+    def _average(self) -> bool:
+        """After a successful all-reduce: ``recv /= total weight``; update the residual.
+        Returns False (nothing to apply) when nobody contributed."""
         weight = int(self._count_out[_WEIGHT])
         contributors = int(self._count_out[_CONTRIBUTORS])
         weighted = int(self._count_out[_TOKEN_WEIGHTED])

@@ -33,7 +33,15 @@ import torch
 
 from pccl.errors import SharedStateError
 
-__all__ = ["StatefulEntry", "pack", "stateful_adapter", "unpack"]
+__all__ = [
+    "Slot",
+    "StatefulEntry",
+    "array_slot",
+    "pack",
+    "stateful_adapter",
+    "stateful_slot",
+    "unpack",
+]
 
 _EXT_TENSOR = 1
 _EXT_NDARRAY = 2
@@ -193,3 +201,50 @@ def _as_byte_tensor(name: str, v: Any) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or v.dtype != torch.uint8:
         raise SharedStateError(f"extra_state[{name!r}]: not an RNG state")
     return v
+
+
+class Slot:
+    """One extra-state entry as DiLoCo handles it: the shared ``entry`` array, how to take a
+    snapshot of the live value (bytes of the entry's size) and how to adopt the run's bytes.
+
+    ``entry`` is the array registered in the shared state; ``buf`` its bytes (``uint8``).
+    """
+
+    def __init__(self, name: str, entry: np.ndarray, snapshot: Any, adopt: Any) -> None:
+        self.name = name
+        self.entry = entry
+        self.buf = entry.reshape(-1).view(np.uint8)
+        self.snapshot = snapshot
+        self.adopt = adopt
+
+
+def stateful_slot(adapter: StatefulEntry, capacity: int) -> Slot:
+    """A serialised value in a ``capacity``-byte entry; the snapshot is packed at once, so a
+    value that cannot travel fails before any I/O."""
+    entry = np.zeros(capacity, dtype=np.uint8)
+    scratch = np.zeros(capacity, dtype=np.uint8)
+
+    def snapshot() -> bytes:
+        pack(adapter.get(), scratch, adapter.name)
+        return scratch.tobytes()
+
+    def adopt(blob: bytes) -> None:
+        adapter.set(unpack(np.frombuffer(blob, dtype=np.uint8), adapter.name))
+
+    entry[...] = np.frombuffer(snapshot(), dtype=np.uint8)
+    return Slot(adapter.name, entry, snapshot, adopt)
+
+
+def array_slot(name: str, value: Any) -> Slot:
+    """A tensor/array shared through a private copy (quorum mode: the driver thread syncs while
+    the training thread owns the live value); snapshot and adoption copy whole bytes."""
+    live = value.detach().numpy() if isinstance(value, torch.Tensor) else value
+    if not isinstance(live, np.ndarray) or not live.flags.c_contiguous or not live.flags.writeable:
+        raise TypeError(f"extra_state[{name!r}] must be a contiguous, writable CPU tensor/array")
+    flat = live.reshape(-1).view(np.uint8)
+    entry = live.copy()
+
+    def adopt(blob: bytes) -> None:
+        flat[...] = np.frombuffer(blob, dtype=np.uint8)
+
+    return Slot(name, entry, lambda: flat.tobytes(), adopt)

@@ -58,9 +58,13 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     ``gate`` (import and build everything, print ``gated``, then wait for SIGUSR1 before
     connecting: a newcomer that joins at a moment the caller chooses), ``step_ms`` (sleep per
     inner step, to watch a run at human pace), ``task`` (TaskConfig overrides), ``threads``,
-    ``streams``, ``config`` (pccl.Config overrides).
+    ``streams``, ``config`` (pccl.Config overrides), ``slow`` (this peer's inner steps take
+    ``slow`` times as long: a straggler), ``min_quorum``/``grace_s`` (quorum mode),
+    ``weighted`` (pass the tokens of each inner step to ``step()``), ``lr_schedule``
+    (``"cosine"``: a cosine LR schedule over the run, shared through ``extra_state``).
     Events: ``gated``, ``joined``, ``outer`` (every boundary, with the held-out loss of the outer
-    parameters and their digest), ``result``; ``too_late`` (then it exits) when a late joiner
+    parameters and their digest), ``round`` (quorum mode: every round of the group, with its
+    contributors and digest), ``result``; ``too_late`` (then it exits) when a late joiner
     finds itself alone: the run ended before it was admitted.
     """
     import charlm as T
@@ -79,6 +83,14 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     ids = T.make_shard(cfg, shard)
     data = T.make_eval(cfg)
     step_s = float(p.get("step_ms", 0)) / 1000
+    slow = float(p.get("slow", 1.0))
+    min_quorum = p.get("min_quorum")
+    extra: dict[str, Any] = {}
+    sched = None
+    if p.get("lr_schedule") == "cosine":
+        total = int(p["outer_steps"]) * int(p.get("sync_every", 10))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=1e-4)
+        extra["lr_schedule"] = sched
 
     if p.get("gate"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -110,6 +122,10 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         quantization=pccl.Quantization[p.get("quantization", "UINT8")],
         delayed=bool(p.get("delayed", False)),
         error_feedback=bool(p.get("error_feedback", True)),
+        extra_state=extra,
+        min_quorum=None if min_quorum is None else int(min_quorum),
+        grace_s=float(p.get("grace_s", 0.0)),
+        trace_hashes=min_quorum is not None,
     )
     emit(
         "joined",
@@ -119,6 +135,8 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         revision=diloco.revision,
         sync_rx=diloco.stats.sync_rx_bytes,
         params=diloco.numel,
+        sched_epoch=None if sched is None else sched.last_epoch,
+        lr=opt.param_groups[0]["lr"],
     )
 
     def outer_loss() -> float:
@@ -130,20 +148,42 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         hs = diloco.hashes()
         return xxhash.xxh3_128_hexdigest("".join(f"{k}={hs[k]};" for k in sorted(hs)).encode())
 
+    def emit_rounds() -> None:
+        for r in diloco.rounds():
+            emit(
+                "round",
+                step=r.outer_step,
+                applied=r.applied,
+                contributors=list(r.contributors),
+                weight=r.weight,
+                included=r.included,
+                world=r.world_size,
+                digest=r.digest,
+                revision=r.revision,
+            )
+
     inner_steps = 0
     losses: list[float] = []
+    samples = 0
     target = int(p["outer_steps"])
+    tokens = cfg.batch * cfg.context if p.get("weighted") else None
     while diloco.outer_step < target:
         step = diloco.outer_step * H + len(losses)  # global inner step: a newcomer lines up
+        t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = T.loss_fn(model, *T.batch(cfg, ids, shard, step))
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
         inner_steps += 1
-        if step_s:
-            time.sleep(step_s)
-        info = diloco.step()
+        samples += cfg.batch
+        pause = step_s * slow + (slow - 1) * (time.perf_counter() - t_step)
+        if pause > 0:
+            time.sleep(pause)
+        info = diloco.step(tokens=tokens)
+        emit_rounds()
         if info is None:
             continue
         emit(
@@ -159,15 +199,19 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
             sync_rx=info.sync_rx_bytes,
             revision=info.revision,
             retries=info.retries,
-            digest=digest(),
+            digest=digest() if min_quorum is None else "",  # quorum: see the round events
             seconds=info.seconds,
             inner_steps=inner_steps,
+            weight=info.weight,
+            sched_epoch=None if sched is None else sched.last_epoch,
+            lr=opt.param_groups[0]["lr"],
         )
         losses = []
     flushed = diloco.flush()  # delayed mode: apply the last round too (all peers do it here)
     if flushed is not None:
         emit("flushed", loss=outer_loss(), digest=digest(), sync_rx=flushed.sync_rx_bytes)
     diloco.close()
+    emit_rounds()
     s = diloco.stats
     emit(
         "result",
@@ -183,6 +227,7 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         repairs=s.repairs,
         retries=s.retries,
         inner_steps=inner_steps,
+        samples=samples,
         params=diloco.numel,
         seconds=time.perf_counter() - t0,
     )

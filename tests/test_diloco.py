@@ -850,3 +850,72 @@ def test_diloco_stats_is_a_dataclass() -> None:
     assert dataclasses.is_dataclass(DiLoCoStats)
     stats = DiLoCoStats()
     assert dataclasses.asdict(stats) and stats == DiLoCoStats()
+
+
+def round_events(w: Any) -> list[dict[str, Any]]:
+    return [e for e in w.events if e.get("event") == "round"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_quorum_straggler_parity_every_round_and_scheduler_follows_the_run(
+    master: Any, workers: Any
+) -> None:
+    """Four peers, one 3x slower, min_quorum=3: the group never waits for the straggler, its
+    pseudo-gradients still land (in fewer rounds), every round's outer state is identical on
+    every peer, and its LR schedule follows the run's after each contribution."""
+    steps = 12
+    common = {
+        "min_quorum": 3,
+        "grace_s": 0.05,
+        "wait_world": 4,
+        "step_ms": 15,
+        "lr_schedule": "cosine",
+        "weighted": True,
+    }
+    ws = [
+        workers.spawn(
+            WORKER,
+            master,
+            params(i, steps, False, slow=3.0 if i == 3 else 1.0, **common),
+            name=f"peer{i}",
+        )
+        for i in range(4)
+    ]
+    results = workers.wait_exit(ws, 150)
+    ids = {w.name: results[w.name]["peer_id"] for w in ws}
+    by_step: dict[int, dict[str, dict[str, Any]]] = {}
+    for w in ws:
+        for e in round_events(w):
+            by_step.setdefault(e["step"], {})[w.name] = e
+    assert set(range(1, steps + 1)) <= set(by_step), sorted(by_step)
+    straggler_rounds = 0
+    for step in range(1, steps + 1):
+        seen = by_step[step]
+        digests = {e["digest"] for e in seen.values()}
+        assert len(digests) == 1 and "" not in digests, (step, seen)
+        contrib = {tuple(e["contributors"]) for e in seen.values()}
+        assert len(contrib) == 1, (step, contrib)  # decided by the master, the same for all
+        (c,) = contrib
+        for name, e in seen.items():
+            assert e["included"] == (ids[name] in c)
+        straggler_rounds += ids["peer3"] in c
+        assert len(c) >= 3 or step > steps - 2, (step, c)  # the quorum (the run's tail aside)
+    fast_rounds = sum(ids["peer0"] in by_step[s]["peer0"]["contributors"] for s in by_step)
+    print(
+        f"\nquorum: straggler in {straggler_rounds} rounds, a fast peer in {fast_rounds}; inner "
+        f"steps {[results[w.name]['inner_steps'] for w in ws]}; seconds "
+        f"{[round(results[w.name]['seconds'], 2) for w in ws]}"
+    )
+    assert 1 <= straggler_rounds < fast_rounds, (straggler_rounds, fast_rounds)
+    # every contribution weighs its tokens (batch * context per inner step * H)
+    weights = {e["weight"] for w in ws for e in outer_events(w) if e["applied"]}
+    assert weights and all(x % H == 0 for x in weights)
+    # the straggler's LR schedule is the run's after it picked up a round
+    lead = {e["step"]: (e["sched_epoch"], e["lr"]) for e in outer_events(ws[0])}
+    for e in outer_events(ws[3]):
+        if e["step"] in lead:
+            assert (e["sched_epoch"], e["lr"]) == lead[e["step"]], (e, lead[e["step"]])
+    assert max(r["inner_steps"] for r in results.values()) > results["peer3"]["inner_steps"]
+    for r in results.values():
+        assert r["repairs"] == 0
