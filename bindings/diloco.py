@@ -465,6 +465,9 @@ class DiLoCo:
         self._inner = 0
         self._io = _BoundaryIO()
         self._driver: QuorumDriver | None = None
+        self._target = sync_every  # quorum mode: inner steps per contribution (adaptive)
+        self._step_s = 0.0  # quorum mode: mean inner-step time (EMA)
+        self._last_step_t = 0.0
         self._local_to(self._theta_t)
         self._join()
         if self.quorum:
@@ -497,11 +500,11 @@ class DiLoCo:
             self._tokens += tokens
             self._token_weighted = True
         self._inner += 1
+        if self._driver is not None:
+            return self._quorum_step()
         if self._inner < self.sync_every:
             return None
         self._inner = 0
-        if self._driver is not None:
-            return self._quorum_boundary()
         t0 = time.perf_counter()
         self._io = _BoundaryIO()
         if self.delayed:
@@ -517,16 +520,43 @@ class DiLoCo:
             self._finish_boundary(applied)
         return self._info(applied, time.perf_counter() - t0)
 
-    def _quorum_boundary(self) -> OuterStepInfo:
+    def _quorum_step(self) -> OuterStepInfo | None:
+        """Quorum mode: is this inner step a boundary? At ``sync_every`` steps, or at this
+        peer's own shorter target once it lags, or at once when the master says the quorum is
+        in without us (we then contribute what we trained so far, weighted by it). A lagging
+        peer's target adapts so it is ready when the others are: one step less after being
+        called early, one more after idling a whole step waiting for the round."""
+        assert self._driver is not None
+        now = time.perf_counter()
+        if self._last_step_t:
+            dt = now - self._last_step_t
+            self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
+        self._last_step_t = now
+        called = self._driver.post_now.is_set()
+        if self._inner < self._target and not called:
+            return None
+        k, self._inner = self._inner, 0
+        info, idle = self._quorum_boundary()
+        if called and k < self.sync_every - 1:
+            self._target = max(1, k - 1)  # late: the others were waiting for us
+        elif not called and self._target < self.sync_every and idle > 1.5 * self._step_s:
+            self._target += 1  # early by more than a step: train more next time
+        self._last_step_t = time.perf_counter()
+        return info
+
+    def _quorum_boundary(self) -> tuple[OuterStepInfo, float]:
         """Quorum mode: post this round's pseudo-gradient, wait until a round applied it,
-        restart from that round's outer parameters (and adopt the run's extra state)."""
+        restart from that round's outer parameters (and adopt the run's extra state).
+        Returns the info and how long we waited for the round."""
         assert self._driver is not None
         t0 = time.perf_counter()
         self._driver.raise_error()
         weight, weighted = self._fill_quorum()
         snaps = [slot.snapshot() for slot in self._extra]
         post = self._driver.post(weight, weighted, snaps)
+        t_wait = time.perf_counter()
         rec = self._driver.wait(post)
+        idle = time.perf_counter() - t_wait
         self._copy_anchor_to_local()
         for slot, mine, run in zip(self._extra, snaps, post.extra_after, strict=True):
             if run != mine:  # the run's schedule/counters moved on: follow it
@@ -544,7 +574,7 @@ class DiLoCo:
             revision=rec.revision,
             retries=rec.retries,
             seconds=time.perf_counter() - t0,
-        )
+        ), idle
 
     def rounds(self) -> list[RoundRecord]:
         """Quorum mode: the outer rounds completed since the last call, oldest first (every

@@ -21,12 +21,25 @@ thread has a contribution ready. A round is::
 
 The training thread, at its boundary (every H inner steps), posts ``start - local`` weighted by
 the tokens it trained on and waits until a round has applied it; it then restarts from the
-outer parameters of that round. A straggler therefore keeps training while the group moves on;
-its pseudo-gradient, taken against the older outer parameters it started from, joins the first
-round after it is posted, weighted by what it covers (the rule of asynchronous local-SGD
-methods: nothing is dropped, nothing is waited for). A straggler is never evicted for being
-slow: its driver is present at every gate. Only a silent peer (its process hung or dead) is
-removed, by the master's deadlines.
+outer parameters of that round. What a slower peer does:
+
+- **Called early.** When the quorum is in and the grace runs, the master tells the members that
+  are not ready (``M2P_GATE_QUORUM``). Their training thread then posts at its next inner step
+  what it trained so far, weighted by its tokens, and so joins the round on time: its
+  pseudo-gradient is fresh (taken against the round's own start) and weighs what it covers.
+- **Adapts.** A peer called early after ``k`` steps aims at ``k - 1`` steps next time (ready
+  before the quorum, so the group does not even wait the rest of its current step); one that
+  idled more than a step waiting for its round aims one step higher, never above H (the
+  dynamic local updates of asynchronous local-SGD, driven by the master's signal instead of a
+  timing model). Fast peers keep H.
+- **Late anyway.** A peer that cannot post within the grace (one inner step longer than
+  ``grace_s``) keeps training; its pseudo-gradient, taken against the older outer parameters
+  it started from, joins the first round after it is posted, weighted by what it covers.
+  Nothing is dropped and nothing is counted twice.
+
+A straggler is never evicted for being slow: its driver is present at every gate. Only a silent
+peer (its process hung or dead) is removed, by the master's deadlines. Choose ``grace_s`` a
+little above the slowest peer's inner-step time.
 
 Extra state (schedulers, counters) is staged: a contributor's snapshot at its post enters the
 outer state in the round that applies its contribution; the sync elects the majority content,
@@ -120,6 +133,9 @@ class QuorumDriver:
         self._post: _Post | None = None
         self._gate: Any = None  # the open gate's handle (mark_ready target)
         self._stop = threading.Event()
+        #: set when the master says the open gate has its quorum and this peer is not ready:
+        #: the training thread then posts at its next inner step (what it covers so far)
+        self.post_now = threading.Event()
         self._error: BaseException | None = None
         self._log: deque[RoundRecord] = deque(maxlen=_ROUND_LOG)
         self._thread = threading.Thread(target=self._main, name="pccl-diloco-rounds", daemon=True)
@@ -133,6 +149,7 @@ class QuorumDriver:
         """Hand a filled ``send`` (and its weight) to the driver; mark the open gate ready."""
         self.raise_error()
         p = _Post(weight, token_weighted, extra)
+        self.post_now.clear()
         with self._lock:
             if self._post is not None:
                 raise RuntimeError("a contribution is already waiting for a round")
@@ -190,6 +207,9 @@ class QuorumDriver:
                 grace_s=self.grace_s,
             )
             self._gate = gate
+            self.post_now.clear()
+            if self._post is None:
+                gate.on_quorum(self.post_now.set)
         try:
             while not gate.done():
                 if self._stop.is_set():

@@ -203,6 +203,7 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
             seconds=info.seconds,
             inner_steps=inner_steps,
             weight=info.weight,
+            inner=len(losses),  # inner steps this contribution covers
             sched_epoch=None if sched is None else sched.last_epoch,
             lr=opt.param_groups[0]["lr"],
         )

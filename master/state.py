@@ -102,6 +102,7 @@ class GateRound:
     ready: set[int] = field(default_factory=set)
     opened: float = field(default_factory=time.monotonic)  # first arrival (start deadline)
     quorum_at: float = 0.0  # when min_quorum peers were first ready (0: not yet)
+    told: set[int] = field(default_factory=set)  # told of the quorum (M2P_GATE_QUORUM)
     timer: object = None  # the pending grace timer, if any
 
 
@@ -682,9 +683,9 @@ class MasterState:
         since they first were; the decision names the ready peers (the round's contributors).
         Words about an attempt already decided are ignored (they crossed the decision)."""
         rec = self.peers[pid]
-        if msg.attempt <= rec.gate_floor:
-            return
         held = rec.gates.get(msg.tag)
+        if msg.attempt <= rec.gate_floor and held != msg.attempt:
+            return  # (the floor rises with decisions at other tags: a held attempt is live)
         grp = self.groups.get(rec.group)
         gate = grp.gates.get(msg.tag) if grp is not None else None
         state = msg.state
@@ -749,9 +750,14 @@ class MasterState:
             return
         if not gate.quorum_at:
             gate.quorum_at = now
+        left = gate.quorum_at + gate.grace_ms / 1000 - now
+        if left > 0:  # the grace runs: tell who has not said ready, so it can in time
+            for q, attempt in gate.arrived.items():
+                if q not in gate.ready and q not in gate.told:
+                    gate.told.add(q)
+                    self._send(q, m.GateQuorum(gate.tag, attempt, gate.grace_ms))
         if not all(q in gate.arrived for q in present):
             return
-        left = gate.quorum_at + gate.grace_ms / 1000 - now
         if len(ready) < len(present) and left > 0:
             if self._call_later is not None and gate.timer is None:
                 gate.timer = self._call_later(left + 1e-3, lambda: self._gate_timer(grp, gate))

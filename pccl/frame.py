@@ -81,6 +81,7 @@ class MsgType(enum.IntEnum):
     M2P_CHALLENGE = 41
     M2P_VERDICT = 42
     M2P_GATE_DONE = 43
+    M2P_GATE_QUORUM = 44
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65

@@ -636,6 +636,16 @@ class GateDone(Message):
     members: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
 
 
+@message(MsgType.M2P_GATE_QUORUM)
+class GateQuorum(Message):
+    """Gate ``tag`` has its quorum and its grace is running: sent to the members (``attempt``:
+    theirs) that have not said ready, so one that can contribute now does so in time."""
+
+    tag: int = spec(u(U32))
+    attempt: int = spec(u(U63))
+    grace_ms: int = spec(u(3_600_000))
+
+
 @message(MsgType.M2P_VERDICT)
 class Verdict(Message):
     """Answer to ``P2M_VERDICT_QUERY``: ``state`` is a :class:`VerdictState`."""

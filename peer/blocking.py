@@ -14,7 +14,7 @@ import concurrent.futures
 import sys
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from pccl.peer.communicator import Communicator as AioCommunicator
@@ -96,6 +96,14 @@ class GateFuture:
             self._loop.call_soon_threadsafe(self._handle.mark_ready)
         except RuntimeError:
             pass  # the loop is closed: the gate failed with it
+
+    def on_quorum(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` (on the communicator's loop thread: keep it tiny and thread-safe)
+        when the master says the quorum is in; see :meth:`pccl.aio.GateHandle.on_quorum`."""
+        try:
+            self._loop.call_soon_threadsafe(self._handle.on_quorum, cb)
+        except RuntimeError:
+            pass
 
     def wait_done(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for the decision without giving up on it."""

@@ -163,7 +163,7 @@ class Communicator:
             advertise_port=advertise_port,
         )
         self._collectives = CollectiveRunner(self._session, self._node, self.config)
-        self._gates = GateRunner(self._session)
+        self._gates = GateRunner(self._session, self.config.collective_timeout_s)
         self._syncs = SyncRunner(
             self._session, self._node, self.config, self._collectives.pool, self.token, client_ssl
         )
@@ -436,10 +436,20 @@ class Communicator:
             or not 1 <= min_quorum <= m.MAX_PEERS
         ):
             raise ValueError(f"min_quorum must be an int in [1, {m.MAX_PEERS}], got {min_quorum!r}")
-        if not isinstance(grace_s, (int, float)) or not 0 <= grace_s <= 3600:
+        if (
+            not isinstance(grace_s, (int, float))
+            or isinstance(grace_s, bool)
+            or not 0 <= grace_s <= 3600
+        ):
             raise ValueError(f"grace_s must be a number in [0, 3600], got {grace_s!r}")
-        if self._session.error is not None:
-            raise self._session.error
+        self._session.check_usable()
+        if self._session.reconnecting or self._session.ring_reformed:
+            raise CollectiveAborted(
+                "the master link was lost and the ring is being (or was) re-formed; call "
+                "update_topology() and arrive again",
+                tag=tag,
+                phase="quorum_gate",
+            )
         return self._gates.start(tag, ready, min_quorum, float(grace_s))
 
     async def quorum_gate(

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pccl.peer.session import MasterSession
 
@@ -41,6 +42,8 @@ class _Arrival:
     done: asyncio.Future[m.GateDone]
     ready: bool
     opened: float
+    quorum: bool = False  # the master said the quorum is in and the grace runs
+    quorum_cbs: list[Callable[[], None]] = field(default_factory=list)
 
 
 class GateHandle:
@@ -59,8 +62,21 @@ class GateHandle:
         """This peer's contribution is ready: tell the master (once; a no-op when decided)."""
         self._runner.mark_ready(self._st)
 
+    def quorum_reached(self) -> bool:
+        """The master said the quorum is in and the grace runs (this peer was not ready)."""
+        return self._st.quorum
+
+    def on_quorum(self, cb: Callable[[], None]) -> None:
+        """Call ``cb()`` (on the event loop) when the master says the quorum is in; at once if
+        it already has. A peer that can contribute now marks ready within the grace."""
+        if self._st.quorum:
+            cb()
+        else:
+            self._st.quorum_cbs.append(cb)
+
     async def wait(self, timeout: float | None = None) -> GateResult:
-        """The decision. A ``timeout`` (seconds) that expires withdraws the arrival.
+        """The decision. A ``timeout`` (seconds; default ``collective_timeout_s``) that
+        expires withdraws the arrival.
 
         Raises:
             CollectiveAborted: refused or aborted by the master (a member left, the topology
@@ -69,6 +85,8 @@ class GateHandle:
             ProtocolError: the members disagree on ``min_quorum``/``grace_s``.
         """
         st = self._st
+        if timeout is None:
+            timeout = self._runner.default_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 msg = await asyncio.shield(st.done)
@@ -89,11 +107,14 @@ class GateHandle:
 class GateRunner:
     """The gate arrivals of one communicator (see the module docstring)."""
 
-    def __init__(self, session: MasterSession) -> None:
+    def __init__(self, session: MasterSession, default_timeout_s: float = 600.0) -> None:
         self.session = session
+        self.default_timeout_s = default_timeout_s
         self.live: dict[int, _Arrival] = {}  # tag -> its current arrival
         self._numbers = itertools.count(1)
-        session.subscribe({MsgType.M2P_GATE_DONE: self._on_done})
+        session.subscribe(
+            {MsgType.M2P_GATE_DONE: self._on_done, MsgType.M2P_GATE_QUORUM: self._on_quorum}
+        )
         session.on_link_lost(self._on_link_lost)
 
     def start(self, tag: int, ready: bool, min_quorum: int, grace_s: float) -> GateHandle:
@@ -126,7 +147,10 @@ class GateRunner:
     def withdraw(self, st: _Arrival, why: str) -> None:
         if st.done.done():
             return
-        st.done.cancel()
+        st.done.set_exception(
+            CollectiveAborted(f"gate {st.tag}: withdrawn ({why})", tag=st.tag, phase="quorum_gate")
+        )
+        st.done.exception()  # retrieved
         if self.live.get(st.tag) is st:
             del self.live[st.tag]
         msg = m.GateArrive(st.tag, st.attempt, int(GateState.WITHDRAW), st.min_quorum, st.grace_ms)
@@ -158,11 +182,25 @@ class GateRunner:
             return  # about an attempt we gave up on
         st.done.set_result(msg)
 
+    def _on_quorum(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.GateQuorum)
+        st = self.live.get(msg.tag)
+        if st is None or st.attempt != msg.attempt or st.done.done() or st.quorum:
+            return
+        st.quorum = True
+        cbs, st.quorum_cbs = st.quorum_cbs, []
+        for cb in cbs:
+            cb()
+
     def _on_link_lost(self, err: PCCLError) -> None:
         reason = f"master connection lost ({err})"
         for st in list(self.live.values()):
             if not st.done.done():
-                st.done.set_exception(CollectiveAborted(reason, tag=st.tag, phase="quorum_gate"))
+                # evicted or closed for good: that error; a lost link: retryable
+                exc = self.session.error or CollectiveAborted(
+                    reason, tag=st.tag, phase="quorum_gate"
+                )
+                st.done.set_exception(exc)
                 st.done.exception()  # retrieved: nobody may be waiting
         self.live.clear()
 

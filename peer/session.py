@@ -92,6 +92,7 @@ _SESSION_TYPES = frozenset(
         MsgType.M2P_COLLECTIVE_DONE,
         MsgType.M2P_VERDICT,
         MsgType.M2P_GATE_DONE,
+        MsgType.M2P_GATE_QUORUM,
         MsgType.M2P_SYNC_PLAN,
         MsgType.M2P_SYNC_COMPLETE,
         MsgType.M2P_KICK,

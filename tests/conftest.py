@@ -242,11 +242,11 @@ class Workers:
             if maybe_ev is None:
                 continue
             ev = maybe_ev
-            if ev.get("event") == "error":
-                raise AssertionError(f"worker {w.name} failed: {ev}\n" + self.report())
-            if pred(w, ev):
+            if pred(w, ev):  # (a test may wait for an expected error)
                 ev["_consumed"] = True
                 return w, ev
+            if ev.get("event") == "error":
+                raise AssertionError(f"worker {w.name} failed: {ev}\n" + self.report())
 
     def wait_exit(self, workers: list[Worker], timeout: float) -> dict[str, dict[str, Any]]:
         """Wait until every worker exited; return ``{name: result event}``.

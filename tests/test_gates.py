@@ -167,6 +167,25 @@ def test_withdraw_before_the_decision_and_untimely_words(clock: FakeClock) -> No
     assert h.take_kicks() == [(a, KickCode.OUT_OF_STATE)]
 
 
+def test_two_tags_open_at_once_keep_their_attempts_live(clock: FakeClock) -> None:
+    """A decision at one tag must not make the peer's held attempt at another tag stale."""
+    h = Harness()
+    a, b = h.admit(2)
+    arrive(h, a, A, 1, tag=1)  # attempt 1 held at gate 1
+    arrive(h, a, R, 2, tag=2)
+    arrive(h, b, R, 1, tag=2)
+    assert dones(h)[a].ready == [a, b]  # gate 2 decided: a's floor is now 2
+    arrive(h, a, R, 1, tag=1)  # the upgrade of the still-held attempt 1 counts
+    arrive(h, b, R, 2, tag=1)
+    assert dones(h)[a].ready == [a, b] and not h.take_kicks()
+    arrive(h, a, A, 3, tag=1)
+    arrive(h, a, R, 4, tag=2)
+    arrive(h, b, R, 3, tag=2)
+    dones(h)
+    arrive(h, a, W, 3, tag=1)  # and its withdraw is confirmed
+    assert dones(h)[a].kind == int(AbortKind.WITHDRAWN) and not h.take_kicks()
+
+
 def test_gates_of_groups_are_independent(clock: FakeClock) -> None:
     h = Harness()
     a, _ = h.admit(2, group=0)
@@ -258,9 +277,22 @@ def test_real_master_decides_quorum_and_includes_late_readiness_in_grace(master:
         h = comms[0].quorum_gate_async(2, ready=True, min_quorum=3)
         with pytest.raises(pccl.CollectiveAborted, match="timed out locally"):
             h.wait(0.3)
+        with pytest.raises(pccl.CollectiveAborted, match="withdrawn"):
+            h.wait(0.3)  # waiting again says what happened (not CancelledError)
+        with pytest.raises(ValueError, match="grace_s"):
+            comms[0].quorum_gate_async(3, min_quorum=2, grace_s=True)  # type: ignore[arg-type]
     finally:
         for c in comms:
             c.close()
+
+
+def test_gate_before_connect_is_refused_not_lost(master: Any) -> None:
+    c = pccl.Communicator(master.address)
+    try:
+        with pytest.raises(RuntimeError, match="connect"):  # as all_reduce before connect
+            c.quorum_gate_async(1, ready=True, min_quorum=1)
+    finally:
+        c.close()
 
 
 @pytest.mark.timeout(60)

@@ -353,7 +353,7 @@ def test_oversized_length_header_is_refused_from_the_header_alone(
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "mtype",
-    [0, 13, 31, 43, 63, 72, 255]  # unknown
+    [0, 14, 31, 45, 63, 72, 255]  # unknown
     + [int(t) for t in MsgType if not t.name.startswith("P2M_")],  # known, not for the master
 )
 def test_unknown_and_foreign_types_are_kicked(
