@@ -617,7 +617,9 @@ class DiLoCo:
         return self.shared_state.revision
 
     def hashes(self) -> dict[str, str]:
-        """``{entry: hex XXH3-128}`` of the outer state (identical on every peer after a step)."""
+        """``{entry: hex XXH3-128}`` of the outer state (identical on every peer after a step).
+        Quorum mode: the live state moves on the driver thread; use the per-round digests of
+        :meth:`rounds` (``trace_hashes=True``), or call this after :meth:`close`."""
         return self.shared_state.hashes()
 
     def outer_parameters(self) -> dict[str, torch.Tensor]:

@@ -659,6 +659,17 @@ def test_extra_state_newcomer_adopts_scheduler_rng_and_dict() -> None:
     assert counter.tolist() == [123]
 
 
+def test_quorum_arguments_are_checked_before_io() -> None:
+    with pytest.raises(ValueError, match="delayed"):
+        DiLoCo(_GroupComm(), _model(), sync_every=5, min_quorum=2, delayed=True)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="min_quorum"):
+            DiLoCo(_GroupComm(), _model(), sync_every=5, min_quorum=bad)  # type: ignore[arg-type]
+    for bad in (-0.1, float("nan"), 1e9):
+        with pytest.raises(ValueError, match="grace_s"):
+            DiLoCo(_GroupComm(), _model(), sync_every=5, min_quorum=2, grace_s=bad)
+
+
 def test_extra_state_refusals() -> None:
     with pytest.raises(TypeError, match="extra_state\\['x'\\] is a object"):
         DiLoCo(_GroupComm(), _model(), sync_every=5, extra_state={"x": object()})
@@ -1000,3 +1011,49 @@ def test_late_joiner_adopts_the_lr_schedule_and_a_different_lr_is_refused(
     mine = [(e["step"], e["sched_epoch"], e["lr"]) for e in outer_events(late)]
     assert mine and all((s_, lr) == lead[st] for st, s_, lr in mine), (mine, lead)
     assert len({r["digest"] for r in results.values()}) == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.chaos
+@pytest.mark.timeout(180)
+def test_quorum_mode_survives_kill_and_late_join(master: Any, workers: Any) -> None:
+    """Quorum mode under churn: a peer SIGKILLed mid-run aborts the round it was in (the
+    drivers re-form and return to the gate with their posts intact), a newcomer joins at a
+    round's sync and contributes from the next gate; every round is identical everywhere."""
+    steps, kill_at, join_at = 20, 5, 9
+    common = {"min_quorum": 2, "grace_s": 0.1, "step_ms": 20, "weighted": True}
+    ws = [
+        workers.spawn(
+            WORKER, master, params(i, steps, False, wait_world=3, **common), name=f"peer{i}"
+        )
+        for i in range(3)
+    ]
+    late = workers.spawn(WORKER, master, params(2, steps, False, gate=True, **common), name="late")
+    workers.wait_event(lambda w, e: w is late and e["event"] == "gated", 60, "newcomer ready")
+    victim = ws[2]
+    workers.wait_event(
+        lambda w, e: e["event"] == "round" and e["step"] >= kill_at, 90, f"round {kill_at}"
+    )
+    victim.proc.send_signal(signal.SIGKILL)
+    assert victim.proc.wait(10) == -signal.SIGKILL
+    workers.wait_event(
+        lambda w, e: e["event"] == "round" and e["step"] >= join_at, 90, f"round {join_at}"
+    )
+    late.proc.send_signal(signal.SIGUSR1)
+    _, joined = workers.wait_event(
+        lambda w, e: w is late and e["event"] == "joined", 60, "the newcomer's admission"
+    )
+    assert joined["sync_rx"] > 0 and joined["outer_step"] >= join_at
+    survivors = [ws[0], ws[1], late]
+    results = workers.wait_exit(survivors, 150)
+    by_step: dict[int, dict[str, str]] = {}
+    for w in [*survivors, victim]:
+        for e in round_events(w):
+            by_step.setdefault(e["step"], {})[w.name] = e["digest"]
+    assert set(range(1, steps + 1)) <= set(by_step)
+    for step, d in sorted(by_step.items()):
+        assert len(set(d.values())) == 1, f"round {step}: digests differ: {d}"
+    late_in = [e for e in round_events(late) if results["late"]["peer_id"] in e["contributors"]]
+    assert late_in, "the newcomer never contributed"
+    assert len({r["digest"] for r in results.values()}) == 1
+    assert all(r["repairs"] == 0 for r in results.values())
