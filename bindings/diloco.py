@@ -57,11 +57,17 @@ A lone peer (group size 1) cannot all-reduce: its boundary is *dropped*, i.e. no
 its local progress of the round is discarded (``local <- outer``), so a partitioned peer never
 drifts from the run's outer parameters on its own.
 
-Memory: outer params, momentum, pseudo-gradient, all-reduce result, residual and (delayed mode)
-the eager start are each one fp32 copy of the model on the host (pinned when the model is on
-CUDA), plus bounded scratch. Runs on the caller's thread; in delayed mode the collective runs on
-the communicator's event-loop thread concurrently with training, on buffers (pseudo-gradient,
-result, count) the training thread does not touch until it waits for the collective.
+Quorum mode (``min_quorum=``): a straggler-tolerant variant in which a round driver thread takes
+part in every round and the master decides who contributes; see :mod:`pccl.bindings.diloco_quorum`.
+Contributions are weighted by the tokens passed to :meth:`DiLoCo.step` (1 each without), and
+``extra_state`` puts schedulers, RNGs and counters into the verified outer state.
+
+Memory: outer params, momentum, pseudo-gradient, all-reduce result, residual and (delayed and
+quorum modes) the round's start are each one fp32 copy of the model on the host (pinned when
+the model is on CUDA), plus bounded scratch. Runs on the caller's thread; in delayed mode the
+collective runs on the communicator's event-loop thread concurrently with training, on buffers
+(pseudo-gradient, result, count) the training thread does not touch until it waits for the
+collective.
 """
 
 from __future__ import annotations
