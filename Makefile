@@ -25,7 +25,7 @@ lint: $(STAMP)
 
 # The second pass runs the suite on the numpy kernels; the files it skips never reach a
 # kernel (wire format, master state machine and listeners, status endpoint, config, hammer).
-NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer,--ignore=tests/test_$(f).py)
+NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates,--ignore=tests/test_$(f).py)
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
