@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pccl._doc import plain
+
 if TYPE_CHECKING:
     from pccl.config import Config
 
@@ -70,7 +72,7 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser(
         "allreduce",
         help="pccl ring all-reduce on loopback (optionally against torch gloo)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=plain(__doc__.splitlines()[0]) if __doc__ else None,
     )
     p.add_argument("--peers", type=int, default=4, help="peer processes (default 4)")
     p.add_argument("--mib", type=float, default=256, help="buffer size in MiB (default 256)")

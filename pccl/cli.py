@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+
+from pccl._doc import plain
 
 __all__ = ["main", "master_main"]
 
@@ -30,7 +33,11 @@ def _add_master(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--token-file", help="shared token peers must prove (HMAC; never sent)")
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("PCCL_AUTH_TOKEN_FILE") or None,
+        help="shared token peers must prove (HMAC; never sent); default: $PCCL_AUTH_TOKEN_FILE",
+    )
     p.add_argument("--tls-cert", help="TLS certificate (see pccl gen-certs)")
     p.add_argument("--tls-key", help="TLS private key")
     p.add_argument("--tls-ca", help="CA that signed the peers' certificates")
@@ -163,7 +170,10 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pccl", description=__doc__.splitlines()[0])
+    from pccl import __version__
+
+    parser = argparse.ArgumentParser(prog="pccl", description=plain(__doc__.splitlines()[0]))
+    parser.add_argument("--version", action="version", version=f"pccl {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_master(sub)
     _add_bench(sub)

@@ -127,7 +127,7 @@ class Communicator:
 
     def __init__(
         self,
-        master: str,
+        master: str | None = None,
         peer_group: int = 0,
         streams: int = 4,
         *,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
 
 from pccl import messages as m
-from pccl.auth import check_token
+from pccl.auth import check_token, load_token
 from pccl.config import Config
 from pccl.errors import CollectiveAborted, PendingOperations, TooFewPeers, TopologyUpdateFailed
 from pccl.shared_state import SharedState
@@ -105,7 +106,8 @@ class Communicator:
     """Asyncio peer client. Same API as :class:`pccl.Communicator`, as coroutines.
 
     Args:
-        master: ``"host:port"`` of the master.
+        master: ``"host:port"`` of the master; default: the ``PCCL_MASTER`` environment
+            variable (as ``MASTER_ADDR`` works for torchrun).
         peer_group: group whose ring this peer joins (collectives and shared state are per group).
         streams: TCP connections to the ring successor; one operation is striped across all.
             A successor at a loopback address gets ``config.local_streams`` (default 1).
@@ -115,13 +117,14 @@ class Communicator:
         advertise_port: port other peers should dial (default: the listener's; set it when a
             proxy or NAT forwards to the listener).
         auth_token: shared secret (>= 16 bytes) proven to the master and to peers by HMAC
-            challenge-response; it never crosses the wire. None: no authentication.
+            challenge-response; it never crosses the wire. None: read from the file named by
+            ``PCCL_AUTH_TOKEN_FILE`` if set, else no authentication.
         tls: encrypt the master link and p2p links (:class:`pccl.tls.TLSConfig`).
     """
 
     def __init__(
         self,
-        master: str,
+        master: str | None = None,
         peer_group: int = 0,
         streams: int = 4,
         *,
@@ -132,7 +135,19 @@ class Communicator:
         auth_token: bytes | str | None = None,
         tls: TLSConfig | None = None,
     ) -> None:
+        if master is None:
+            master = os.environ.get("PCCL_MASTER", "")
+            if not master:
+                raise ValueError(
+                    "no master address: pass master='host:port' or set PCCL_MASTER=host:port"
+                )
         host, port = parse_address(master)
+        if auth_token is None and os.environ.get("PCCL_AUTH_TOKEN_FILE"):
+            path = os.environ["PCCL_AUTH_TOKEN_FILE"]
+            try:
+                auth_token = load_token(path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"PCCL_AUTH_TOKEN_FILE={path}: {e}") from None
         if not isinstance(peer_group, int) or not 0 <= peer_group <= 0xFFFF_FFFF:
             raise ValueError(f"peer_group must be an int in [0, 2**32), got {peer_group!r}")
         if not isinstance(streams, int) or not 1 <= streams <= 64:
