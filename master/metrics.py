@@ -128,6 +128,13 @@ def metrics_text(master: Master, counters: Counters, now: float) -> str:
         "Collectives aborted since start.",
         [({}, counters.aborts)],
     )
+    e.family(
+        "pccl_departures_total",
+        "counter",
+        "Peers gone since start, by kind: left (said so, e.g. on SIGTERM), timeout (silent), "
+        "lost (connection broke: crashed or killed), kicked.",
+        [({"kind": k}, n) for k, n in sorted(state.departures_total.items())],
+    )
     groups = sorted(state.groups.items())
     e.family(
         "pccl_group_world_size",

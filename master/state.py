@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +35,21 @@ __all__ = ["MasterState", "PeerRecord", "Phase"]
 VERDICT_MEMORY = 4096
 #: Operations of a previous master incarnation being resolved from the peers' outcomes.
 IN_DOUBT_MEMORY = 1024
+#: Recent departures kept for ``/status``.
+DEPARTURE_MEMORY = 64
+
+
+def departure_kind(reason: str) -> str:
+    """How a peer went, from the daemon's removal reason: ``left`` (it said so: a clean
+    departure, e.g. on SIGTERM), ``timeout`` (silent: hung or partitioned), ``lost`` (its
+    connection broke: crashed or killed), ``kicked`` (evicted for another reason)."""
+    if reason.startswith("leave:"):
+        return "left"
+    if reason.startswith("heartbeat_timeout"):
+        return "timeout"
+    if reason.startswith(("connection lost", "disconnected")):
+        return "lost"
+    return "kicked"
 
 
 class Phase(enum.Enum):
@@ -164,6 +179,9 @@ class MasterState:
         self._next_sync_id = base + 1
         self.epoch_started = 0.0
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
+        #: recent departures, newest last: (wall time, peer id, group, kind, reason)
+        self.departures: deque[tuple[float, int, int, str, str]] = deque(maxlen=DEPARTURE_MEMORY)
+        self.departures_total: dict[str, int] = {"left": 0, "timeout": 0, "lost": 0, "kicked": 0}
         self.collectives_completed = 0  # lifetime totals (status / metrics)
         self.aborts_total = 0
         self.verdicts: OrderedDict[int, tuple[bool, str]] = OrderedDict()  # op_id -> verdict
@@ -264,6 +282,9 @@ class MasterState:
         rec = self.peers.pop(pid, None)
         if rec is None:
             return
+        kind = departure_kind(reason)
+        self.departures.append((time.time(), pid, rec.group, kind, reason[:500]))
+        self.departures_total[kind] += 1
         log.warning(
             "peer %d removed (%s, group %d, %s)",
             pid,

@@ -207,9 +207,14 @@ def status_document(master: Master, counters: Counters, now: float) -> dict[str,
         "peers": peers,
         "groups": groups,
         "aborts": [{"group": g, "tag": t, "reason": r} for g, t, r in state.aborts[:STATUS_ABORTS]],
+        "departures": [
+            {"peer_id": p, "group": g, "kind": k, "reason": r, "at": round(t, 3)}
+            for t, p, g, k, r in reversed(state.departures)
+        ],
         "totals": {
             "collectives_completed": counters.collectives_completed,
             "aborts": counters.aborts,
+            "departures": dict(state.departures_total),
         },
     }
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import os
+import signal
 import sys
 import threading
 import weakref
@@ -41,6 +43,43 @@ def _close_open_communicators() -> None:
             comm.close()
         except Exception:  # pragma: no cover - best effort at exit
             pass
+
+
+#: Signals after which a peer leaves the run cleanly before the process goes on to die.
+LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_previous: dict[int, Any] = {}  # signal -> the handler ours replaced
+
+
+def _leave_and_resignal(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT: every open communicator tells the master it leaves (its group sees a
+    departure at once, not a crash found by a heartbeat timeout), then the signal does what it
+    did before: SIGTERM terminates, SIGINT raises KeyboardInterrupt."""
+    name = signal.Signals(signum).name
+    for comm in list(_OPEN):
+        try:
+            comm.close(reason=f"received {name}", timeout=2.0)
+        except Exception:  # pragma: no cover - best effort: the process is going down
+            pass
+    prev = _previous.pop(signum, signal.SIG_DFL)
+    signal.signal(signum, prev)
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+
+
+def _install_leave_handlers() -> None:
+    """Install :func:`_leave_and_resignal` for the signals whose handler is still Python's
+    default (an application's own handler is left alone); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in LEAVE_SIGNALS:
+        cur = signal.getsignal(sig)
+        if cur is _leave_and_resignal:
+            continue
+        if cur == signal.SIG_DFL or cur is signal.default_int_handler:
+            _previous[sig] = cur
+            signal.signal(sig, _leave_and_resignal)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -137,7 +176,13 @@ class Communicator:
         advertise_port: int = 0,
         auth_token: bytes | str | None = None,
         tls: TLSConfig | None = None,
+        leave_on_signals: bool = True,
     ) -> None:
+        """``leave_on_signals``: on SIGTERM/SIGINT (a preempted spot machine, Ctrl-C), tell the
+        master this peer leaves before the signal takes its usual effect, so its group sees a
+        departure at once (installed at :meth:`connect`, from the main thread, only where the
+        application kept Python's default handler)."""
+        self._leave_on_signals = bool(leave_on_signals)
         self._aio = AioCommunicator(
             master,
             peer_group,
@@ -178,6 +223,8 @@ class Communicator:
 
     def connect(self, timeout: float = 30.0) -> None:
         """See :meth:`pccl.aio.Communicator.connect`."""
+        if self._leave_on_signals:
+            _install_leave_handlers()
         self._run(self._aio.connect(timeout))
 
     def update_topology(self, timeout: float | None = None) -> None:
@@ -259,12 +306,12 @@ class Communicator:
         """See :meth:`pccl.aio.Communicator.sync_shared_state`."""
         return self._run(self._aio.sync_shared_state(state, strategy, timeout=timeout))
 
-    def close(self) -> None:
+    def close(self, reason: str = "closed by the application", timeout: float = 10.0) -> None:
         """Leave the run and stop the background loop. Idempotent."""
         if self._closed:
             return
         try:
-            self._run(self._aio.close(), timeout=10.0)
+            self._run(self._aio.close(reason), timeout=timeout)
         except (RuntimeError, TimeoutError):
             pass  # the loop is gone or wedged: nothing left to release gracefully
         finally:

@@ -487,12 +487,13 @@ class Communicator:
         h = self.quorum_gate_async(tag, ready=ready, min_quorum=min_quorum, grace_s=grace_s)
         return await h.wait(timeout)
 
-    async def close(self) -> None:
-        """Leave the run (the master re-forms the ring without us) and release everything."""
+    async def close(self, reason: str = "closed by the application") -> None:
+        """Leave the run (the master re-forms the ring without us) and release everything.
+        ``reason`` is what the master records for this departure."""
         if self._session.state is SessionState.CLOSED and self._node.closing:
             return
         self._gates.fail_all(CollectiveAborted("the communicator was closed", phase="quorum_gate"))
-        self._session.leave("closed by the application")
+        self._session.leave(reason)
         await self._session.close("closed")
         await self._node.close()
 

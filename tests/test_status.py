@@ -475,7 +475,11 @@ def test_status_metrics_and_cli_reflect_a_live_run(status_master, spawn_peer):
     assert len(doc["aborts"]) == 1
     abort = doc["aborts"][0]
     assert abort["group"] == 3 and abort["tag"] == 9 and "disagree" in abort["reason"]
-    assert doc["totals"] == {"collectives_completed": 2 * REDUCES, "aborts": 1}  # 2 groups
+    assert doc["totals"] == {
+        "collectives_completed": 2 * REDUCES,  # 2 groups
+        "aborts": 1,
+        "departures": {"left": 0, "timeout": 0, "lost": 0, "kicked": 0},
+    }
 
     # ------------------------------------------------------------------ /metrics
     code, ctype, text = http_get(status_master.status_port, "/metrics")
@@ -545,6 +549,9 @@ def test_status_metrics_and_cli_reflect_a_live_run(status_master, spawn_peer):
     # Lifetime totals survive departures (completions of tag 5 may or may not be sampled).
     assert before <= doc["totals"]["collectives_completed"] <= before + 2
     assert doc["totals"]["aborts"] == 1 and doc["master"]["connections"] == 0
+    # they closed their communicators: departures, not crashes
+    assert doc["totals"]["departures"] == {"left": len(peers), "timeout": 0, "lost": 0, "kicked": 0}
+    assert sorted(d["kind"] for d in doc["departures"]) == ["left"] * len(peers)
 
 
 @pytest.mark.e2e
