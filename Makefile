@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch is pinned: any other spec may pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 -e '.[test,torch]'
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev,torch]'
 	touch $(STAMP)
 
 demo: $(STAMP)

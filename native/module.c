@@ -40,8 +40,11 @@ static int get_buf(PyObject *obj, Py_buffer *view, const char *name, Py_ssize_t 
                    const char *kinds, int writable, Py_ssize_t *n) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous buffer, got %.100s", name,
-                     Py_TYPE(obj)->tp_name);
+        /* PyType_GetName: stable ABI (3.11+), unlike Py_TYPE(obj)->tp_name */
+        PyObject *tname = PyType_GetName(Py_TYPE(obj));
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous buffer, got %S", name,
+                     tname ? tname : Py_None);
+        Py_XDECREF(tname);
         return -1;
     }
     char kind = format_kind(view->format);
