@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pccl.master.election import EntryVote, SyncVote, elect
 from pccl.master.store import ID_BLOCK, RunRecord, RunStore
@@ -182,6 +183,13 @@ class MasterState:
         #: recent departures, newest last: (wall time, peer id, group, kind, reason)
         self.departures: deque[tuple[float, int, int, str, str]] = deque(maxlen=DEPARTURE_MEMORY)
         self.departures_total: dict[str, int] = {"left": 0, "timeout": 0, "lost": 0, "kicked": 0}
+        #: parity violations seen in shared-state votes (see _record_parity), newest last:
+        #: (wall time, group, sync id, revision, peer id, differing entry names)
+        self.parity_violations: deque[tuple[float, int, int, int, int, list[str]]] = deque(
+            maxlen=DEPARTURE_MEMORY
+        )
+        self.parity_violations_total = 0
+        self.syncs_judged = 0  # syncs in which at least two peers voted at the elected revision
         self.collectives_completed = 0  # lifetime totals (status / metrics)
         self.aborts_total = 0
         self.verdicts: OrderedDict[int, tuple[bool, str]] = OrderedDict()  # op_id -> verdict
@@ -878,6 +886,7 @@ class MasterState:
                 return
             plans, target = elect(rnd.votes, grp.next_revision)
             rnd.target = target
+            self._record_parity(gid, rnd, plans, target)
             addr = {q: (q, self.peers[q].host, self.peers[q].port) for q in rnd.votes}
             for q, plan in sorted(plans.items()):
                 if not plan.ok:
@@ -908,6 +917,34 @@ class MasterState:
             done = m.SyncComplete(rnd.sync_id, rnd.target)
             for q in rnd.members:
                 self._send(q, done)
+
+    def _record_parity(
+        self, gid: int, rnd: SyncRound, plans: dict[int, Any], target: int
+    ) -> None:
+        """A peer that votes at the elected revision claims to hold the group's state at it; if
+        its hashes differ from the elected content (it is told to fetch entries), its replica
+        had diverged: a parity violation, recorded per entry. Peers behind (newcomers, a
+        first sync) fetching is normal and not counted. What ``pccl chaos --cmd`` judges."""
+        holders = [q for q, v in rnd.votes.items() if v.revision == target]
+        if len(holders) < 2:
+            return
+        self.syncs_judged += 1
+        for q in sorted(holders):
+            plan = plans.get(q)
+            if plan is None or not plan.ok or not plan.fetch:
+                continue
+            keys = sorted(plan.fetch)
+            self.parity_violations_total += 1
+            self.parity_violations.append((time.time(), gid, rnd.sync_id, target, q, keys[:16]))
+            log.error(
+                "group %d sync %d: peer %d held different content at revision %d (%s): "
+                "parity violation",
+                gid,
+                rnd.sync_id,
+                q,
+                target,
+                ", ".join(keys[:8]),
+            )
 
     def on_sync_done(self, pid: int, msg: m.SyncDone) -> None:
         rec = self.peers[pid]

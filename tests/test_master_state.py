@@ -1340,3 +1340,33 @@ def test_a_vote_from_a_peer_whose_plan_is_pending_is_refused_not_kicked() -> Non
     done = h.take(m.SyncComplete)
     assert {to for to, _ in done} == {a, b}  # a stays a member: it serves until the end
     assert h.state.groups[0].sync is None
+
+
+def test_parity_violations_are_votes_at_the_elected_revision_with_other_content() -> None:
+    """Three incumbents vote revision 4; one holds different bytes: one violation, naming the
+    entry. A newcomer behind (revision 0) fetching everything is not a violation."""
+    h = Harness()
+    a, b, c = h.admit(3)
+    good = [("w", 0, 4, [1], b"\x01" * 16, False), ("m", 0, 4, [1], b"\x03" * 16, False)]
+    bad = [("w", 0, 4, [1], b"\x02" * 16, False), ("m", 0, 4, [1], b"\x03" * 16, False)]
+
+    def sync(votes: dict[int, tuple[int, list[Any]]]) -> None:
+        for pid, (rev, ents) in votes.items():
+            h.state.on_sync_vote(pid, m.SyncSharedState(rev, 0, ents))
+        plans = dict(h.take(m.SyncPlan))
+        for pid, plan in plans.items():
+            h.state.on_sync_done(pid, m.SyncDone(plan.sync_id, True))  # type: ignore[attr-defined]
+        h.take()
+
+    sync({a: (3, good), b: (3, good), c: (3, good)})
+    assert h.state.parity_violations_total == 0 and h.state.syncs_judged == 1
+    sync({a: (4, good), b: (4, bad), c: (4, good)})
+    assert h.state.parity_violations_total == 1
+    (_, group, _, rev, peer, keys) = h.state.parity_violations[-1]
+    assert (group, rev, peer, keys) == (0, 4, b, ["w"])
+    d = h.join()
+    h.vote(a, b, c)
+    h.ready()
+    h.take()
+    sync({a: (5, good), b: (5, good), c: (5, good), d: (0, bad)})  # d is behind: it fetches
+    assert h.state.parity_violations_total == 1 and h.state.syncs_judged == 3
