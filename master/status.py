@@ -1,16 +1,16 @@
 """The master's read-only HTTP status endpoint: ``GET /status`` (JSON) and ``GET /metrics``.
 
-A deliberately tiny HTTP/1.1 server on the master's own event loop (no new dependencies, no
-thread): one request per connection, ``GET`` only, the response is written and the connection
-closed. Everything a client sends is untrusted: the request head is bounded
-(:data:`MAX_HEAD_BYTES`) and must arrive whole within :data:`REQUEST_READ_TIMEOUT_S` (so a
-slowloris client is dropped), the response must drain within :data:`RESPONSE_WRITE_TIMEOUT_S`,
-and the lingering close after it ends within :data:`LINGER_S`. Connection states, the caps
-(total, per address) and whom a newcomer evicts live in :mod:`pccl.master.status_conns`, so
-clients that linger, trickle, stay silent or never read cannot lock anyone out. A bad request
-gets a 4xx and closes only its own connection; no request can raise into the master. Rendering
-runs on the master's loop, so a rendered document is reused for a while proportional to its
-cost (:data:`RENDER_REUSE_FACTOR`): a request flood cannot starve the control plane.
+A deliberately tiny HTTP/1.1 server on the master's own event loop (no thread): one request per
+connection, ``GET`` only, the response is written and the connection closed. Everything a
+client sends is untrusted: the request head is bounded (:data:`MAX_HEAD_BYTES`) and must arrive
+whole within :data:`REQUEST_READ_TIMEOUT_S` (so a slowloris client is dropped), the response
+must drain within :data:`RESPONSE_WRITE_TIMEOUT_S`, and the lingering close after it ends within
+:data:`LINGER_S`. Connection states, the caps (total, per address) and whom a newcomer evicts
+live in :mod:`pccl.master.status_conns`, so clients that linger, trickle, stay silent or never
+read cannot lock anyone out. A bad request gets a 4xx and closes only its own connection; no
+request can raise into the master. Rendering runs on the master's loop, so a rendered document
+is reused for a while proportional to its cost (:data:`RENDER_REUSE_FACTOR`): a request flood
+cannot starve the control plane.
 
 With a master token or a read-only status token configured, every request must carry
 ``Authorization: Bearer <either>`` (compared in constant time), else 401 and no document:
@@ -18,8 +18,10 @@ With a master token or a read-only status token configured, every request must c
 
 Documents are built from :class:`~pccl.master.state.MasterState` and the daemon's connections
 at request time; the functions that build them (:func:`status_document`,
-:func:`metrics_text`) are pure and need no sockets. Completed collectives (one per group
-operation) and aborts are ``MasterState``'s own lifetime counters. Never touches tensor bytes.
+:func:`metrics_text`) are pure and need no sockets. ``/metrics`` is ``prometheus_client``'s
+exposition of a per-master registry holding a :class:`~pccl.master.metrics.MasterCollector`.
+Completed collectives (one per group operation) and aborts are ``MasterState``'s own lifetime
+counters. Never touches tensor bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pccl.master.metrics import metrics_text
+from pccl.master.metrics import metrics_text, new_registry
 from pccl.master.state import MasterState
 from pccl.master.status_conns import (
     MAX_CLIENTS,
@@ -46,6 +48,7 @@ from pccl.master.status_conns import (
     SlotTable,
     address_key,
 )
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 if TYPE_CHECKING:
     from pccl.master.daemon import Master
@@ -85,7 +88,7 @@ RENDER_REUSE_FACTOR = 20
 #: How many recent aborts ``/status`` lists (``MasterState`` itself keeps 64).
 STATUS_ABORTS = 32
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 JSON_CONTENT_TYPE = "application/json"
 
 _REASONS = {
@@ -367,6 +370,9 @@ class StatusServer:
         self.port = port
         self.started = time.monotonic()
         self.counters = Counters(master.state)
+        #: This master's own registry (never the process-wide default): ``/metrics`` is its
+        #: exposition; the collector reads :attr:`counters` as sampled at each request.
+        self.registry = new_registry(master, lambda: self.counters)
         #: Admission, eviction and state of the open connections (see ``status_conns``).
         self.slots = SlotTable()
         self._server: asyncio.AbstractServer | None = None
@@ -530,7 +536,7 @@ class StatusServer:
             doc = status_document(self.master, self.counters, now)
             body = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
         else:
-            body = metrics_text(self.master, self.counters, now).encode()
+            body = generate_latest(self.registry)
         self._rendered[path] = (now, time.monotonic() - now, body)
         return body
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from pccl.peer.communicator import Communicator as AioCommunicator
 from pccl.peer.communicator import GateHandle, ReduceHandle
+from prometheus_client.registry import CollectorRegistry
 
 from pccl.config import Config
 from pccl.shared_state import SharedState
@@ -176,6 +177,7 @@ class Communicator:
         advertise_port: int = 0,
         auth_token: bytes | str | None = None,
         tls: TLSConfig | None = None,
+        metrics_port: int | None = None,
         leave_on_signals: bool = True,
     ) -> None:
         """``leave_on_signals``: on SIGTERM/SIGINT (a preempted spot machine, Ctrl-C), tell the
@@ -193,6 +195,7 @@ class Communicator:
             advertise_port=advertise_port,
             auth_token=auth_token,
             tls=tls,
+            metrics_port=metrics_port,
         )
         self._loop = new_event_loop()
         self._thread = threading.Thread(
@@ -317,6 +320,7 @@ class Communicator:
         finally:
             self._closed = True
             _OPEN.discard(self)
+            self._aio._stop_metrics_server()  # also when the loop was wedged
             if self._thread.is_alive():
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=5)
@@ -366,6 +370,20 @@ class Communicator:
     @property
     def stale_frames(self) -> int:
         return self._aio.stale_frames
+
+    def metrics(self) -> dict[str, int | float]:
+        """See :meth:`pccl.aio.Communicator.metrics` (any thread; also after :meth:`close`)."""
+        return self._aio.metrics()
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """See :attr:`pccl.aio.Communicator.metrics_registry`."""
+        return self._aio.metrics_registry
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (``metrics_port=``), or None when not serving."""
+        return self._aio.metrics_port
 
     @property
     def aio(self) -> AioCommunicator:

@@ -8,7 +8,9 @@ machine in its own module:
 - :class:`~pccl.peer.collectives.CollectiveRunner`: all-reduce attempts (initiate, ring,
   verdict; withdraw on a local give-up; lost verdicts recovered from the master);
 - :class:`~pccl.peer.sync_runner.SyncRunner`: shared-state syncs;
-- :class:`~pccl.peer.p2p.P2PNode`: the p2p listener and ring streams.
+- :class:`~pccl.peer.p2p.P2PNode`: the p2p listener and ring streams;
+- :class:`~pccl.peer.metrics.PeerMetrics`: what the operations did, recorded here when each
+  ends (``metrics()``; optionally served on ``metrics_port``).
 
 Every wait has a deadline; failures surface as :mod:`pccl.errors` exceptions; the caller's
 ``send`` buffer is never left modified by a failed operation. All methods must be awaited on
@@ -25,9 +27,11 @@ from typing import Any
 import numpy as np
 from pccl.peer.collectives import CollectiveRunner, ReduceHandle
 from pccl.peer.gates import GateHandle, GateRunner
+from pccl.peer.metrics import Live, MetricsServer, PeerMetrics
 from pccl.peer.p2p import P2PNode
 from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
+from prometheus_client.registry import CollectorRegistry
 
 from pccl import messages as m
 from pccl.auth import check_token, load_token
@@ -120,6 +124,9 @@ class Communicator:
             challenge-response; it never crosses the wire. None: read from the file named by
             ``PCCL_AUTH_TOKEN_FILE`` if set, else no authentication.
         tls: encrypt the master link and p2p links (:class:`pccl.tls.TLSConfig`).
+        metrics_port: serve this communicator's Prometheus exposition at ``GET /metrics`` on
+            127.0.0.1 at this port (0: any free port, see :attr:`metrics_port`) until
+            :meth:`close`; None (default): no server, :meth:`metrics` only.
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class Communicator:
         advertise_port: int = 0,
         auth_token: bytes | str | None = None,
         tls: TLSConfig | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if master is None:
             master = os.environ.get("PCCL_MASTER", "")
@@ -157,6 +165,12 @@ class Communicator:
                 raise ValueError(f"{name} must be within 0..65535, got {v!r}")
         if tls is not None and not isinstance(tls, TLSConfig):
             raise TypeError("tls must be a pccl.tls.TLSConfig")
+        if metrics_port is not None and (
+            not isinstance(metrics_port, int)
+            or isinstance(metrics_port, bool)
+            or not 0 <= metrics_port <= 65535
+        ):
+            raise ValueError(f"metrics_port must be None or within 0..65535, got {metrics_port!r}")
         self.master_host, self.master_port = host, port
         self.peer_group = peer_group
         self.streams = streams
@@ -182,6 +196,12 @@ class Communicator:
         self._syncs = SyncRunner(
             self._session, self._node, self.config, self._collectives.pool, self.token, client_ssl
         )
+        self._metrics = PeerMetrics(self._live_numbers)
+        self._metrics_registry = self._metrics.registry()
+        # Last: nothing after it can raise, so a failed construction leaves no server thread.
+        self._metrics_server: MetricsServer | None = None
+        if metrics_port is not None:
+            self._metrics_server = MetricsServer(self._metrics_registry, metrics_port)
 
     # ------------------------------------------------------------------ attributes
 
@@ -222,6 +242,46 @@ class Communicator:
     def stale_frames(self) -> int:
         """Frames of aborted or finished operations that were discarded (diagnostics)."""
         return self._node.stale_frames
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> dict[str, int | float]:
+        """This communicator's counters, as plain numbers by name.
+
+        ``all_reduce_completed`` / ``_aborted`` (raised here, for any reason) / ``_retried``
+        (started for a tag whose last attempt here failed), ``all_reduce_tx_bytes`` /
+        ``_rx_bytes`` (payload of completed all-reduces), ``all_reduce_seconds_sum`` /
+        ``_count`` / ``_last`` (their durations; the histogram is in the exposition),
+        ``state_syncs`` / ``_failed``, ``state_transfers`` (completed syncs that moved
+        entries), ``state_tx_bytes`` / ``_rx_bytes``, ``gates_included`` / ``_excluded`` /
+        ``_aborted``, ``group_world_size``, ``stale_frames`` and ``p2p_<outcome>`` (p2p
+        connections by outcome). Counters start at 0 and only grow. Cheap; safe from any
+        thread, and after :meth:`close` (the final numbers).
+        """
+        return self._metrics.snapshot()
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """This communicator's own ``prometheus_client`` registry (to serve it yourself)."""
+        return self._metrics_registry
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on, or None when not serving (off, or closed)."""
+        server = self._metrics_server
+        return server.port if server is not None and server.serving else None
+
+    def _stop_metrics_server(self) -> None:
+        """Stop serving ``/metrics`` (idempotent; any thread; blocks up to ~0.5 s)."""
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+
+    def _live_numbers(self) -> Live:
+        return Live(
+            group_world_size=self._session.group_world_size,
+            stale_frames=self._node.stale_frames,
+            p2p=dict(self._node.stats),
+        )
 
     # ------------------------------------------------------------------ connection
 
@@ -323,7 +383,14 @@ class Communicator:
             TooFewPeers: the group has fewer than two peers.
         """
         sv, rv, dt, in_place, op, quant = self._validate(send, recv, op, quantization, tag)
-        return self._collectives.start(tag, sv, rv, dt, in_place, op, quant)
+        self._metrics.all_reduce_started(tag)
+        handle = self._collectives.start(tag, sv, rv, dt, in_place, op, quant)
+        handle._task.add_done_callback(lambda t: self._reduce_ended(tag, t))
+        return handle
+
+    def _reduce_ended(self, tag: int, task: asyncio.Task[ReduceInfo]) -> None:
+        ok = not task.cancelled() and task.exception() is None
+        self._metrics.all_reduce_done(tag, task.result() if ok else None)
 
     async def all_reduce(
         self,
@@ -421,7 +488,15 @@ class Communicator:
         if self._collectives.live or self._syncs.busy:
             raise PendingOperations("collectives or a sync are in flight", phase="sync")
         await self._session.await_link()
-        return await self._syncs.run(state, strategy, timeout or self.config.collective_timeout_s)
+        try:
+            info = await self._syncs.run(
+                state, strategy, timeout or self.config.collective_timeout_s
+            )
+        except BaseException:
+            self._metrics.sync_done(None)
+            raise
+        self._metrics.sync_done(info)
+        return info
 
     # ------------------------------------------------------------------ closing
 
@@ -465,7 +540,15 @@ class Communicator:
                 tag=tag,
                 phase="quorum_gate",
             )
-        return self._gates.start(tag, ready, min_quorum, float(grace_s))
+        handle = self._gates.start(tag, ready, min_quorum, float(grace_s))
+        handle._st.done.add_done_callback(self._gate_ended)
+        return handle
+
+    def _gate_ended(self, done: asyncio.Future[m.GateDone]) -> None:
+        if done.cancelled() or done.exception() is not None or not done.result().ok:
+            self._metrics.gate_done(None)
+        else:
+            self._metrics.gate_done(self._session.peer_id in done.result().ready)
 
     async def quorum_gate(
         self,
@@ -489,7 +572,10 @@ class Communicator:
 
     async def close(self, reason: str = "closed by the application") -> None:
         """Leave the run (the master re-forms the ring without us) and release everything.
-        ``reason`` is what the master records for this departure."""
+        ``reason`` is what the master records for this departure. The ``metrics_port``
+        server stops first."""
+        if self._metrics_server is not None and self._metrics_server.serving:
+            await asyncio.to_thread(self._stop_metrics_server)
         if self._session.state is SessionState.CLOSED and self._node.closing:
             return
         self._gates.fail_all(CollectiveAborted("the communicator was closed", phase="quorum_gate"))
