@@ -107,12 +107,8 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         emit("too_late", peer_id=comm.peer_id)
         comm.close()
         return
-    deadline = time.monotonic() + 60
-    # Initial formation only: all first peers loop here together, then build DiLoCo together.
-    while comm.world_size < wait_world:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {comm.world_size} of {wait_world} peers after 60 s")
-        comm.update_topology()
+    # Initial formation only: all first peers wait here together, then build DiLoCo together.
+    comm.wait_for_world(max(wait_world, 1), timeout=60)
     t0 = time.perf_counter()
     diloco = DiLoCo(
         comm,

@@ -83,11 +83,7 @@ def run_rank(addr: str, p: dict[str, Any]) -> None:
     comm = pccl.Communicator(addr, peer_group=rank, streams=2)
     comm.connect(timeout=60)
     total = int(p["replicas"]) * ranks
-    deadline = time.monotonic() + 60
-    while comm.world_size < total:  # initial formation: every rank of every replica
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{comm.world_size} of {total} peers after 60 s")
-        comm.update_topology()
+    comm.wait_for_world(total, timeout=60)  # initial formation: every rank of every replica
     diloco = DiLoCo(comm, model, opt, sync_every=H, quantization=pccl.Quantization.UINT8)
     _emit(
         "joined",

@@ -47,8 +47,7 @@ def main() -> int:
     deadline = time.monotonic() + MAX_SECONDS
     try:
         comm.connect(timeout=60)
-        while comm.world_size < world:
-            comm.update_topology(timeout=max(1.0, deadline - time.monotonic()))
+        comm.wait_for_world(world, timeout=max(1.0, deadline - time.monotonic()))
         if comm.world_size != world:
             raise RuntimeError(f"world size {comm.world_size}, expected {world}")
         out["peer_id"] = comm.peer_id

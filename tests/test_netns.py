@@ -37,11 +37,7 @@ import numpy as np, xxhash, pccl
 addr, idx, world, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 comm = pccl.Communicator(addr, streams=4)
 comm.connect(timeout=30)
-deadline = time.monotonic() + 30
-while comm.world_size < world:
-    if time.monotonic() > deadline:
-        raise TimeoutError(f"world {comm.world_size} < {world}")
-    comm.update_topology(timeout=30)
+comm.wait_for_world(world, timeout=30)
 n = mib * (1 << 18)
 def data(i):
     return ((np.arange(n, dtype=np.int64) * (i + 3) + 11 * i) % 2053 - 1000).astype(np.float32)

@@ -24,8 +24,7 @@ addr, idx, ca, cert, key = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
 comm = pccl.Communicator(addr, streams=3, tls=TLSConfig(ca, cert, key),
                          config=pccl.Config(local_streams=0, chunk_bytes=1 << 20))
 comm.connect(timeout=60)
-while comm.world_size < 2:
-    comm.update_topology(timeout=60)
+comm.wait_for_world(2, timeout=60)
 n = (6 << 20) + 5
 x = np.random.default_rng(idx).standard_normal(n).astype(np.float32)
 out = np.empty_like(x)

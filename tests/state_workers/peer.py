@@ -122,12 +122,7 @@ class Peer:
     def op_admit(self, world: int, timeout: float = 30.0) -> dict:
         """Vote in topology updates until ``world`` peers are in the run."""
         assert self.comm is not None
-        deadline = time.monotonic() + timeout
-        while self.comm.world_size < world:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"world size {self.comm.world_size} < {world} after {timeout}s")
-            self.comm.update_topology(timeout=left)
+        self.comm.wait_for_world(world, timeout=timeout)
         return {"world_size": self.comm.world_size}
 
     def op_state(self, entries: list[dict[str, Any]], revision: int = 0, loose: Any = ()) -> dict:

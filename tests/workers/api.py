@@ -11,7 +11,6 @@ Modes (``params["mode"]``):
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -118,10 +117,7 @@ async def mode_tags_async(addr: str, p: dict[str, Any]) -> None:
     world, idx, n = p["world"], p["idx"], p["n"]
     comm = pccl.aio.Communicator(addr, streams=2)
     await comm.connect(timeout=60)
-    deadline = time.monotonic() + 60
-    while comm.world_size < world:
-        assert time.monotonic() < deadline, "run did not form"
-        await comm.update_topology(timeout=60)
+    await comm.wait_for_world(world, timeout=60)
 
     def f(i: int) -> np.ndarray:  # integer-valued float32: sums are exact in any order
         return (np.arange(n, dtype=np.float32) % 1000 + i).astype(np.float32)
