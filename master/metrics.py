@@ -132,6 +132,20 @@ def metric_families(master: Master, counters: Counters, now: float) -> list[Metr
         "lost (connection broke: crashed or killed), kicked.",
         [({"kind": k}, n) for k, n in sorted(state.departures_total.items())],
     )
+    family(
+        "pccl_parity_violations_total",
+        "counter",
+        "Shared-state votes at the elected revision whose hashes differed from the elected "
+        "content (a replica had diverged) since start.",
+        [({}, state.parity_violations_total)],
+    )
+    family(
+        "pccl_syncs_judged_total",
+        "counter",
+        "Shared-state syncs in which at least two peers voted at the elected revision (where "
+        "parity could be judged) since start.",
+        [({}, state.syncs_judged)],
+    )
     groups = sorted(state.groups.items())
     family(
         "pccl_group_world_size",

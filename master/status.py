@@ -214,6 +214,21 @@ def status_document(master: Master, counters: Counters, now: float) -> dict[str,
             {"peer_id": p, "group": g, "kind": k, "reason": r, "at": round(t, 3)}
             for t, p, g, k, r in reversed(state.departures)
         ],
+        "parity": {
+            "violations": state.parity_violations_total,
+            "syncs_judged": state.syncs_judged,
+            "recent": [
+                {
+                    "group": g,
+                    "sync_id": s,
+                    "revision": r,
+                    "peer_id": p,
+                    "entries": k,
+                    "at": round(t, 3),
+                }
+                for t, g, s, r, p, k in reversed(state.parity_violations)
+            ],
+        },
         "totals": {
             "collectives_completed": counters.collectives_completed,
             "aborts": counters.aborts,
