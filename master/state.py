@@ -918,9 +918,7 @@ class MasterState:
             for q in rnd.members:
                 self._send(q, done)
 
-    def _record_parity(
-        self, gid: int, rnd: SyncRound, plans: dict[int, Any], target: int
-    ) -> None:
+    def _record_parity(self, gid: int, rnd: SyncRound, plans: dict[int, Any], target: int) -> None:
         """A peer that votes at the elected revision claims to hold the group's state at it; if
         its hashes differ from the elected content (it is told to fetch entries), its replica
         had diverged: a parity violation, recorded per entry. Peers behind (newcomers, a
