@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,46 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 # --------------------------------------------------------------------------- defaults
 
 
+ROOT = Path(__file__).resolve().parent.parent
+_UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20}
+
+
+def _doc_table(path: Path, heading: str) -> dict[str, str]:
+    """``{setting: default cell}`` of the first table after ``heading`` (a whole line)."""
+    lines = path.read_text().splitlines()
+    assert heading in lines, f"{path.name}: no section {heading!r}"
+    rows: dict[str, str] = {}
+    for line in lines[lines.index(heading) + 1 :]:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        m = re.match(r"\| `(\w+)` \| ([^|]+) \|", line)
+        if m:
+            assert m[1] not in rows, f"{path.name}: {m[1]} listed twice"
+            rows[m[1]] = m[2].strip()
+    assert rows, f"{path.name}: no table under {heading!r}"
+    return rows
+
+
+def _doc_value(cell: str) -> float | bool:
+    """A documented default: ``true``/``false``, or a number with an optional KiB/MiB unit."""
+    if cell in ("true", "false"):
+        return cell == "true"
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(?: (KiB|MiB))?", cell)
+    assert m, f"unparsable documented default {cell!r}"
+    return float(m[1]) * _UNITS[m[2] or ""]
+
+
+def _assert_documents_defaults(rows: dict[str, str], names: list[str], where: str) -> None:
+    c = Config()
+    assert set(rows) == set(names), f"{where}: lists {sorted(rows)}, Config has {sorted(names)}"
+    for name in names:
+        doc, default = _doc_value(rows[name]), getattr(c, name)
+        assert isinstance(doc, bool) == isinstance(default, bool), (where, name, rows[name])
+        assert doc == default, f"{where}: {name} documented as {rows[name]}, default {default!r}"
+
+
 def test_defaults_are_valid_and_documented_values() -> None:
     c = Config()
     assert pccl.Config is Config
@@ -57,6 +99,14 @@ def test_defaults_are_valid_and_documented_values() -> None:
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert set(FIELDS) == set(TIMEOUTS) | set(INTS) | set(BOOLS)
     assert c.send_threads is True
+    # The README's settings table lists every field with its default; the protocol's deadlines
+    # table lists every timeout (the *_s fields) with its default.
+    readme = _doc_table(ROOT / "README.md", "### Failure semantics and defaults")
+    _assert_documents_defaults(readme, FIELDS, "README.md")
+    protocol = _doc_table(
+        ROOT / "docs" / "protocol.md", "## 9. Deadlines (`pccl.Config`, env `PCCL_<NAME>`)"
+    )
+    _assert_documents_defaults(protocol, TIMEOUTS, "docs/protocol.md")
 
 
 def test_frame_bounds_are_sane() -> None:
