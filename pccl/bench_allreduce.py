@@ -17,7 +17,13 @@ max over ranks, median of ``repeats``. Gloo always reduces float32, also when pc
 every peer's p2p listener: the peer listens on a fixed ``p2p_port`` and advertises the proxy's
 port, so its ring predecessor dials through the proxy. Master traffic is not proxied.
 
-Progress goes to stderr; the JSON result to stdout and ``--json FILE``. Every wait has a
+``--mib`` and ``--streams`` take comma lists: the benchmark then runs every (size, streams)
+configuration in turn (gloo once per size: it has no streams) and the JSON document is
+``{"runs": [one document per configuration]}``. ``--plot FILE.png`` draws throughput against
+size (and against streams when they vary) from those documents (:mod:`pccl.plots`).
+
+Progress goes to stderr (a bar over configurations and repetitions on a terminal); the JSON
+result to stdout and ``--json FILE``. Every wait has a
 deadline (``--timeout``), and every child is killed on every exit path: each runs in its own
 session, dies with the launcher (parent-death signal and stdin EOF), and is SIGKILLed in
 ``finally``. Children talk to the launcher with one JSON object per stdout line.
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pccl import progress
 from pccl._doc import plain
 
 if TYPE_CHECKING:
@@ -75,8 +82,18 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
         description=plain(__doc__.splitlines()[0]) if __doc__ else None,
     )
     p.add_argument("--peers", type=int, default=4, help="peer processes (default 4)")
-    p.add_argument("--mib", type=float, default=256, help="buffer size in MiB (default 256)")
-    p.add_argument("--streams", type=int, default=4, help="TCP streams per ring link (default 4)")
+    p.add_argument(
+        "--mib",
+        type=_float_list,
+        default=[256.0],
+        help="buffer size in MiB, or a comma list to sweep (default 256)",
+    )
+    p.add_argument(
+        "--streams",
+        type=_int_list,
+        default=[4],
+        help="TCP streams per ring link, or a comma list to sweep (default 4)",
+    )
     p.add_argument("--quantization", choices=_QUANTS, default="none", help="pccl wire encoding")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="pccl element type")
     p.add_argument("--compare", choices=["gloo"], help="also run torch.distributed gloo")
@@ -87,16 +104,33 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--wan-cap-mib", type=float, default=4.0, help="WAN in-flight cap per stream")
     p.add_argument("--timeout", type=float, default=900.0, help="deadline of each half, seconds")
     p.add_argument("--json", metavar="FILE", help="also write the JSON result here")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw throughput vs size/streams here (pccl[plot])"
+    )
     p.set_defaults(func=_cmd)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or comma list: {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer or comma list: {text!r}") from None
 
 
 def _cmd(args: argparse.Namespace) -> int:
     problems = []
     if args.peers < 2:
         problems.append("--peers must be >= 2")
-    if not args.mib > 0:
+    if not args.mib or not all(m > 0 for m in args.mib):
         problems.append("--mib must be > 0")
-    if not 1 <= args.streams <= 64:
+    if not args.streams or not all(1 <= s <= 64 for s in args.streams):
         problems.append("--streams must be within 1..64")
     if args.repeats < 5:
         problems.append("--repeats must be >= 5")
@@ -114,23 +148,55 @@ def _cmd(args: argparse.Namespace) -> int:
         problems.append("--compare gloo needs torch: pip install 'pccl[torch]'")
     if args.dtype == "bfloat16" and not _have("ml_dtypes"):
         problems.append("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
+    if args.plot and not _have("matplotlib"):
+        problems.append("--plot needs matplotlib: pip install 'pccl[plot]'")
     if problems:
         for msg in problems:
             print(f"pccl bench allreduce: {msg}", file=sys.stderr)
         return 2
+    configs = [(mib, streams) for mib in args.mib for streams in args.streams]
+    total = len(configs) * (args.warmup + args.repeats)
+    total += len(args.mib) * (args.warmup + args.repeats) if args.compare else 0
+    docs: list[dict[str, Any]] = []
+    gloo_of: dict[float, dict[str, Any] | None] = {}
     try:
-        result = run(args)
+        with progress.bar(total, "bench allreduce", unit="op") as pbar:
+            for mib, streams in configs:
+                one = argparse.Namespace(**{**vars(args), "mib": mib, "streams": streams})
+                if mib in gloo_of:  # gloo has no streams: measured once per size
+                    one.compare = None
+                doc = run(one, pbar)
+                if mib in gloo_of:
+                    doc = _with_gloo(doc, gloo_of[mib])
+                else:
+                    gloo_of[mib] = doc["gloo"]
+                docs.append(doc)
     except BenchError as e:
         print(f"pccl bench allreduce: FAILED: {e}", file=sys.stderr)
         return 1
+    result: dict[str, Any] = docs[0] if len(docs) == 1 else {"runs": docs}
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
-    ok = result["pccl"]["parity"] and result["pccl"]["exact"] is not False
+    if args.plot:
+        from pccl.plots import plot_bench
+
+        plot_bench(docs, args.plot)
+        _log(f"plot: {args.plot}")
+    ok = all(d["pccl"]["parity"] and d["pccl"]["exact"] is not False for d in docs)
     return 0 if ok else 1
+
+
+def _with_gloo(doc: dict[str, Any], gloo: dict[str, Any] | None) -> dict[str, Any]:
+    """``doc`` (a run without gloo) with the gloo half measured for its size earlier."""
+    if gloo is None:
+        return doc
+    speedup = gloo["seconds"] / doc["pccl"]["seconds"]
+    config = {**doc["config"], "compare": "gloo", "gloo_reused": True}
+    return {**doc, "gloo": gloo, "speedup": speedup, "config": config}
 
 
 def _simd() -> str | None:
@@ -153,14 +219,16 @@ class BenchError(RuntimeError):
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    with progress.printing():
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ================================================================================== launcher
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark described by parsed ``args``; return the result document.
+def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
+    """Run the benchmark described by parsed ``args`` (one size, one streams count); return the
+    result document. ``pbar`` (a :func:`pccl.progress.bar`) counts every finished operation.
 
     Raises:
         BenchError: a child failed or a deadline passed (every child is killed first).
@@ -223,12 +291,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         with _Fleet(tmpdir) as fleet:
-            pccl_res = _run_pccl(args, n, nbytes, fleet)
+            pccl_res = _run_pccl(args, n, nbytes, fleet, pbar)
         if args.compare == "gloo":
             config["torch"] = importlib.metadata.version("torch")
             _log(f"gloo: {args.peers} ranks, {args.mib:g} MiB float32")
             with _Fleet(tmpdir) as fleet:
-                gloo = _run_gloo(args, nbytes // 4, fleet)
+                gloo = _run_gloo(args, nbytes // 4, fleet, pbar)
     speedup = gloo["seconds"] / pccl_res["seconds"] if gloo else None
     if speedup is not None:
         _log(f"speedup (gloo / pccl median): {speedup:.2f}x")
@@ -442,8 +510,9 @@ def _collect(
     world: int,
     warmup: int,
     deadline: float,
+    pbar: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Print per-iteration progress and return each worker's result event."""
+    """Print per-iteration progress (and advance ``pbar``); return each worker's result event."""
     results: dict[str, dict[str, Any]] = {}
     per_iter: dict[int, dict[str, float]] = {}
     for child, ev in fleet.events(deadline, f"{label} results"):
@@ -462,6 +531,8 @@ def _collect(
                     " GB/s"
                 )
                 del per_iter[it]
+                if pbar is not None:
+                    pbar.update(1)
         elif kind == "result":
             results[child.name] = ev
             if len(results) == len(names):
@@ -469,7 +540,9 @@ def _collect(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _run_pccl(args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet) -> dict[str, Any]:
+def _run_pccl(
+    args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet, pbar: Any = None
+) -> dict[str, Any]:
     from pccl import wanproxy
 
     deadline = time.monotonic() + args.timeout
@@ -512,7 +585,7 @@ def _run_pccl(args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet) -> d
             name, [sys.executable, "-m", "pccl.bench_allreduce", "--worker", json.dumps(params)]
         )
     total = args.warmup + args.repeats
-    res = _collect(fleet, names, total, "pccl", nbytes, args.peers, args.warmup, deadline)
+    res = _collect(fleet, names, total, "pccl", nbytes, args.peers, args.warmup, deadline, pbar)
     fleet.wait_exit(names, deadline + 30)
     rows = [res[name] for name in names]
     times = [max(r["times"][i] for r in rows) for i in range(args.warmup, total)]
@@ -541,7 +614,7 @@ def _run_pccl(args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet) -> d
     return out
 
 
-def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet) -> dict[str, Any]:
+def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet, pbar: Any = None) -> dict[str, Any]:
     deadline = time.monotonic() + args.timeout
     port = _free_port()
     names = [f"gloo{i}" for i in range(args.peers)]
@@ -562,7 +635,7 @@ def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet) -> dict[str, Any]
         )
     total = args.warmup + args.repeats
     nbytes = n * 4
-    res = _collect(fleet, names, total, "gloo", nbytes, args.peers, args.warmup, deadline)
+    res = _collect(fleet, names, total, "gloo", nbytes, args.peers, args.warmup, deadline, pbar)
     fleet.wait_exit(names, deadline + 30)
     rows = [res[name] for name in names]
     times = [max(r["times"][i] for r in rows) for i in range(args.warmup, total)]

@@ -24,6 +24,12 @@ current epoch); any retryable failure sends the peer back to the top without tou
 state; the state changes only after all three collectives succeeded, from their results, so
 the revision equals the number of completed steps and ``hash(revision)`` is unique for the run.
 
+The report (``--json``) carries a ``timeline``: every fault with its time, the world size the
+peers' steps ran at (sampled when it changes and at least every half second) and each measured
+recovery (fault time, seconds until the first step that started after it). ``--plot FILE.png``
+draws it (:mod:`pccl.plots`). On a terminal a bar on stderr shows how much of ``--duration`` has
+passed; the lines on stdout are the same with or without it.
+
 Runs on the driver's main thread, with one reader thread per child. Every child is killed on
 every exit path (``finally``, SIGTERM/SIGINT/SIGHUP), and children die with the driver
 (``PR_SET_PDEATHSIG``) even if it is SIGKILLed.
@@ -62,6 +68,7 @@ DISRUPTIVE = ("kill", "hang", "leave", "linkcut")
 DEFAULT_FAULTS = "kill,hang,leave,join,masterkill"
 MIN_POPULATION = 2
 SUMMARY_EVERY_S = 5.0
+WORLD_SAMPLE_S = 0.5
 DRAIN_S = 20.0
 MASTER_START_S = 30.0
 # Library deadlines the peers run under (exported as PCCL_* to master and peers). Every blocking
@@ -93,6 +100,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--interval", type=float, default=3.0, help="mean seconds between faults")
     p.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="draw faults, world size and recoveries (pccl[plot])"
+    )
     p.add_argument("--master", metavar="H:P", help="attach to this master instead of starting one")
     p.add_argument("--token-file", help="shared token for the master and peers")
     p.add_argument("--mib", type=int, default=1, help="largest all-reduce in MiB (default 1)")
@@ -107,10 +117,26 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also fail on anomalies (protocol errors seen by peers)",
     )
+    p.add_argument(
+        "--cmd",
+        metavar="COMMAND",
+        help="churn N copies of your own training command instead of the built-in worker "
+        "(each gets PCCL_MASTER, PCCL_PEER_INDEX, PCCL_NUM_PEERS); parity is judged from the "
+        "master's shared-state hash votes",
+    )
+    p.add_argument(
+        "--cmd-faults",
+        metavar="LIST",
+        help="with --cmd: comma list of kill,hang,leave,join (default all)",
+    )
     p.set_defaults(func=_cmd_chaos)
 
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
+    if args.cmd:
+        from pccl.chaos_cmd import main_cmd
+
+        return main_cmd(args)
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
     bad = [k for k in kinds if k not in FAULT_KINDS]
     problems = []
@@ -129,6 +155,8 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
         problems.append("--max-peers must be >= --peers")
     if args.stall_limit <= CALL_TIMEOUT_S:
         problems.append(f"--stall-limit must exceed the per-call deadline {CALL_TIMEOUT_S}s")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        problems.append("--plot needs matplotlib: pip install 'pccl[plot]'")
     if problems:
         for msg in problems:
             print(f"pccl chaos: {msg}", file=sys.stderr)
@@ -157,6 +185,10 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        from pccl.plots import plot_chaos
+
+        plot_chaos(report, args.plot)
     print(json.dumps({k: report[k] for k in SUMMARY_KEYS}))
     return 0 if report["ok"] else 1
 
@@ -308,6 +340,12 @@ class Stats:
     max_silence_s: float = 0.0
     max_silence_at: str = ""
     skipped_ticks: int = 0
+    #: ``{"t": s, "kind": k, "peer": name}`` per fault (also restarts and master restarts).
+    fault_times: list[dict[str, Any]] = field(default_factory=list)
+    #: ``[t, world]`` of steps: when the world changes, and at least every WORLD_SAMPLE_S.
+    world: list[list[float]] = field(default_factory=list)
+    #: ``[t of the fault, seconds to recover]`` per measured recovery.
+    recovery_times: list[list[float]] = field(default_factory=list)
 
 
 class Driver:
@@ -336,6 +374,7 @@ class Driver:
         self.own_log_dir = False
         self.elapsed = 0.0
         self.master_down = False
+        self.pbar: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -465,14 +504,28 @@ class Driver:
     # ------------------------------------------------------------------ main loop
 
     def _loop(self) -> None:
+        from pccl import progress  # here, not at the top: workers start faster without tqdm
+
+        with progress.bar(round(self.o.duration), "chaos", unit="s") as self.pbar:
+            self._churn()
+        self.pbar = None
+
+    def _churn(self) -> None:
         end = self.t0 + self.o.duration
         next_fault = self.t0 + max(2.0, self.o.interval)
         next_summary = self.t0 + SUMMARY_EVERY_S
         fired = 0
+        pbar = self.pbar
         while True:
             now = time.monotonic()
             if now >= end:
                 return
+            if not pbar.disable and int(now - self.t0) > pbar.n:
+                pbar.set_postfix_str(
+                    f"rev {self.book.max_revision}, faults {sum(self.stats.faults.values())}",
+                    refresh=False,
+                )
+                pbar.update(int(now - self.t0) - pbar.n)
             self._run_timers(now)
             if now >= next_fault:
                 if fired < self.o.max_faults and self.book.max_revision > 0:
@@ -529,11 +582,15 @@ class Driver:
             self._parity(int(ev["revision"]), str(ev["hash"]), f"peer {c.name} step")
             c.last_rev = int(ev["revision"])
             self.last_step_t = now
+            self._sample_world(now, int(ev.get("world", 0)))
             t_start = float(ev["t_start"])
             still = []
             for t_fault in self.pending_faults:
                 if t_start >= t_fault:
                     self.stats.recoveries.append(float(ev["t"]) - t_fault)
+                    self.stats.recovery_times.append(
+                        [round(t_fault - self.t0, 3), round(float(ev["t"]) - t_fault, 3)]
+                    )
                 else:
                     still.append(t_fault)
             self.pending_faults = still
@@ -557,6 +614,17 @@ class Driver:
             self.stats.errors.append(f"peer {c.name}: {ev.get('type')}: {ev.get('message')}")
         elif kind == "left":
             c.leaving = True
+
+    def _sample_world(self, now: float, world: int) -> None:
+        samples = self.stats.world
+        t = round(now - self.t0, 3)
+        if not samples or samples[-1][1] != world or t - samples[-1][0] >= WORLD_SAMPLE_S:
+            samples.append([t, world])
+
+    def _mark(self, kind: str, who: str = "") -> None:
+        """Put a fault (or a restart) on the report's timeline."""
+        t = round(time.monotonic() - self.t0, 3)
+        self.stats.fault_times.append({"t": t, "kind": kind, "peer": who})
 
     def _parity(self, revision: int, digest: str, who: str) -> None:
         bad = self.book.record(revision, digest, who)
@@ -630,13 +698,16 @@ class Driver:
             if self._spawn() is None:
                 return 0
             self._say(f"join: peer #{self.next_idx - 1}")
+            self._mark(kind, f"#{self.next_idx - 1}")
         elif kind == "masterkill":
             self._fault_masterkill(now)
+            self._mark(kind, "master")
         else:
             pool = victims if kind in DISRUPTIVE else [c for c in self._alive() if c.running]
             pool = [c for c in pool if not (kind == "ratelimit" and c.slot in self.rates)]
             victim = self.rng.choice(sorted(pool, key=lambda c: c.idx))
             getattr(self, f"_fault_{kind}")(victim, now)
+            self._mark(kind, victim.name)
             if kind in DISRUPTIVE:
                 self.pending_faults.append(now)
         self.stats.faults[kind] += 1
@@ -727,6 +798,7 @@ class Driver:
                 self.stats.joins_restart += 1
                 self.stats.faults["join"] = self.stats.faults.get("join", 0) + 1
                 self._say(f"restart: peer #{self.next_idx - 1}")
+                self._mark("restart", f"#{self.next_idx - 1}")
 
     # ------------------------------------------------------------------ end of run
 
@@ -789,6 +861,11 @@ class Driver:
             "stall_details": s.stalls[:20],
             "netns": self.o.netns,
             "log_dir": str(self.log_dir),
+            "timeline": {
+                "faults": s.fault_times,
+                "world": s.world,
+                "recoveries": s.recovery_times,
+            },
         }
         if ok and self.own_log_dir and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -798,7 +875,10 @@ class Driver:
     # ------------------------------------------------------------------ output
 
     def _say(self, msg: str) -> None:
-        print(f"[chaos {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+        from pccl import progress
+
+        with progress.printing():
+            print(f"[chaos {time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
 
     def _summary(self, now: float) -> None:
         alive = self._alive()

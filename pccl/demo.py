@@ -15,7 +15,9 @@ gradient-sized float32 buffer (exact and uint8-quantized), checks the mean it re
 what it can compute itself, and reports the hash of its result so the launcher can show that
 every peer holds identical bytes; the same kill-and-join episode happens midway.
 
-The launcher runs in the foreground; peers are child processes killed on every exit path.
+The launcher runs in the foreground; peers are child processes killed on every exit path. On a
+terminal the all-reduce demo draws a bar over its steps on stderr; its stdout lines are the same
+with or without it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pccl import progress
 from pccl.launch import spawn_master
 
 __all__ = ["add_arguments", "main"]
@@ -133,6 +136,12 @@ def _spawn_peer(port: int, idx: int, args: argparse.Namespace) -> subprocess.Pop
     )
 
 
+def _say(msg: str) -> None:
+    """Print one line of the demo's output (lifting the progress bar for it)."""
+    with progress.printing():
+        print(msg, flush=True)
+
+
 def _cmd_allreduce(args: argparse.Namespace) -> int:
     import selectors
 
@@ -141,10 +150,11 @@ def _cmd_allreduce(args: argparse.Namespace) -> int:
         return 2
     master, addr = spawn_master()
     port = int(addr.rsplit(":", 1)[1])
-    print(f"master on 127.0.0.1:{port}; starting {args.peers} peers ({args.mib} MiB all-reduces)")
+    _say(f"master on 127.0.0.1:{port}; starting {args.peers} peers ({args.mib} MiB all-reduces)")
     procs: dict[int, subprocess.Popen[str]] = {}
     sel = selectors.DefaultSelector()
     failures = 0
+    pbar = progress.bar(args.steps, "demo", unit="step")
     try:
         for i in range(args.peers):
             procs[i] = _spawn_peer(port, i, args)
@@ -162,13 +172,15 @@ def _cmd_allreduce(args: argparse.Namespace) -> int:
                     code = procs.pop(i).wait()
                     if code not in (0, -signal.SIGKILL):
                         failures += 1
-                        print(f"  peer #{i} exited with {code}")
+                        _say(f"  peer #{i} exited with {code}")
                     continue
                 ev: dict[str, Any] = json.loads(line)
                 if ev["event"] == "step":
                     step = ev["step"]
                     hashes.setdefault(step, {})[i] = ev["hash"]
-                    print(
+                    if step + 1 > pbar.n:
+                        pbar.update(step + 1 - pbar.n)
+                    _say(
                         f"  step {step:3d} peer #{i} (id {ev['peer_id']}) world {ev['world']} "
                         f"{ev['seconds'] * 1e3:7.1f} ms  {ev['gbps']:5.2f} GB/s  "
                         f"uint8 err {ev['quant_err']:.2e}  mean ok {ev['ok']}"
@@ -178,28 +190,29 @@ def _cmd_allreduce(args: argparse.Namespace) -> int:
                     group = hashes[step]
                     if len(group) >= ev["world"] and len(set(group.values())) > 1:
                         failures += 1
-                        print(f"  PARITY VIOLATION at step {step}: {group}")
+                        _say(f"  PARITY VIOLATION at step {step}: {group}")
                     if not killed and step == args.steps // 3 and len(procs) > 2:
                         victim = max(procs)
-                        print(f"  >>> SIGKILL peer #{victim}")
+                        _say(f"  >>> SIGKILL peer #{victim}")
                         procs[victim].kill()
                         killed = True
                     if killed and not joined and step >= args.steps // 2:
-                        print(f"  >>> starting peer #{next_idx}")
+                        _say(f"  >>> starting peer #{next_idx}")
                         procs[next_idx] = _spawn_peer(port, next_idx, args)
                         sel.register(procs[next_idx].stdout, selectors.EVENT_READ, next_idx)  # type: ignore[arg-type]
                         next_idx += 1
                         joined = True
                 elif ev["event"] == "alone":
-                    print(f"  peer #{i}: no other peer for {ALONE_TIMEOUT_S:.0f} s, leaving")
+                    _say(f"  peer #{i}: no other peer for {ALONE_TIMEOUT_S:.0f} s, leaving")
                 elif ev["event"] == "retry":
-                    print(f"  peer #{i}: {ev['error']} -> update_topology and retry")
+                    _say(f"  peer #{i}: {ev['error']} -> update_topology and retry")
                 elif ev["event"] == "joined":
-                    print(f"  peer #{i} admitted as id {ev['peer_id']} (world {ev['world']})")
+                    _say(f"  peer #{i} admitted as id {ev['peer_id']} (world {ev['world']})")
         checked = sum(1 for g in hashes.values() if len(g) > 1)
-        print(f"done: {checked} steps compared across peers, {failures} failures")
+        _say(f"done: {checked} steps compared across peers, {failures} failures")
         return 1 if failures or procs else 0
     finally:
+        pbar.close()
         for p in procs.values():
             p.kill()
         master.send_signal(signal.SIGTERM)

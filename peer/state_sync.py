@@ -37,6 +37,7 @@ from pccl.frame import (
     MsgType,
     parse_header,
 )
+from pccl.progress import MIN_TRANSFER_BYTES, TransferProgress
 from pccl.shared_state import SharedState
 
 log = logging.getLogger("pccl.peer")
@@ -189,9 +190,11 @@ class _FetchStream(asyncio.BufferedProtocol):
         ranges: list[tuple[str, int, int]],
         staging: dict[str, np.ndarray],
         token: bytes | None,
+        progress: TransferProgress | None = None,
     ) -> None:
         self.peer_id, self.sync_id, self.ranges = peer_id, sync_id, ranges
         self.token = token
+        self.progress = progress
         self.targets = [staging[k].data[s:e] for k, s, e in ranges]
         self.got = [0] * len(ranges)
         self.left = sum(e - s for _, s, e in ranges)
@@ -278,6 +281,8 @@ class _FetchStream(asyncio.BufferedProtocol):
         self.got[self.cur] += n
         self.left -= n
         self.rx += n
+        if self.progress is not None:  # once per frame (up to PIECE bytes), never per byte
+            self.progress.add(n)
         self._to(FetchState.FRAME_HDR, self._frame_hdr)
         if self.left == 0:
             self._finish()
@@ -370,6 +375,9 @@ async def fetch_entries(
 ) -> FetchResult:
     """Fetch, verify and commit the entries of ``fetch`` into ``state``.
 
+    A transfer of at least :data:`~pccl.progress.MIN_TRANSFER_BYTES` reports its progress
+    (:class:`~pccl.progress.TransferProgress`: ``pccl.peer`` log lines, a bar on a terminal).
+
     Raises:
         SharedStateError: every source of some entry failed, or the received bytes do not hash
             to the elected value (nothing is committed then).
@@ -387,12 +395,17 @@ async def fetch_entries(
         rotation = _stripe(entries[key].nbytes, key, ids, per_source, rotation)
 
     protos: dict[int, _FetchStream] = {}
+    total = sum(entries[key].nbytes for key, _, _ in fetch)
+    progress = TransferProgress(total, log) if total >= MIN_TRANSFER_BYTES else None
 
     async def one(src: int, ranges: list[tuple[str, int, int]]) -> _FetchStream:
         host, port = addresses[src]
         async with asyncio.timeout(connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: _FetchStream(my_id, sync_id, ranges, staging, token), host, port, ssl=ssl
+                lambda: _FetchStream(my_id, sync_id, ranges, staging, token, progress),
+                host,
+                port,
+                ssl=ssl,
             )
         assert isinstance(proto, _FetchStream)
         protos[src] = proto
@@ -413,42 +426,46 @@ async def fetch_entries(
                 proto.transport.close()
         return proto
 
-    while per_source:
-        protos.clear()
-        srcs = list(per_source)
-        tasks = [asyncio.ensure_future(one(s, per_source[s])) for s in srcs]
-        try:
-            await asyncio.wait(tasks)
-        except BaseException:
-            # Cancelled (the sync's budget ran out): the caller hands ``staging`` back to a
-            # pool shared with collectives, so no stream may write into it after we return.
-            for t in tasks:
-                t.cancel()
-            for p in protos.values():
-                p._fail(ConnectionError("fetch cancelled"))
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        retry: dict[int, list[tuple[str, int, int]]] = {}
-        for src, task in zip(srcs, tasks):
-            exc = task.exception()
-            if exc is None:
-                result.rx_bytes += task.result().rx
-                continue
-            log.warning("state source %d failed: %s", src, exc)
-            dead.add(src)
-            result.failed_sources.append(src)
-            # Whatever arrived stays; only the missing tails are asked again elsewhere.
-            proto = protos.get(src)
-            left = proto.leftovers() if proto is not None else per_source[src]
-            for key, start, end in left:
-                alive = [s for s in sources_of[key] if s not in dead]
-                if not alive:
-                    raise SharedStateError(
-                        f"every source of {key!r} failed ({sorted(dead)}); retry the sync"
-                    )
-                _stripe_range(key, start, end, alive, retry)
-            result.rx_bytes += proto.rx if proto is not None else 0
-        per_source = retry
+    try:
+        while per_source:
+            protos.clear()
+            srcs = list(per_source)
+            tasks = [asyncio.ensure_future(one(s, per_source[s])) for s in srcs]
+            try:
+                await asyncio.wait(tasks)
+            except BaseException:
+                # Cancelled (the sync's budget ran out): the caller hands ``staging`` back to a
+                # pool shared with collectives, so no stream may write into it after we return.
+                for t in tasks:
+                    t.cancel()
+                for p in protos.values():
+                    p._fail(ConnectionError("fetch cancelled"))
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            retry: dict[int, list[tuple[str, int, int]]] = {}
+            for src, task in zip(srcs, tasks):
+                exc = task.exception()
+                if exc is None:
+                    result.rx_bytes += task.result().rx
+                    continue
+                log.warning("state source %d failed: %s", src, exc)
+                dead.add(src)
+                result.failed_sources.append(src)
+                # Whatever arrived stays; only the missing tails are asked again elsewhere.
+                proto = protos.get(src)
+                left = proto.leftovers() if proto is not None else per_source[src]
+                for key, start, end in left:
+                    alive = [s for s in sources_of[key] if s not in dead]
+                    if not alive:
+                        raise SharedStateError(
+                            f"every source of {key!r} failed ({sorted(dead)}); retry the sync"
+                        )
+                    _stripe_range(key, start, end, alive, retry)
+                result.rx_bytes += proto.rx if proto is not None else 0
+            per_source = retry
+    finally:
+        if progress is not None:
+            progress.close()
 
     # Verify every entry before committing any of them.
     for key, digest, _ in fetch:
