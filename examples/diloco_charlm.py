@@ -18,6 +18,11 @@ compares.
 
 ``python examples/diloco_charlm.py --worker ADDR JSON`` is one peer (what the launcher spawns); it
 prints one JSON event per line. :func:`run_worker` is reused by the test suite.
+
+``python examples/diloco_charlm.py --peer [--outer-steps N ...]`` is one peer configured from the
+environment, the way ``deploy/local-cluster`` and ``pccl chaos --cmd`` start a user's command:
+``PCCL_MASTER``, ``PCCL_PEER_INDEX`` (its data shard; peers with an index below
+``PCCL_NUM_PEERS`` form the run together, later ones join it).
 """
 
 from __future__ import annotations
@@ -431,11 +436,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def peer_from_env(argv: list[str]) -> int:
+    """``--peer``: one peer of a run started by a launcher that sets PCCL_MASTER,
+    PCCL_PEER_INDEX and PCCL_NUM_PEERS (local-cluster, pccl chaos --cmd)."""
+    p = argparse.ArgumentParser(prog="diloco_charlm.py --peer")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    index = int(os.environ.get("PCCL_PEER_INDEX", "0"))
+    n = int(os.environ.get("PCCL_NUM_PEERS", str(args.peers)))
+    params = {
+        "shard": index % max(n, 1),
+        "outer_steps": args.outer_steps,
+        "sync_every": args.sync_every,
+        "delayed": args.delayed,
+        "quantization": args.quantization,
+        "step_ms": args.step_ms,
+        "wait_world": n if index < n else 0,
+        "threads": 1,
+    }
+    run_worker(os.environ["PCCL_MASTER"], params)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         run_worker(argv[1], json.loads(argv[2]))
         return 0
+    if argv and argv[0] == "--peer":
+        return peer_from_env(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
