@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pccl import adapters
 from pccl.shared_state import SharedState
 from pccl.types import DType, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
 
@@ -445,4 +446,6 @@ class TorchSharedState:
 
 # Re-exported so that `from pccl.bindings.torch import DiLoCo` works (DESIGN.md §2); imported last
 # because diloco builds on the helpers above.
+adapters.register("torch", as_numpy)  # the core converts torch tensors through this
+
 from pccl.bindings.diloco import DiLoCo, OuterStepInfo  # noqa: E402

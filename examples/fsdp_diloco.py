@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pccl.launch import spawn_master
+from pccl.tools.proc import spawn_master
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -54,7 +54,6 @@ def _emit(event: str, **fields: Any) -> None:
 
 def run_rank(addr: str, p: dict[str, Any]) -> None:
     """One FSDP rank of one replica, and one pccl peer of group ``rank``."""
-    import charlm as T
     import torch
     import torch.distributed as dist
     import xxhash
@@ -64,6 +63,7 @@ def run_rank(addr: str, p: dict[str, Any]) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import pccl
+    from pccl.tools import charlm as T
 
     torch.set_num_threads(1)
     replica, rank, ranks = int(p["replica"]), int(p["rank"]), int(p["ranks"])

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pccl.launch import spawn_master
+from pccl.tools.proc import spawn_master
 
 HERE = Path(__file__).resolve().parent
 

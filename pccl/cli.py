@@ -153,7 +153,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--repeats", type=int, default=7, help="timed runs per kernel (median)")
     k.set_defaults(func=_cmd_bench_kernels)
     try:
-        from pccl import bench_allreduce
+        from pccl.tools import bench_allreduce
     except ImportError:  # pragma: no cover
         return
     bench_allreduce.add_arguments(bsub)
@@ -163,7 +163,7 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     if args.mib < 1 or args.repeats < 5:
         print("--mib must be >= 1 and --repeats >= 5", file=sys.stderr)
         return 2
-    from pccl import bench_kernels
+    from pccl.tools import bench_kernels
 
     bench_kernels.run(args.json, mib=args.mib, repeats=args.repeats)
     return 0
@@ -181,25 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     tls_mod.add_arguments(sub)
     try:
-        from pccl import demo
+        from pccl.tools import demo
 
         demo.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
     try:
-        from pccl import status
+        from pccl.tools import status
 
         status.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
     try:
-        from pccl import chaos
+        from pccl.tools import chaos
 
         chaos.add_arguments(sub)
     except ImportError:  # pragma: no cover
         pass
     try:
-        from pccl import hammer
+        from pccl.tools import hammer
 
         hammer.add_arguments(sub)
     except ImportError:  # pragma: no cover

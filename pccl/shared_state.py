@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from pccl import adapters
 from pccl.types import DType, storage_view
 
 __all__ = ["Entry", "SharedState"]
@@ -114,10 +115,9 @@ def _as_storage(value: Any, key: str) -> tuple[np.ndarray, DType, tuple[int, ...
     if isinstance(value, np.ndarray):
         sv, dt = storage_view(value)
         return sv, dt, tuple(value.shape)
-    if type(value).__module__.startswith("torch"):
-        from pccl.bindings.torch import as_numpy
-
-        arr, forced = as_numpy(value, key)
+    converted = adapters.as_numpy(value, key)  # torch tensors, via their self-registered adapter
+    if converted is not None:
+        arr, forced = converted
         shape = tuple(int(d) for d in value.shape)
         if forced is not None:
             return arr.reshape(-1), forced, shape

@@ -33,6 +33,7 @@ from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
 from prometheus_client.registry import CollectorRegistry
 
+from pccl import adapters
 from pccl import messages as m
 from pccl.auth import check_token, load_token
 from pccl.config import Config
@@ -96,10 +97,9 @@ def _prepare(send: Any, recv: Any) -> tuple[np.ndarray, np.ndarray, DType, bool]
 def _storage(x: Any, name: str) -> tuple[np.ndarray, DType]:
     if isinstance(x, np.ndarray):
         return storage_view(x)
-    if type(x).__module__.startswith("torch"):
-        from pccl.bindings.torch import as_numpy  # the only torch-aware code
-
-        arr, forced = as_numpy(x, name)
+    converted = adapters.as_numpy(x, name)  # torch tensors, via their self-registered adapter
+    if converted is not None:
+        arr, forced = converted
         if forced is not None:
             return arr.reshape(-1), forced
         return storage_view(arr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -25,35 +24,19 @@ from typing import Any
 
 import pytest
 
-from pccl.launch import spawn_master
+from pccl.tools.proc import spawn_master, stop, tail
 
 WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 MASTER_START_TIMEOUT_S = 30.0
 
 
 def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return "<no log>"
-    return data[-limit:].decode("utf-8", "replace")
+    return tail(path, limit) or "<no log>"
 
 
 def kill_process(proc: subprocess.Popen[Any], grace_s: float = 0.0) -> None:
     """SIGTERM then SIGKILL after ``grace_s`` (or SIGKILL at once); reap. Works on stopped ones."""
-    if proc.poll() is None:
-        if grace_s > 0:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-        pass
+    stop(proc, grace_s)
 
 
 # ---------------------------------------------------------------------------------- master

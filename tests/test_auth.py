@@ -27,8 +27,8 @@ from pccl.frame import (
     FrameDecoder,
     MsgType,
 )
-from pccl.launch import spawn_master
 from pccl.messages import KickCode
+from pccl.tools.proc import spawn_master
 
 pytestmark = pytest.mark.e2e
 

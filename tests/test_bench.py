@@ -2,7 +2,7 @@
 
 The benchmark runs as a real subprocess (real master, real peers, real gloo ranks) on a small
 buffer; we check the JSON a user reads: schema, parity, exactness and positive timings. The proxy
-runs as a real ``python -m pccl.wanproxy`` process in front of an echo server: it must add at
+runs as a real ``python -m pccl.tools.wanproxy`` process in front of an echo server: it must add at
 least the configured delay to a round trip, forward bytes intact, enforce its in-flight cap and
 exit by itself when its launcher's pipe closes.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from pccl import wanproxy
+from pccl.tools import wanproxy
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -254,7 +254,7 @@ def test_wanproxy_cli_rejects_bad_arguments() -> None:
         [
             sys.executable,
             "-m",
-            "pccl.wanproxy",
+            "pccl.tools.wanproxy",
             "--listen",
             "127.0.0.1:0",
             "--upstream",

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from pccl.chaos import FaultPlan, ParityBook
+from pccl.tools.chaos import FaultPlan, ParityBook
 
 
 def _chaos_argv(tmp_path: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pccl.chaos",
+        "pccl.tools.chaos",
         "--json",
         str(tmp_path / "chaos.json"),
         "--log-dir",
@@ -51,7 +51,7 @@ def _processes_of(driver_pid: int) -> list[str]:
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             continue
         worker = f'"parent": {driver_pid},' in cmd
-        master = f"pccl.chaos master {driver_pid} " in cmd
+        master = f"pccl.tools.chaos master {driver_pid} " in cmd
         if worker or master:
             found.append(cmd[:160])
     return found
@@ -121,7 +121,7 @@ def test_no_process_survives_the_driver(tmp_path, sig):
 
 @pytest.mark.timeout(30)
 def test_usage_errors_exit_2():
-    base = [sys.executable, "-m", "pccl.chaos"]
+    base = [sys.executable, "-m", "pccl.tools.chaos"]
     for extra in (["--faults", "linkcut"], ["--faults", "explode"], ["--peers", "1"]):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=20)
         assert r.returncode == 2, (extra, r.stderr)

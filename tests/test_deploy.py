@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pccl.healthcheck import master_address
+from pccl.tools.healthcheck import master_address
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -50,7 +50,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 def test_containerfile_health_check_follows_the_started_port() -> None:
     text = (DEPLOY / "Containerfile").read_text()
     health = re.search(r"HEALTHCHECK[^\n]*\\\n\s*CMD (\[.*\])", text)
-    assert health is not None and '"pccl.healthcheck"' in health.group(1), text
+    assert health is not None and '"pccl.tools.healthcheck"' in health.group(1), text
     assert "48148" not in health.group(1)  # no port written into the check
     assert 'ENTRYPOINT ["pccl", "master"]' in text
     cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
@@ -62,7 +62,7 @@ def test_containerfile_health_check_follows_the_started_port() -> None:
 
 def _health(pid: int) -> int:
     return subprocess.run(
-        [sys.executable, "-m", "pccl.healthcheck", "--pid", str(pid)], timeout=30
+        [sys.executable, "-m", "pccl.tools.healthcheck", "--pid", str(pid)], timeout=30
     ).returncode
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,6 @@ from pccl.bindings.diloco import DiLoCo, Phase, nesterov_step
 import pccl
 from pccl.types import ReduceInfo, SyncInfo
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORKER = "../diloco_workers/diloco_peer.py"  # relative to tests/workers (conftest.WORKERS_DIR)
 H = 10
 
@@ -707,8 +704,7 @@ def test_extra_state_blob_from_the_network_is_checked() -> None:
 
 @functools.lru_cache(maxsize=4)
 def ddp_loss(outer_steps: int) -> float:
-    sys.path.insert(0, str(EXAMPLES))
-    import charlm
+    from pccl.tools import charlm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -719,8 +715,7 @@ def ddp_loss(outer_steps: int) -> float:
 
 
 def ddp_bytes(outer_steps: int) -> int:
-    sys.path.insert(0, str(EXAMPLES))
-    import charlm
+    from pccl.tools import charlm
 
     return charlm.ddp_bytes_per_step(charlm.num_params(charlm.TaskConfig()), 3) * outer_steps * H
 

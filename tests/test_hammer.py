@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from pccl import hammer
 from pccl.cli import main as cli_main
 from pccl.frame import HEADER, MAGIC, PRE_AUTH_MAX_BODY, VERSION, MsgType, max_body
-from pccl.stranger import KINDS, Attacker, Target
+from pccl.tools import hammer
+from pccl.tools.stranger import KINDS, Attacker, Target
 
 DURATION_S = 15
 
@@ -97,7 +97,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(150)
 def test_terminated_driver_reports_and_leaves_no_process(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pccl.hammer", "--duration", "60", "--log-dir", str(tmp_path)],
+        [sys.executable, "-m", "pccl.tools.hammer", "--duration", "60", "--log-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

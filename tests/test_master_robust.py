@@ -44,8 +44,8 @@ from pccl.master.daemon import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDR
 from pccl import messages as m
 from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME
 from pccl.frame import DATA_HEADER, HEADER, MAGIC, PROTOCOL_VERSION, VERSION, FrameDecoder, MsgType
-from pccl.launch import spawn_master
 from pccl.messages import AbortKind, KickCode
+from pccl.tools.proc import spawn_master, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -115,11 +115,7 @@ def start_master(
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
+    stop(proc, group=True)  # SIGKILL its whole session; reap
 
 
 @pytest.fixture(scope="module")

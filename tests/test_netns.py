@@ -1,32 +1,30 @@
 """Peers on separate hosts: the master and four peers each in their own network namespace.
 
-``deploy/netns.py`` builds a private bridge (10.231.0.0/24, MTU 65535) with one namespace per
-process; the real ``pccl master`` runs in one, four real peer processes in the others. The
-peers all-reduce over veth links, optionally through a ``tc tbf`` rate limit, and must end with
-byte-identical results, exactly equal to the sum they can compute themselves, over a ring whose
-members really are on distinct addresses. A short ``pccl chaos --netns`` run adds link cuts and
-rate limits to kills and joins. Skips cleanly where namespaces are not permitted (not root, or
-``ip netns add`` refused); always tears the namespaces down, and checks that it did.
-"""
+``pccl.tools.netns`` (``deploy/netns.py``) builds a private bridge (10.231.0.0/24, MTU 65535)
+with one namespace per process; the real ``pccl master`` runs in one, four real peer processes
+in the others. The peers all-reduce over veth links, optionally through a ``tc tbf`` rate limit,
+and must end with byte-identical results, exactly equal to the sum they can compute themselves,
+over a ring whose members really are on distinct addresses. A short ``pccl chaos --netns`` run
+adds link cuts and rate limits to kills and joins. Skips cleanly where namespaces are not
+permitted (not root, or ``ip netns add`` refused); always tears the namespaces down, and checks
+that it did."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from pccl.launch import spawn_master
+from pccl.tools import netns
+from pccl.tools.proc import spawn_master, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-HARNESS = ROOT / "deploy" / "netns.py"
 NODES = ["m", "p0", "p1", "p2", "p3"]
 PEERS = NODES[1:]
 
@@ -60,25 +58,7 @@ comm.close()
 """
 
 
-def _load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pccl_deploy_netns", HARNESS)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-netns = _load_harness()
-
-
-def _kill(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-        pass
+_kill = stop  # SIGKILL; reap
 
 
 @pytest.fixture
@@ -183,9 +163,19 @@ def test_chaos_with_link_cuts_and_rate_limits(tmp_path):
         pytest.skip(f"network namespaces unavailable: {why}")
     before = set(netns.list_namespaces())
     out = tmp_path / "chaos.json"
-    argv = [sys.executable, "-m", "pccl.chaos", "--peers", "4", "--duration", "40", "--seed", "7"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pccl.tools.chaos",
+        "--peers",
+        "4",
+        "--duration",
+        "40",
+        "--seed",
+        "7",
+    ]
     argv += ["--faults", "kill,join,linkcut,ratelimit", "--interval", "2.5", "--netns"]
-    argv += ["--netns-harness", str(HARNESS), "--json", str(out), "--log-dir", str(tmp_path)]
+    argv += ["--json", str(out), "--log-dir", str(tmp_path)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=150)
     report = json.loads(out.read_text()) if out.exists() else {}
     detail = f"rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
@@ -208,7 +198,7 @@ def test_bench_state_uplink_mode_pulls_from_rate_limited_sources(tmp_path: Path)
     if not ok:
         pytest.skip(f"network namespaces unavailable: {why}")
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pccl.bench_state", "--mib", "8", "--entries", "3"]
+    cmd = [sys.executable, "-m", "pccl.tools.bench_state", "--mib", "8", "--entries", "3"]
     cmd += ["--sources", "1,2", "--runs", "1", "--hash-gib", "0.01", "--timeout", "60"]
     cmd += ["--uplink", "400mbit", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, timeout=170)

@@ -115,7 +115,7 @@ def test_bench_allreduce_plot_is_a_drawn_png(tmp_path: Path) -> None:
 def test_chaos_plot_is_a_drawn_png_of_the_timeline(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png, out = tmp_path / "chaos.png", tmp_path / "chaos.json"
-    cmd = [sys.executable, "-m", "pccl.chaos", "--peers", "3", "--duration", "8"]
+    cmd = [sys.executable, "-m", "pccl.tools.chaos", "--peers", "3", "--duration", "8"]
     cmd += ["--interval", "1", "--faults", "kill,join", "--seed", "3", "--json", str(out)]
     cmd += ["--log-dir", str(tmp_path / "logs"), "--plot", str(png)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
@@ -132,7 +132,7 @@ def test_chaos_plot_is_a_drawn_png_of_the_timeline(tmp_path: Path) -> None:
 
 
 def test_plots_say_how_to_install_matplotlib(monkeypatch, tmp_path: Path) -> None:
-    from pccl import plots
+    from pccl.tools import plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(plots.PlotUnavailable, match=r"pip install 'pccl\[plot\]'"):
@@ -142,7 +142,7 @@ def test_plots_say_how_to_install_matplotlib(monkeypatch, tmp_path: Path) -> Non
 
 def test_plot_bench_from_hand_made_documents(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from pccl.plots import plot_bench
+    from pccl.tools.plots import plot_bench
 
     def doc(mib: float, streams: int, gbps: float) -> dict[str, Any]:
         cfg = {"mib": mib, "streams": streams, "streams_used": streams, "peers": 4}

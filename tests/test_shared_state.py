@@ -28,6 +28,7 @@ import pytest
 import xxhash
 
 import pccl
+from pccl.tools.proc import stop
 
 WORKER = Path(__file__).resolve().parent / "state_workers" / "peer.py"
 REPLY_TIMEOUT_S = 30.0
@@ -140,12 +141,7 @@ class Peer:
         return f"--- {self.name} stderr\n{mine}\n--- master log\n{self.master_log()}"
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            pass
+        stop(self.proc)
 
 
 def gather(peers: list[Peer], op: str, timeout: float = REPLY_TIMEOUT_S, **kw: Any) -> list[dict]:
@@ -1025,7 +1021,7 @@ def test_thousands_of_long_named_entries_sync_across_eight_peers(patient_cluster
 @pytest.mark.timeout(120)
 def test_bench_state_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pccl.bench_state", "--mib", "16", "--entries", "2"]
+    cmd = [sys.executable, "-m", "pccl.tools.bench_state", "--mib", "16", "--entries", "2"]
     cmd += ["--sources", "1,2", "--runs", "1", "--hash-gib", "0.01", "--timeout", "60"]
     cmd += ["--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, timeout=110)

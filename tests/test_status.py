@@ -35,6 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pccl import messages as m
+from pccl.tools.proc import stop
 
 START_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 5.0
@@ -98,20 +99,7 @@ def _peer_main(addr: str, p: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------- processes
 
 
-def _kill(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
-    if proc.poll() is None:
-        if grace_s > 0:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-        pass
+_kill = stop  # SIGTERM, SIGKILL after grace_s; reap
 
 
 @dataclass
@@ -799,7 +787,7 @@ def test_metrics_escape_labels_and_format_values():
 
 
 def test_format_status_renders_every_section():
-    from pccl.status import format_status, parse_address
+    from pccl.tools.status import format_status, parse_address
 
     doc = {
         "master": {"host": "h", "port": 1, "uptime_s": 2.0, "phase": "idle", "epoch": 9},
@@ -1386,7 +1374,7 @@ def test_authorized_accepts_only_configured_bearer_credentials():
 
 
 def test_read_token_prefers_the_file_and_rejects_unsendable(tmp_path: Path):
-    from pccl.status import TOKEN_ENV, read_token
+    from pccl.tools.status import TOKEN_ENV, read_token
 
     f = tmp_path / "t"
     f.write_bytes(b"  file-token \n")

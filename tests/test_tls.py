@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pccl.launch import spawn_master
 from pccl.tls import generate
+from pccl.tools.proc import spawn_master
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -13,10 +13,7 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -24,7 +21,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def main() -> None:
-    from diloco_charlm import run_worker
+    from pccl.tools.diloco_charlm import run_worker
 
     run_worker(sys.argv[1], json.loads(sys.argv[2]), emit)
 

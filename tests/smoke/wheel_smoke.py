@@ -54,7 +54,7 @@ def main() -> int:
     site = sysconfig.get_paths()["purelib"]
     assert pccl.__file__.startswith(site), f"pccl imported from {pccl.__file__}, not {site}"
     assert "torch" not in sys.modules, "import pccl imported torch"
-    from pccl.launch import spawn_master
+    from pccl.tools.proc import spawn_master
 
     master, addr = spawn_master("error")
     try:

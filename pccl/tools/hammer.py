@@ -2,9 +2,9 @@
 
 The acceptance check users run to see that strangers cannot hurt a run (DESIGN.md §8). The
 driver (this process) starts a real master with a token, a status endpoint and a state file, and
-:data:`PEERS` peers (``python -m pccl.hammer peer PARAMS``) that join with the token and loop
+:data:`PEERS` peers (``python -m pccl.tools.hammer peer PARAMS``) that join with the token and loop
 exact float32 SUM all-reduces. After a warm-up without attack it records every process's RSS,
-then lets :mod:`pccl.stranger` hammer each listener -- the master's control port, its status
+then lets :mod:`pccl.tools.stranger` hammer each listener -- the master's control port, its status
 port and every peer's p2p port -- at ``--rate`` connections/s each for ``--duration`` seconds,
 sampling RSS every second. It then reads the master's ``/status`` with the token, lets the peers
 stop together and prints one JSON summary on stdout (progress on stderr). ``ok`` is true iff no
@@ -26,11 +26,9 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import ctypes
 import json
 import os
 import platform
-import resource
 import secrets
 import select
 import signal
@@ -46,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from pccl.frame import MsgType
-from pccl.stranger import KINDS, Attacker, Target
+from pccl.master.daemon import raise_fd_limit
+from pccl.tools.proc import PREEXEC as _PREEXEC
+from pccl.tools.stranger import KINDS, Attacker, Target
 
 __all__ = ["PEERS", "Options", "add_arguments", "main"]
 
@@ -227,7 +227,7 @@ class Driver:
         self.marks_t: list[float] = []
 
     async def run(self) -> dict[str, Any]:
-        _raise_fd_limit()
+        raise_fd_limit()
         with tempfile.TemporaryDirectory(prefix="pccl-hammer-secret-") as secret:
             try:
                 await self._setup(Path(secret))
@@ -247,7 +247,7 @@ class Driver:
 
     async def _setup(self, secret: Path) -> None:
         from pccl.auth import load_token
-        from pccl.launch import spawn_master
+        from pccl.tools.proc import spawn_master
 
         token_file = secret / "token"
         token_file.write_text(secrets.token_hex(32) + "\n")
@@ -261,7 +261,7 @@ class Driver:
                     "info",
                     extra_args=extra,
                     stderr=err,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_PREEXEC,
                     timeout=MASTER_START_S,
                 )
             except RuntimeError as e:
@@ -299,13 +299,13 @@ class Driver:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pccl.hammer", "peer", json.dumps(params)],
+                [sys.executable, "-m", "pccl.tools.hammer", "peer", json.dumps(params)],
                 stdin=subprocess.PIPE,  # closing it asks the peer to stop
                 stdout=subprocess.PIPE,
                 stderr=err,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_PREEXEC,
             )
         child = Child(name, proc, log)
         self.children.append(child)
@@ -434,7 +434,7 @@ class Driver:
         )
 
     async def _status(self) -> dict[str, Any]:
-        from pccl.status import StatusUnavailable, fetch_status
+        from pccl.tools.status import StatusUnavailable, fetch_status
 
         host, port = self.status_addr
         try:
@@ -572,7 +572,7 @@ def _status_address(
 ) -> tuple[str, int]:
     """The status endpoint the master announced on its second stdout line.
 
-    :func:`pccl.launch.spawn_master` reads the banner in chunks and keeps only the first line,
+    :func:`pccl.tools.proc.spawn_master` reads the banner in chunks and keeps only the first line,
     so the second one is lost when both arrived together; then the master's listening sockets
     (from ``/proc``) tell the port instead.
 
@@ -651,21 +651,6 @@ def _machine() -> dict[str, Any]:
         "backend": pccl.BACKEND,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _raise_fd_limit() -> None:
-    """Held connections need descriptors: raise the soft limit to the hard one (≤ 65536)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """preexec_fn: the child gets SIGKILL when the driver dies (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 # =============================================================================== peer
@@ -777,8 +762,8 @@ def _peer(p: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pccl.hammer``: ``peer PARAMS`` runs one peer, anything else is ``pccl hammer
-    ARGS``."""
+    """``python -m pccl.tools.hammer``: ``peer PARAMS`` runs one peer, anything else is
+    ``pccl hammer ARGS``."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "peer":
         try:
@@ -789,9 +774,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(1)  # an open communicator must not keep a failed peer alive
         return 0
-    from pccl.cli import main as cli_main
+    from pccl.tools.proc import run_subcommand
 
-    return cli_main(["hammer", *argv])
+    return run_subcommand(add_arguments, "hammer", argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Strangers: connections that do not hold the token, thrown at pccl listeners.
 
-The attack half of ``pccl hammer`` (:mod:`pccl.hammer` runs the master and peers and judges the
-outcome). An :class:`Attacker` opens connections to each :class:`Target` at a fixed rate, each of
-one kind of :data:`KINDS` (seeded random choice per target), and counts per target and kind what
-it tried and what the listener did: ``attempts``, ``connected``, ``connect_errors`` and
-``closed_by_remote`` (the listener closed or reset it). The kinds:
+The attack half of ``pccl hammer`` (:mod:`pccl.tools.hammer` runs the master and peers and
+judges the outcome). An :class:`Attacker` opens connections to each :class:`Target` at a fixed
+rate, each of one kind of :data:`KINDS` (seeded random choice per target), and counts per target
+and kind what it tried and what the listener did: ``attempts``, ``connected``,
+``connect_errors`` and ``closed_by_remote`` (the listener closed or reset it). The kinds:
 
 - ``garbage``: 1-64 random bytes, then close.
 - ``http``: ``GET /status`` without credentials; the answer's status code is recorded.

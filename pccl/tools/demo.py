@@ -1,6 +1,6 @@
 """``pccl demo``: a local cluster training a small language model with DiLoCo, with churn.
 
-By default this runs ``examples/diloco_charlm.py`` (the repository's examples folder; torch
+By default this runs :mod:`pccl.tools.diloco_charlm` (``examples/diloco_charlm.py``; torch
 needed): the real master daemon and 3 peer processes on loopback train a character-level
 language model with DiLoCo (uint8 pseudo-gradients, error feedback, Nesterov outer steps). Every
 outer step prints the held-out loss, the world size, the bytes each peer sent against what fp32
@@ -9,7 +9,7 @@ through one peer is SIGKILLed (the survivors retry and carry on) and half-way a 
 (it receives the outer state by a verified shared-state sync and takes over the dead peer's data
 shard). At the end the same data is trained with fp32 DDP for comparison.
 
-``pccl demo --allreduce`` (or an install without torch or the examples folder) runs the
+``pccl demo --allreduce`` (or an install without torch) runs the
 torch-free demo instead: every peer loops ``update_topology() -> all_reduce`` over a
 gradient-sized float32 buffer (exact and uint8-quantized), checks the mean it received against
 what it can compute itself, and reports the hash of its result so the launcher can show that
@@ -30,12 +30,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from pccl import progress
-from pccl.launch import spawn_master
+from pccl.tools.proc import spawn_master
 
 __all__ = ["add_arguments", "main"]
 
@@ -69,23 +68,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _examples_dir() -> Path:
-    env = os.environ.get("PCCL_EXAMPLES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "examples"
-
-
 def _load_diloco_example() -> ModuleType | str:
-    """The DiLoCo example module, or why it cannot run here."""
-    path = _examples_dir() / "diloco_charlm.py"
-    if not path.is_file():
-        return f"{path} not found (set PCCL_EXAMPLES to the repository's examples folder)"
+    """The DiLoCo demo module (:mod:`pccl.tools.diloco_charlm`), or why it cannot run here."""
     if importlib.util.find_spec("torch") is None:
-        return "torch is not installed (pip install 'pccl[torch]')"
-    spec = importlib.util.spec_from_file_location("pccl_demo_diloco", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+        return "torch is not installed (pip install 'pccl-ft[torch]')"
+    from pccl.tools import diloco_charlm
+
+    return diloco_charlm
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -123,7 +112,7 @@ def _spawn_peer(port: int, idx: int, args: argparse.Namespace) -> subprocess.Pop
         [
             sys.executable,
             "-m",
-            "pccl.demo",
+            "pccl.tools.demo",
             "--worker",
             str(port),
             str(idx),
@@ -291,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--worker":
         port, idx, steps, mib = (int(a) for a in argv[1:5])
         return _worker(port, idx, steps, mib)
-    from pccl.cli import main as cli_main
+    from pccl.tools.proc import run_subcommand
 
-    return cli_main(["demo", *argv])
+    return run_subcommand(add_arguments, "demo", argv)
 
 
 if __name__ == "__main__":

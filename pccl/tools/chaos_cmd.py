@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pccl.chaos import _kill, _kill_me_with_parent, _signal, _tail
-from pccl.launch import spawn_master_with_status
+from pccl.tools.proc import die_with_parent as _kill_me_with_parent
+from pccl.tools.proc import send_signal as _signal
+from pccl.tools.proc import spawn_master_with_status
+from pccl.tools.proc import stop as _kill
+from pccl.tools.proc import tail as _tail
 
 __all__ = ["CmdOptions", "run_cmd_chaos"]
 
@@ -136,7 +139,7 @@ def run_cmd_chaos(opts: CmdOptions, say: Any = print) -> dict[str, Any]:
             _kill(p.proc, grace_s=10.0)
             if p.rc is None:
                 p.rc = p.proc.returncode
-        _kill(master, grace_s=5.0)  # type: ignore[arg-type]
+        _kill(master, grace_s=5.0)
     parity = final.get("parity", {})
     judged = int(parity.get("syncs_judged", 0))
     violations = int(parity.get("violations", 0))

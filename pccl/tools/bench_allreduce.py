@@ -1,26 +1,27 @@
 """``pccl bench allreduce``: pccl's ring all-reduce against torch.distributed gloo, on loopback.
 
 The launcher (the process running the CLI) starts the real master daemon and N peer processes
-(``python -m pccl.bench_allreduce --worker PARAMS``). Each peer joins the run, preallocates its
-buffers and fills them deterministically, then runs ``warmup`` untimed and ``repeats`` timed
-all-reduces. A 1-element all-reduce on its own tag acts as a barrier before every operation;
-each peer times only the big operation. An iteration takes the slowest peer's time, and the
-report gives the median over iterations (and min/max). Every peer hashes its result (XXH3-128)
-after every iteration, and ``parity`` says whether all peers held identical bytes every time.
+(``python -m pccl.tools.bench_allreduce --worker PARAMS``). Each peer joins the run,
+preallocates its buffers and fills them deterministically, then runs ``warmup`` untimed and
+``repeats`` timed all-reduces. A 1-element all-reduce on its own tag acts as a barrier before
+every operation; each peer times only the big operation. An iteration takes the slowest peer's
+time, and the report gives the median over iterations (and min/max). Every peer hashes its
+result (XXH3-128) after every iteration, and ``parity`` says whether all peers held identical
+bytes every time.
 
 ``--compare gloo`` then runs ``torch.distributed.all_reduce(SUM)`` on float32 buffers of the same
 size in N processes (``--gloo-worker``), the method of reference/machine-measurements.md §4: TCP
 rendezvous on loopback, ``GLOO_SOCKET_IFNAME=lo``, one torch thread, a barrier before each op,
 max over ranks, median of ``repeats``. Gloo always reduces float32, also when pccl quantizes.
 
-``--wan-delay-ms`` puts a delay proxy (:mod:`pccl.wanproxy`, one process per peer) in front of
+``--wan-delay-ms`` puts a delay proxy (:mod:`pccl.tools.wanproxy`, one process per peer) in front of
 every peer's p2p listener: the peer listens on a fixed ``p2p_port`` and advertises the proxy's
 port, so its ring predecessor dials through the proxy. Master traffic is not proxied.
 
 ``--mib`` and ``--streams`` take comma lists: the benchmark then runs every (size, streams)
 configuration in turn (gloo once per size: it has no streams) and the JSON document is
 ``{"runs": [one document per configuration]}``. ``--plot FILE.png`` draws throughput against
-size (and against streams when they vary) from those documents (:mod:`pccl.plots`).
+size (and against streams when they vary) from those documents (:mod:`pccl.tools.plots`).
 
 Progress goes to stderr (a bar over configurations and repetitions on a terminal); the JSON
 result to stdout and ``--json FILE``. Every wait has a
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from pccl import progress
 from pccl._doc import plain
+from pccl.tools.proc import PREEXEC as _PREEXEC
 
 if TYPE_CHECKING:
     from pccl.config import Config
@@ -182,7 +183,7 @@ def _cmd(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
     if args.plot:
-        from pccl.plots import plot_bench
+        from pccl.tools.plots import plot_bench
 
         plot_bench(docs, args.plot)
         _log(f"plot: {args.plot}")
@@ -318,17 +319,6 @@ def _handle_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """preexec_fn: the child gets SIGKILL when the launcher dies (Linux PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-_PREEXEC: Callable[[], None] | None = _die_with_parent if sys.platform == "linux" else None
 
 
 @dataclass
@@ -471,7 +461,7 @@ def _free_port() -> int:
 
 
 def _start_master(fleet: _Fleet) -> int:
-    from pccl.wanproxy import read_line
+    from pccl.tools.wanproxy import read_line
 
     cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", "0"]
     child = fleet.spawn("master", [*cmd, "--log-level", "warning"], events=False)
@@ -543,7 +533,7 @@ def _collect(
 def _run_pccl(
     args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet, pbar: Any = None
 ) -> dict[str, Any]:
-    from pccl import wanproxy
+    from pccl.tools import wanproxy
 
     deadline = time.monotonic() + args.timeout
     port = _start_master(fleet)
@@ -582,7 +572,8 @@ def _run_pccl(
             "wan": args.wan_delay_ms is not None,
         }
         fleet.spawn(
-            name, [sys.executable, "-m", "pccl.bench_allreduce", "--worker", json.dumps(params)]
+            name,
+            [sys.executable, "-m", "pccl.tools.bench_allreduce", "--worker", json.dumps(params)],
         )
     total = args.warmup + args.repeats
     res = _collect(fleet, names, total, "pccl", nbytes, args.peers, args.warmup, deadline, pbar)
@@ -630,7 +621,13 @@ def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet, pbar: Any = None)
         }
         fleet.spawn(
             name,
-            [sys.executable, "-m", "pccl.bench_allreduce", "--gloo-worker", json.dumps(params)],
+            [
+                sys.executable,
+                "-m",
+                "pccl.tools.bench_allreduce",
+                "--gloo-worker",
+                json.dumps(params),
+            ],
             env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
         )
     total = args.warmup + args.repeats
@@ -876,16 +873,16 @@ def _run_worker(fn: Callable[[dict[str, Any]], None], raw: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pccl.bench_allreduce``: a worker (``--worker``/``--gloo-worker PARAMS``), or
-    the same as ``pccl bench allreduce ARGS``."""
+    """``python -m pccl.tools.bench_allreduce``: a worker (``--worker``/``--gloo-worker
+    PARAMS``), or the same as ``pccl bench allreduce ARGS``."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
         return _run_worker(_worker, argv[1])
     if len(argv) == 2 and argv[0] == "--gloo-worker":
         return _run_worker(_gloo_worker, argv[1])
-    from pccl.cli import main as cli_main
+    from pccl.tools.proc import run_subcommand
 
-    return cli_main(["bench", "allreduce", *argv])
+    return run_subcommand(add_arguments, "allreduce", argv)
 
 
 if __name__ == "__main__":

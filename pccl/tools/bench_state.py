@@ -1,4 +1,4 @@
-"""``python -m pccl.bench_state``: a newcomer pulling a shared state from 1 vs N sources.
+"""``python -m pccl.tools.bench_state``: a newcomer pulling a shared state from 1 vs N sources.
 
 The launcher starts the real master daemon (``python -m pccl.cli master``) and, for each source
 count, that many source peers holding an identical ``--mib`` MiB state (``--entries`` float32
@@ -28,7 +28,6 @@ stderr; the JSON result to stdout and ``--json FILE``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -47,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from pccl.launch import spawn_master
+from pccl.tools.proc import PREEXEC as _PREEXEC
+from pccl.tools.proc import spawn_master
 
 __all__ = ["main", "run"]
 
@@ -127,16 +127,6 @@ def _peer_main(args: argparse.Namespace) -> None:
         elif cmd["op"] == "exit":
             break
     comm.close()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-_PREEXEC: Callable[[], None] | None = _die_with_parent if sys.platform == "linux" else None
 
 
 class _Child:
@@ -222,7 +212,7 @@ def _peer_argv(args: argparse.Namespace, role: str, master: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pccl.bench_state",
+        "pccl.tools.bench_state",
         "--role",
         role,
         "--master",
@@ -250,7 +240,7 @@ def _bench_sources_netns(args: argparse.Namespace, n_sources: int, logdir: Path)
     """The same measurement with one network namespace per process and every source's link
     limited to ``--uplink`` (tc tbf): peers on the internet are bound by their uplinks, which is
     what pulling from several sources at once is for."""
-    from pccl.chaos import load_netns_harness
+    from pccl.tools.chaos import load_netns_harness
 
     netns = load_netns_harness()
     nodes = ["m", *(f"s{i}" for i in range(n_sources)), "nc"]
@@ -406,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pccl.bench_state", description=__doc__.split("\n")[0]
+        prog="python -m pccl.tools.bench_state", description=__doc__.split("\n")[0]
     )
     p.add_argument("--mib", type=int, default=256, help="state size in MiB (default 256)")
     p.add_argument(
@@ -433,7 +423,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.uplink and not args.role:
         if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit)", args.uplink):
             p.error(f"--uplink {args.uplink!r}: expected a tc rate such as 1gbit or 500mbit")
-        from pccl.chaos import load_netns_harness
+        from pccl.tools.chaos import load_netns_harness
 
         ok, why = load_netns_harness().available()
         if not ok:

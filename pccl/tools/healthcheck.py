@@ -1,6 +1,6 @@
 """Container health check: is the master of this container accepting connections?
 
-    python -m pccl.healthcheck [--pid 1] [--timeout 2]
+    python -m pccl.tools.healthcheck [--pid 1] [--timeout 2]
 
 Reads the master's own command line (``/proc/PID/cmdline``; in a container the entrypoint is
 PID 1), takes the ``--port`` and ``--host`` it was started with (defaults 48148 and 0.0.0.0,
@@ -72,7 +72,7 @@ def _status_port(argv: list[str]) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pccl.healthcheck", description=__doc__.split("\n")[0]
+        prog="python -m pccl.tools.healthcheck", description=__doc__.split("\n")[0]
     )
     p.add_argument("--pid", type=int, default=1, help="the master's process id (default 1)")
     p.add_argument("--timeout", type=float, default=2.0, help="connect timeout (seconds)")

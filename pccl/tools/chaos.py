@@ -27,8 +27,8 @@ the revision equals the number of completed steps and ``hash(revision)`` is uniq
 The report (``--json``) carries a ``timeline``: every fault with its time, the world size the
 peers' steps ran at (sampled when it changes and at least every half second) and each measured
 recovery (fault time, seconds until the first step that started after it). ``--plot FILE.png``
-draws it (:mod:`pccl.plots`). On a terminal a bar on stderr shows how much of ``--duration`` has
-passed; the lines on stdout are the same with or without it.
+draws it (:mod:`pccl.tools.plots`). On a terminal a bar on stderr shows how much of
+``--duration`` has passed; the lines on stdout are the same with or without it.
 
 Runs on the driver's main thread, with one reader thread per child. Every child is killed on
 every exit path (``finally``, SIGTERM/SIGINT/SIGHUP), and children die with the driver
@@ -38,8 +38,6 @@ every exit path (``finally``, SIGTERM/SIGINT/SIGHUP), and children die with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import importlib.util
 import json
 import math
@@ -47,7 +45,6 @@ import os
 import queue
 import random
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -59,6 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
+
+from pccl.tools.proc import die_with_parent as _kill_me_with_parent
+from pccl.tools.proc import exit_if_orphaned as _die_with_parent
+from pccl.tools.proc import read_line as _read_line
+from pccl.tools.proc import send_signal as _signal
+from pccl.tools.proc import stop as _kill
+from pccl.tools.proc import tail as _tail
 
 __all__ = ["FAULT_KINDS", "FaultPlan", "ParityBook", "add_arguments", "main"]
 
@@ -110,7 +114,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stall-limit", type=float, default=30.0, help="max silence of a live peer")
     p.add_argument("--max-faults", type=int, default=100_000, help="stop injecting after this")
     p.add_argument("--netns", action="store_true", help="one network namespace per process")
-    p.add_argument("--netns-harness", help="path of deploy/netns.py (default: from the checkout)")
+    p.add_argument("--netns-harness", help="a harness file of your own (default: pccl.tools.netns)")
     p.add_argument("--log-dir", help="where child logs go (default: a temp dir, kept on failure)")
     p.add_argument(
         "--strict",
@@ -134,7 +138,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
     if args.cmd:
-        from pccl.chaos_cmd import main_cmd
+        from pccl.tools.chaos_cmd import main_cmd
 
         return main_cmd(args)
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
@@ -186,7 +190,7 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        from pccl.plots import plot_chaos
+        from pccl.tools.plots import plot_chaos
 
         plot_chaos(report, args.plot)
     print(json.dumps({k: report[k] for k in SUMMARY_KEYS}))
@@ -413,7 +417,7 @@ class Driver:
         """Start the master (``port`` 0: any free one; a restart reuses the first one)."""
         assert self.log_dir is not None
         host = self.cluster.ip("m") if self.cluster is not None else "127.0.0.1"
-        argv = [sys.executable, "-m", "pccl.chaos", "master", str(os.getpid())]
+        argv = [sys.executable, "-m", "pccl.tools.chaos", "master", str(os.getpid())]
         argv += ["--host", host, "--port", str(port), "--log-level", "info"]
         # A restart must neither reissue ids nor let newcomers form a second run.
         argv += ["--state-file", str(self.log_dir / "master-state.json")]
@@ -471,7 +475,7 @@ class Driver:
             "max_s": self.o.duration + DRAIN_S + 60.0,
             "token_file": self.o.token_file,
         }
-        argv = [sys.executable, "-m", "pccl.chaos", "worker", json.dumps(params)]
+        argv = [sys.executable, "-m", "pccl.tools.chaos", "worker", json.dumps(params)]
         if self.cluster is not None:
             argv = self.cluster.exec_argv(slot, argv)
         log = self.log_dir / f"peer{idx}.log"
@@ -908,50 +912,6 @@ def _median(xs: list[float]) -> float:
     return ys[len(ys) // 2]
 
 
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-
-
-def _kill(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
-    """SIGTERM (after SIGCONT) then SIGKILL after ``grace_s``, or SIGKILL at once; reap."""
-    if proc.poll() is None and grace_s > 0:
-        _signal(proc, signal.SIGCONT)
-        _signal(proc, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-    _signal(proc, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-
-
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """First stdout line of ``proc`` within ``timeout`` ('' on EOF or timeout)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-    return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
-
-
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        return path.read_bytes()[-limit:].decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def _install_exit_signals() -> dict[int, Any]:
     """Turn SIGTERM/SIGHUP into SystemExit so ``finally`` blocks kill the children."""
     if threading.current_thread() is not threading.main_thread():
@@ -968,35 +928,21 @@ def _restore_signals(old: dict[int, Any]) -> None:
         signal.signal(s, h)
 
 
-def _kill_me_with_parent() -> None:
-    """``preexec_fn`` of every child: PR_SET_PDEATHSIG set in the forked child before it execs
-    Python, so a child that is stopped (a hang fault) or still importing when the driver is
-    SIGKILLed dies with it too (setting it only once Python runs left that window open)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _die_with_parent(parent: int) -> None:
-    """Get SIGKILLed when the driver dies (Linux), and exit if it already has."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 def load_netns_harness(path: str | None = None) -> ModuleType:
-    """Load ``deploy/netns.py`` (not installed with the package: it lives in the checkout).
+    """The network-namespace harness: :mod:`pccl.tools.netns`, or the file at ``path`` (a
+    harness of your own with the same interface).
 
     Raises:
         ChaosSetupError: the file cannot be found or loaded.
     """
-    p = Path(path) if path else Path(__file__).resolve().parent.parent / "deploy" / "netns.py"
+    if not path:
+        from pccl.tools import netns
+
+        return netns
+    p = Path(path)
     if not p.is_file():
-        raise ChaosSetupError(f"netns harness not found at {p} (pass --netns-harness)")
-    spec = importlib.util.spec_from_file_location("pccl_deploy_netns", p)
+        raise ChaosSetupError(f"netns harness not found at {p}")
+    spec = importlib.util.spec_from_file_location("pccl_custom_netns", p)
     if spec is None or spec.loader is None:
         raise ChaosSetupError(f"cannot load {p}")
     mod = importlib.util.module_from_spec(spec)
@@ -1235,11 +1181,13 @@ def _peer_loop(comm: Any, state: Any, runner: _StepRunner, check: Any) -> None:
 
 
 def _master_entry(argv: list[str]) -> int:
-    """``python -m pccl.chaos master PARENT_PID ARGS...``: ``pccl master`` that dies with us."""
+    """``python -m pccl.tools.chaos master PARENT_PID ARGS...``: ``pccl master`` that dies
+    with us."""
     _die_with_parent(int(argv[0]))
-    from pccl.cli import main as cli_main
+    from pccl.tools.proc import exec_master
 
-    return cli_main(["master", *argv[1:]])
+    exec_master(argv[1:])  # the parent-death signal survives the exec
+    return 1  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1248,9 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(json.loads(argv[1]))
     if argv[:1] == ["master"]:
         return _master_entry(argv[1:])
-    from pccl.cli import main as cli_main
+    from pccl.tools.proc import run_subcommand
 
-    return cli_main(["chaos", *argv])
+    return run_subcommand(add_arguments, "chaos", argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ mark. Bytes are forwarded unchanged and in order. A clean EOF is forwarded (as a
 the same delay. A reset on one side aborts the other at once.
 
 Everything runs on one event loop (uvloop when installed). One loop tops out at about 0.5-1 GB/s,
-so run one proxy process per link (:func:`spawn`). ``python -m pccl.wanproxy --listen H:P
+so run one proxy process per link (:func:`spawn`). ``python -m pccl.tools.wanproxy --listen H:P
 --upstream H:P --delay-ms D --cap-mib C`` runs one from the shell.
 """
 
@@ -401,7 +401,7 @@ def spawn(
     stderr: int | None = None,
     preexec_fn: Callable[[], object] | None = None,
 ) -> ProxyProcess:
-    """Start ``python -m pccl.wanproxy`` in a new session and wait for its listening port.
+    """Start ``python -m pccl.tools.wanproxy`` in a new session and wait for its listening port.
 
     The child exits when its stdin closes, so it ends with the process that spawned it even if
     that one is killed.
@@ -419,7 +419,7 @@ def spawn(
     """
     host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
     cmd = [
-        sys.executable, "-m", "pccl.wanproxy", "--listen", listen, "--upstream", upstream,
+        sys.executable, "-m", "pccl.tools.wanproxy", "--listen", listen, "--upstream", upstream,
         "--delay-ms", str(delay_ms), "--cap-mib", str(cap_mib), "--credit", credit,
         "--stop-on-stdin-eof",
     ]  # fmt: skip
@@ -489,7 +489,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pccl.wanproxy", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="python -m pccl.tools.wanproxy",
+        description=__doc__.splitlines()[0] if __doc__ else None,
     )
     p.add_argument("--listen", type=_address, required=True, help="HOST:PORT (port 0: any)")
     p.add_argument("--upstream", type=_address, required=True, help="HOST:PORT to forward to")
