@@ -27,7 +27,9 @@ def _steps_by_worker(ws: Any) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "term"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["kill9", "term", "int"]
+)
 def test_master_restart_keeps_revision_and_parity(master_factory, workers, sig) -> None:
     m1 = master_factory()
     params = {"world": WORLD, "n": 200_003, "steps": STEPS, "max_seconds": 120, "pause_s": 0.05}
@@ -38,8 +40,8 @@ def test_master_restart_keeps_revision_and_parity(master_factory, workers, sig) 
     m1.expect_exit = True
     m1.proc.send_signal(sig)
     rc = m1.proc.wait(10)
-    # The fault fired as intended: SIGKILL ends the master with no cleanup; SIGTERM is a clean
-    # stop that kicks every peer with SHUTDOWN and exits 0.
+    # The fault fired as intended: SIGKILL ends the master with no cleanup; SIGTERM and SIGINT
+    # (Ctrl-C) are a clean stop that kicks every peer with SHUTDOWN and exits 0.
     log1 = m1.log.read_text(errors="replace")
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL, rc

@@ -1184,10 +1184,9 @@ def _master_entry(argv: list[str]) -> int:
     """``python -m pccl.tools.chaos master PARENT_PID ARGS...``: ``pccl master`` that dies
     with us."""
     _die_with_parent(int(argv[0]))
-    from pccl.tools.proc import exec_master
+    from pccl.master.cli import main as master_main
 
-    exec_master(argv[1:])  # the parent-death signal survives the exec
-    return 1  # not reached
+    return master_main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

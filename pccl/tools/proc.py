@@ -23,7 +23,6 @@ from typing import IO, Any
 __all__ = [
     "PREEXEC",
     "die_with_parent",
-    "exec_master",
     "exit_if_orphaned",
     "read_line",
     "read_lines",
@@ -142,12 +141,6 @@ def run_subcommand(
     add_arguments(sub)
     args = p.parse_args([name, *argv])
     return int(args.func(args) or 0)
-
-
-def exec_master(argv: Sequence[str]) -> None:
-    """Replace this process by ``pccl master ARGV`` (what a parent-death signal set before
-    survives: it is kept across exec)."""
-    os.execv(sys.executable, [sys.executable, "-m", "pccl.cli", "master", *argv])
 
 
 # ------------------------------------------------------------------ children and signals
