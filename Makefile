@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/mypy pccl master peer bindings examples
 
 # The second pass runs the suite on the numpy kernels; the files it skips never reach a
-# kernel (wire format, master state machine and listeners, status endpoint, config, hammer).
-NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates,--ignore=tests/test_$(f).py)
+# kernel (wire format, master state machine and listeners, status endpoint, config, hammer,
+# gates, layout, deployment, signals) or only repeat the first pass's processes around one
+# (the installed wheel, plots, chaos of a user command).
+NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates wheel deploy layout signals progress_plots chaos_cmd,--ignore=tests/test_$(f).py)
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
