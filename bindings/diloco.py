@@ -433,8 +433,8 @@ class DiLoCo:
         per = max(1, bucket_bytes // 4)
         self._buckets = [(a, min(self.numel, a + per)) for a in range(0, self.numel, per)]
         self._tag = tag
-        if tag + len(self._buckets) > 0xFFFF_FFFF:
-            raise ValueError("tag + number of buckets exceeds 2**32 - 1")
+        if tag + len(self._buckets) + 1 > 0xFFFF_FFFF:  # (+1: quorum mode's extra state)
+            raise ValueError("tag + number of buckets exceeds 2**32 - 2")
 
         self._hparam_names, hp = self._hyperparameters()
         self._hparams = np.array(hp, dtype=np.float64)

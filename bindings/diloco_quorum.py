@@ -41,9 +41,12 @@ A straggler is never evicted for being slow: its driver is present at every gate
 peer (its process hung or dead) is removed, by the master's deadlines. Choose ``grace_s`` a
 little above the slowest peer's inner-step time.
 
-Extra state (schedulers, counters) is staged: a contributor's snapshot at its post enters the
-outer state in the round that applies its contribution; the sync elects the majority content,
-so a peer whose schedule lags adopts the run's when it picks up the new outer parameters.
+Extra state (schedulers, counters) is staged: a contributor's snapshot at its post. Each round
+takes the snapshot of one contributor, the first of the gate's ready list (ring order), and
+moves it to every peer in a small uint8 all-reduce next to the pseudo-gradient (that peer's
+bytes plus zeros), so every peer enters the round's sync with the same bytes and no vote differs
+(contributors whose schedules differ would otherwise be parity violations in the master's
+eyes). A peer whose schedule lags adopts the run's when it picks up the new outer parameters.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import numpy as np
 import xxhash
 
 from pccl.errors import CollectiveAborted, PCCLError, TooFewPeers
+from pccl.types import ReduceOp
 
 if TYPE_CHECKING:  # pragma: no cover
     from pccl.bindings.diloco import DiLoCo
@@ -139,6 +143,9 @@ class QuorumDriver:
         self._error: BaseException | None = None
         self._log: deque[RoundRecord] = deque(maxlen=_ROUND_LOG)
         self._thread = threading.Thread(target=self._main, name="pccl-diloco-rounds", daemon=True)
+        #: the round's extra-state snapshot travels here (one contributor's bytes, zeros else)
+        self._xbuf = np.zeros(sum(s.buf.nbytes for s in d._extra), dtype=np.uint8)
+        self._xvalid = False  # _xbuf holds this round's extra state
 
     def start(self) -> None:
         self._thread.start()
@@ -246,8 +253,9 @@ class QuorumDriver:
                 post = self._post if res.included else None
             if res.included and post is None:  # pragma: no cover - the gate reads our post
                 raise RuntimeError("the master counted a contribution this peer never posted")
+            first = bool(res.ready) and res.ready[0] == d.comm.peer_id
             try:
-                applied, weight = self._reduce(post)
+                applied, weight = self._reduce(post, first)
             except CollectiveAborted as e:
                 retries += 1
                 d.stats.retries += 1
@@ -258,9 +266,12 @@ class QuorumDriver:
         d._ctrl[0] += 1  # _BOUNDARY
         d._apply(applied)
         d.stats.boundaries += 1
-        if post is not None:  # its extra state enters the outer state with its contribution
-            for slot, blob in zip(d._extra, post.extra, strict=True):
-                slot.buf[...] = np.frombuffer(blob, dtype=np.uint8)
+        if d._extra and self._xvalid:  # the round's extra state, the same on every peer
+            off = 0
+            for slot in d._extra:
+                n = slot.buf.nbytes
+                slot.buf[...] = self._xbuf[off : off + n]
+                off += n
         d._admit_and_sync_quorum()
         digest = ""
         if d.trace_hashes:
@@ -294,9 +305,17 @@ class QuorumDriver:
                 self._post = None
             post.done.set()
 
-    def _reduce(self, post: _Post | None) -> tuple[bool, int]:
-        """The round's all-reduce: our post (weighted) or zeros; returns (applied, weight)."""
+    def _reduce(self, post: _Post | None, first: bool) -> tuple[bool, int]:
+        """The round's all-reduce: our post (weighted) or zeros; returns (applied, weight).
+        ``first``: this peer is the round's first contributor, whose extra state the round
+        takes (it goes into ``_xbuf``; the others send zeros)."""
         d = self.d
+        self._xvalid = False
+        if d._extra:
+            if first and post is not None:
+                self._xbuf[...] = np.frombuffer(b"".join(post.extra), dtype=np.uint8)
+            else:
+                self._xbuf.fill(0)
         if post is not None:
             d._weight = post.weight
             d._round_token_weighted = post.token_weighted
@@ -310,10 +329,19 @@ class QuorumDriver:
             handles = d._launch(src)
         except TooFewPeers:
             log.info("outer step %d: fewer than 2 peers, round dropped", d.outer_step)
+            self._xvalid = post is not None  # alone: its own snapshot is the run's
             return False, 0
+        if d._extra:
+            tag = d._tag + 1 + len(d._buckets)
+            try:
+                handles.append(d.comm.all_reduce_async(self._xbuf, op=ReduceOp.SUM, tag=tag))
+            except BaseException:
+                d._wait_all(handles)
+                raise
         error = d._wait_all(handles)
         if error is not None:
             raise error
+        self._xvalid = True
         applied = d._average()
         return applied, int(d._count_out[0])
 

@@ -158,3 +158,5 @@ def test_cli_registers_chaos():
 
     args = build_parser().parse_args(["chaos", "--peers", "3", "--seed", "9"])
     assert args.cmd == "chaos" and args.peers == 3 and args.seed == 9
+    args = build_parser().parse_args(["chaos", "--cmd", "python train.py", "--peers", "3"])
+    assert args.cmd == "chaos" and args.user_cmd == "python train.py"  # no clash with the verb

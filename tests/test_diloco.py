@@ -936,6 +936,9 @@ def test_quorum_straggler_parity_every_round_and_scheduler_follows_the_run(
         applied = [e for e in outer_events(w) if e["applied"]]  # (alone at the end: dropped)
         assert applied and all(e["weight"] % per_step == 0 and e["weight"] > 0 for e in applied)
     assert results["peer3"]["inner_steps"] < results["peer0"]["inner_steps"]
+    # the master judged every round's votes: nobody held other bytes (extra state included:
+    # each round takes one contributor's schedule, moved to every peer before the sync)
+    assert "parity violation" not in master.log.read_text(errors="replace")
     # the straggler's LR schedule is the run's after it picked up a round
     lead = {e["step"]: (e["sched_epoch"], e["lr"]) for e in outer_events(ws[0])}
     for e in outer_events(ws[3]):
@@ -1065,3 +1068,4 @@ def test_quorum_mode_survives_kill_and_late_join(master: Any, workers: Any) -> N
     assert late_in, "the newcomer never contributed"
     assert len({r["digest"] for r in results.values()}) == 1
     assert all(r["repairs"] == 0 for r in results.values())
+    assert "parity violation" not in master.log.read_text(errors="replace")

@@ -123,6 +123,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cmd",
+        dest="user_cmd",
         metavar="COMMAND",
         help="churn N copies of your own training command instead of the built-in worker "
         "(each gets PCCL_MASTER, PCCL_PEER_INDEX, PCCL_NUM_PEERS); parity is judged from the "
@@ -137,7 +138,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
-    if args.cmd:
+    if args.user_cmd:
         from pccl.tools.chaos_cmd import main_cmd
 
         return main_cmd(args)

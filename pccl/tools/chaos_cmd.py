@@ -244,7 +244,7 @@ def _status(status: str) -> dict[str, Any] | None:
 
 def main_cmd(args: Any) -> int:
     """The ``--cmd`` branch of ``pccl chaos`` (arguments already parsed)."""
-    cmd = shlex.split(args.cmd)
+    cmd = shlex.split(args.user_cmd)
     kinds = [k.strip() for k in (args.cmd_faults or ",".join(CMD_FAULTS)).split(",") if k.strip()]
     bad = [k for k in kinds if k not in CMD_FAULTS]
     if not cmd or bad or args.peers < 2 or args.duration <= 0 or args.interval <= 0:
