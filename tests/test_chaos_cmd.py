@@ -45,7 +45,13 @@ def _chaos(tmp_path: Path, cmd: str, *args: str, timeout: float) -> tuple[int, d
 @pytest.mark.e2e
 @pytest.mark.chaos
 @pytest.mark.timeout(180)
-def test_chaos_cmd_churns_the_diloco_example_without_parity_violations(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "duration", [pytest.param(60, marks=pytest.mark.slow), 25], ids=["60s", "25s"]
+)
+def test_chaos_cmd_churns_the_diloco_example_without_parity_violations(
+    tmp_path: Path, duration: int
+) -> None:
+    """60 s (``make soak``) as the acceptance asks; 25 s in the default run."""
     cmd = (
         f"{sys.executable} {ROOT / 'examples' / 'diloco_charlm.py'} --peer "
         "--outer-steps 100000 --step-ms 10"
@@ -56,7 +62,7 @@ def test_chaos_cmd_churns_the_diloco_example_without_parity_violations(tmp_path:
         "--peers",
         "3",
         "--duration",
-        "60",
+        str(duration),
         "--interval",
         "4",
         "--seed",
@@ -69,8 +75,10 @@ def test_chaos_cmd_churns_the_diloco_example_without_parity_violations(tmp_path:
         f"judged, {rep['parity_violations']} violations, departures {rep['departures']}"
     )
     assert rc == 0 and rep["ok"], rep
-    assert rep["parity_violations"] == 0 and rep["syncs_judged"] >= 50
-    assert len(rep["faults"]) >= 5 and {"kill", "leave"} <= kinds, rep["faults"]
+    assert rep["parity_violations"] == 0 and rep["syncs_judged"] >= 2 * duration
+    assert len(rep["faults"]) >= duration // 8, rep["faults"]
+    if duration >= 60:  # (seed 1: every kind fires within the minute)
+        assert {"kill", "hang", "leave", "join"} <= kinds, rep["faults"]
     leaves = sum(1 for f in rep["faults"] if f["kind"] == "leave")
     assert rep["departures"]["left"] >= leaves  # SIGTERM: a clean departure, not a crash
     assert rep["peers_started"] > 3
