@@ -35,7 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pccl import messages as m
-from pccl.tools.proc import stop
+from pccl.tools.proc import read_banner, stop
 
 START_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 5.0
@@ -117,24 +117,6 @@ class StatusMaster:
         return self.log.read_text("utf-8", "replace")
 
 
-def _read_lines(proc: subprocess.Popen[bytes], n: int, timeout: float) -> list[str]:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while buf.count(b"\n") < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"master printed {buf!r} within {timeout}s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError(f"master exited after printing {buf!r}")
-            buf += chunk
-    return buf.decode().splitlines()[:n]
-
-
 @pytest.fixture
 def status_master(tmp_path: Path) -> Iterator[StatusMaster]:
     """``pccl master --port 0 --status-port 0``; fails the test if it died meanwhile."""
@@ -155,7 +137,7 @@ def running_status_master(tmp_path: Path, *extra: str) -> Iterator[StatusMaster]
             start_new_session=True,
         )
     try:
-        lines = _read_lines(proc, 2, START_TIMEOUT_S)
+        lines = read_banner(proc, 2, START_TIMEOUT_S)
         m1 = re.fullmatch(r"pccl master listening on 127\.0\.0\.1:(\d+)", lines[0])
         m2 = re.fullmatch(r"pccl master status on 127\.0\.0\.1:(\d+)", lines[1])
         assert m1 and m2, lines

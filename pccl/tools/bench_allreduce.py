@@ -461,19 +461,15 @@ def _free_port() -> int:
 
 
 def _start_master(fleet: _Fleet) -> int:
-    from pccl.tools.wanproxy import read_line
+    from pccl.tools.proc import master_banner
 
     cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", "0"]
     child = fleet.spawn("master", [*cmd, "--log-level", "warning"], events=False)
     try:
-        line = read_line(child.proc, MASTER_START_TIMEOUT_S)
+        addr = master_banner(child.proc, "127.0.0.1", MASTER_START_TIMEOUT_S)[0]
     except RuntimeError as e:
         raise BenchError(f"the master did not start: {e}\n{child.tail()}") from None
-    prefix = "pccl master listening on "
-    port = line[len(prefix) :].rpartition(":")[2]
-    if not line.startswith(prefix) or not port.isdigit():
-        raise BenchError(f"unexpected master banner {line!r}\n{child.tail()}")
-    return int(port)
+    return int(addr.rpartition(":")[2])
 
 
 def _summary(times: list[float], nbytes: int, world: int) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from typing import Any
 
 from pccl.tools.proc import die_with_parent as _kill_me_with_parent
 from pccl.tools.proc import exit_if_orphaned as _die_with_parent
-from pccl.tools.proc import read_line as _read_line
+from pccl.tools.proc import master_banner
 from pccl.tools.proc import send_signal as _signal
 from pccl.tools.proc import stop as _kill
 from pccl.tools.proc import tail as _tail
@@ -435,13 +435,12 @@ class Driver:
                 start_new_session=True,
                 preexec_fn=_kill_me_with_parent,
             )
-        line = _read_line(self.master_proc, MASTER_START_S)
-        prefix = f"pccl master listening on {host}:"
-        if not line.startswith(prefix) or not line[len(prefix) :].strip().isdigit():
+        try:
+            self.master_addr = master_banner(self.master_proc, host, MASTER_START_S)[0]
+        except RuntimeError as e:
             raise ChaosSetupError(
-                f"master did not start ({line!r}); log: {self.log_dir / 'master.log'}"
-            )
-        self.master_addr = f"{host}:{int(line[len(prefix) :])}"
+                f"master did not start ({e}); log: {self.log_dir / 'master.log'}"
+            ) from None
 
     def _teardown(self) -> None:
         for c in self.children:

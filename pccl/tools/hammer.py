@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -55,14 +54,12 @@ STREAMS = 2
 WARMUP_S = 3.0
 JOIN_TIMEOUT_S = 90.0
 MASTER_START_S = 30.0
-STATUS_LINE_S = 1.0
 DRAIN_S = 60.0
 PROGRESS_EVERY_S = 5.0
 PEER_PROGRESS_EVERY_S = 2.0
 MAX_PEER_FAILURES = 5
 #: What a peer counts besides completed operations; any of them fails the run.
 COUNTED = ("aborts", "evictions", "id_changes", "wrong_results", "errors")
-STATUS_PREFIX = "pccl master status on "
 
 
 # =============================================================================== CLI
@@ -247,17 +244,17 @@ class Driver:
 
     async def _setup(self, secret: Path) -> None:
         from pccl.auth import load_token
-        from pccl.tools.proc import spawn_master
+        from pccl.tools.proc import spawn_master_with_status
 
         token_file = secret / "token"
         token_file.write_text(secrets.token_hex(32) + "\n")
         token_file.chmod(0o600)
         self.token = load_token(token_file)
-        extra = ["--token-file", str(token_file), "--status-port", "0"]
+        extra = ["--token-file", str(token_file)]
         extra += ["--state-file", str(secret / "master-state.json")]
         with (self.log_dir / "master.log").open("wb") as err:
             try:
-                self.master, self.master_addr = spawn_master(
+                self.master, self.master_addr, status = spawn_master_with_status(
                     "info",
                     extra_args=extra,
                     stderr=err,
@@ -266,7 +263,8 @@ class Driver:
                 )
             except RuntimeError as e:
                 raise HammerSetupError(f"{e}; log: {self.log_dir / 'master.log'}") from None
-        self.status_addr = _status_address(self.master, self.master_addr, self.notes)
+        s_host, _, s_port = status.rpartition(":")
+        self.status_addr = (s_host, int(s_port))
         self.rss["master"] = Rss(self.master.pid)
         _say(
             f"master on {self.master_addr} (pid {self.master.pid}), status on "
@@ -565,62 +563,6 @@ def _verdict(d: Driver) -> dict[str, Any]:
         "rss": rss,
         "log_dir": str(d.log_dir),
     }
-
-
-def _status_address(
-    proc: subprocess.Popen[str], master_addr: str, notes: list[str]
-) -> tuple[str, int]:
-    """The status endpoint the master announced on its second stdout line.
-
-    :func:`pccl.tools.proc.spawn_master` reads the banner in chunks and keeps only the first line,
-    so the second one is lost when both arrived together; then the master's listening sockets
-    (from ``/proc``) tell the port instead.
-
-    Raises:
-        HammerSetupError: neither way finds the port.
-    """
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + STATUS_LINE_S
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode(errors="replace").strip()
-    if line.startswith(STATUS_PREFIX):
-        host, _, port = line[len(STATUS_PREFIX) :].rpartition(":")
-        if port.isdigit():
-            return host, int(port)
-    host, _, control = master_addr.rpartition(":")
-    others = _listening_ports(proc.pid) - {int(control)}
-    if len(others) == 1:
-        notes.append("status port read from /proc (the banner line was consumed by spawn_master)")
-        return "127.0.0.1", others.pop()
-    raise HammerSetupError(f"master announced no status endpoint ({line!r}, ports {others})")
-
-
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports ``pid`` listens on (Linux ``/proc``)."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                f = line.split()
-                if len(f) > 9 and f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def _rss_mib(pid: int) -> float | None:

@@ -13,10 +13,11 @@ is therefore checked on that port, not on a number written into the image.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 from pathlib import Path
+
+from pccl.tools.proc import listening_ports
 
 __all__ = ["main", "master_address"]
 
@@ -36,32 +37,6 @@ def master_address(argv: list[str]) -> tuple[str, int] | None:
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1" if host != "::" else "::1"
     return host, known.port
-
-
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process ``pid`` listens on (from ``/proc``; empty if unreadable)."""
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                link = os.readlink(fd)
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    except OSError:
-        return set()
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 9 and f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
-                ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def _status_port(argv: list[str]) -> int | None:

@@ -24,6 +24,9 @@ __all__ = [
     "PREEXEC",
     "die_with_parent",
     "exit_if_orphaned",
+    "listening_ports",
+    "master_banner",
+    "read_banner",
     "read_line",
     "read_lines",
     "run_subcommand",
@@ -61,10 +64,13 @@ def spawn_master(
         RuntimeError: no well-formed ``listening on`` banner within ``timeout`` (the process
             is killed).
     """
-    proc, lines = _spawn(
-        log_level, host, port, extra_args, prefix, env, stderr, preexec_fn, timeout, 1
-    )
-    return proc, _address(proc, lines[0], "listening on", host)
+    proc = _spawn(log_level, host, port, extra_args, prefix, env, stderr, preexec_fn)
+    try:
+        return proc, master_banner(proc, host, timeout)[0]
+    except RuntimeError:
+        proc.kill()
+        proc.wait(10)
+        raise
 
 
 def spawn_master_with_status(
@@ -80,12 +86,43 @@ def spawn_master_with_status(
     """As :func:`spawn_master` on free ports, with the status endpoint on ``host`` too;
     returns (process, "host:port", "host:status_port") from the two banner lines."""
     args = [*extra_args, "--status-port", "0", "--status-host", host]
-    proc, lines = _spawn(log_level, host, 0, args, (), env, stderr, preexec_fn, timeout, 2)
-    return (
-        proc,
-        _address(proc, lines[0], "listening on", host),
-        _address(proc, lines[1], "status on", host),
-    )
+    proc = _spawn(log_level, host, 0, args, (), env, stderr, preexec_fn)
+    try:
+        addr, status = master_banner(proc, host, timeout, status=True)
+    except RuntimeError:
+        proc.kill()
+        proc.wait(10)
+        raise
+    assert status is not None
+    return proc, addr, status
+
+
+def master_banner(
+    proc: subprocess.Popen[Any], host: str, timeout: float, *, status: bool = False
+) -> tuple[str, str | None]:
+    """Read a starting master's banner (``pccl master listening on HOST:PORT``, then with
+    ``status`` its ``status on HOST:PORT`` line) from ``proc``'s stdout; returns
+    ("host:port", "host:status_port" or None).
+
+    Raises:
+        RuntimeError: no well-formed banner within ``timeout`` (the process is left running).
+    """
+    lines = read_banner(proc, 2 if status else 1, timeout)
+    addr = _address(lines[0], "listening on", host)
+    return addr, _address(lines[1], "status on", host) if status else None
+
+
+def read_banner(proc: subprocess.Popen[Any], n: int, timeout: float) -> list[str]:
+    """The first ``n`` stdout lines of ``proc`` (stripped).
+
+    Raises:
+        RuntimeError: fewer within ``timeout``, or the process closed its stdout first.
+    """
+    assert proc.stdout is not None
+    lines = read_lines(proc.stdout.fileno(), n, timeout)
+    if len(lines) < n:
+        raise RuntimeError(f"no banner within {timeout}s (got {lines!r})")
+    return [x.strip() for x in lines]
 
 
 def _spawn(
@@ -97,13 +134,11 @@ def _spawn(
     env: Mapping[str, str] | None,
     stderr: IO[Any] | int | None,
     preexec_fn: Callable[[], object] | None,
-    timeout: float,
-    lines: int,
-) -> tuple[subprocess.Popen[str], list[str]]:
+) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", str(port)]
     if log_level is not None:
         argv += ["--log-level", log_level]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [*prefix, *argv, *extra_args],
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -112,21 +147,12 @@ def _spawn(
         text=True,
         start_new_session=True,
     )
-    assert proc.stdout is not None
-    got = read_lines(proc.stdout.fileno(), lines, timeout)
-    if len(got) < lines:
-        proc.kill()
-        proc.wait(10)
-        raise RuntimeError(f"master did not announce its port in {timeout}s: {got!r}")
-    return proc, got
 
 
-def _address(proc: subprocess.Popen[str], line: str, what: str, host: str) -> str:
+def _address(line: str, what: str, host: str) -> str:
     addr = line.rsplit(" ", 1)[-1].strip()
     got_host, _, got_port = addr.rpartition(":")
     if what not in line or got_host != host or not got_port.isdigit():
-        proc.kill()
-        proc.wait(10)
         raise RuntimeError(f"unexpected master banner {line!r}")
     return addr
 
@@ -229,3 +255,29 @@ def tail(path: Path, limit: int = 2000) -> str:
         return path.read_bytes()[-limit:].decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on (from ``/proc``; empty if unreadable)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports

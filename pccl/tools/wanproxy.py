@@ -29,7 +29,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -38,6 +37,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from pccl.tools.proc import read_lines
 
 __all__ = ["DelayProxy", "ProxyProcess", "ProxyStats", "main", "read_line", "spawn"]
 
@@ -449,23 +450,11 @@ def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
         RuntimeError: no complete line within ``timeout_s``.
     """
     assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
     deadline = time.monotonic() + timeout_s
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"no banner within {timeout_s}s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break
-            buf += chunk
-    return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    lines = read_lines(proc.stdout.fileno(), 1, timeout_s)
+    if not lines and time.monotonic() >= deadline:
+        raise RuntimeError(f"no banner within {timeout_s}s")
+    return lines[0].strip() if lines else ""
 
 
 # ------------------------------------------------------------------------------ CLI
