@@ -261,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         run_rank(argv[1], json.loads(argv[2]))
-        return 0
+        # Everything is closed and reported. Skip interpreter finalisation: torch's gloo
+        # process-group threads were seen to abort it once in ~10 runs ("terminate called
+        # without an active exception", rc -6) after the rank had finished its work.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2, help="FSDP ranks per replica")
