@@ -14,7 +14,7 @@ import enum
 import logging
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import cast
 
@@ -39,6 +39,12 @@ MAX_WRITE_BACKLOG = 8 << 20  # a peer that does not read its control link this m
 #: cap a new connection is closed at once (counted in ``/metrics``); peers reconnect with backoff.
 MAX_UNAUTHENTICATED = 256
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+#: The heartbeat round yields to the loop after this many connections, so ten thousand peers
+#: never stall it for more than a few milliseconds at a time.
+HEARTBEAT_SLICE = 512
+#: The loop-lag probe's period: how late it wakes is the longest step the loop just ran.
+LAG_PROBE_S = 0.025
+LAG_WINDOW_S = 10.0
 
 
 class ConnState(enum.Enum):
@@ -154,9 +160,10 @@ class _Conn(asyncio.Protocol):
             return
         try:
             for mtype, body in self.decoder.feed(data):
-                msg = m.decode(mtype, body)
                 self.last_seen = time.monotonic()
-                self.handlers[mtype](msg)
+                if mtype is MsgType.P2M_HEARTBEAT and self.state is ConnState.AUTHENTICATED:
+                    continue  # the bulk of all traffic: its body (a counter) is not read
+                self.handlers[mtype](m.decode(mtype, body))
                 if self.closed:
                     return
         except ProtocolError as e:
@@ -184,6 +191,13 @@ class _Conn(asyncio.Protocol):
             frame = msg.encode()
         except (ValueError, OverflowError) as e:  # beyond a wire bound: never escape a handler
             self.kick(KickCode.TOO_LARGE, f"{msg.TYPE.name} for this peer exceeds its bound: {e}")
+            return
+        self.send_frame(frame)
+
+    def send_frame(self, frame: bytes) -> None:
+        """Write an encoded frame (one encoding can serve many peers)."""
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
             return
         t.write(frame)
         if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
@@ -237,7 +251,7 @@ class _Conn(asyncio.Protocol):
         self.peer_id = pid
         self.master.by_id[pid] = self
         # Welcome must precede the topology message the registration itself may trigger.
-        at_once = state.admits_at_once(pid)
+        at_once = state.admits_at_once(pid, msg.peer_group)
         proof = prove(token, b"pccl-welcome", msg.nonce, self.nonce)
         self.send(m.Welcome(pid, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, at_once, proof))
         state.register(pid, msg.peer_group, host, msg.p2p_port, resumed=pid == resume)
@@ -353,6 +367,10 @@ class Master:
         )
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._lag_probe: asyncio.Task[None] | None = None
+        #: longest event-loop stall seen (seconds): lifetime, and per second for the window
+        self.loop_lag_max_s = 0.0
+        self._lag_buckets: deque[tuple[int, float]] = deque(maxlen=int(LAG_WINDOW_S))
         self._stopped = asyncio.Event()
         self.status_server: StatusServer | None = None
         if status_port is not None:
@@ -424,6 +442,7 @@ class Master:
                 self._server.close()
                 raise
         self._ticker = asyncio.create_task(self._tick(), name="pccl-master-heartbeat")
+        self._lag_probe = asyncio.create_task(self._probe_lag(), name="pccl-master-lag")
         log.info("pccl master listening on %s:%d", self.host, self._port)
 
     async def _tick(self) -> None:
@@ -433,7 +452,7 @@ class Master:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
             seq += 1
-            hb = m.MasterHeartbeat(seq)
+            frame = m.MasterHeartbeat(seq).encode()  # one frame for every peer
             try:
                 self.state.tick(now)
             except Exception:  # a bug must not stop heartbeats and deadlines: log, go on
@@ -444,22 +463,51 @@ class Master:
                 self.unauthenticated_closed["handshake_timeout"] += 1
                 conn.kick(KickCode.HANDSHAKE_TIMEOUT, "no hello before the deadline")
                 self.unauthenticated_left(conn)
-            for conn in list(self.by_id.values()):
-                if conn.closed:
-                    continue
-                if now - conn.last_seen > cfg.heartbeat_timeout_s:
-                    conn.kick(
-                        KickCode.HEARTBEAT_TIMEOUT,
-                        f"silent for {now - conn.last_seen:.1f}s "
-                        f"(limit {cfg.heartbeat_timeout_s}s)",
-                    )
-                else:
-                    conn.send(hb)
+            conns = list(self.by_id.values())
+            for i in range(0, len(conns), HEARTBEAT_SLICE):
+                if i:
+                    await asyncio.sleep(0)  # let the peers' messages in between slices
+                    now = time.monotonic()
+                for conn in conns[i : i + HEARTBEAT_SLICE]:
+                    if conn.closed:
+                        continue
+                    if now - conn.last_seen > cfg.heartbeat_timeout_s:
+                        conn.kick(
+                            KickCode.HEARTBEAT_TIMEOUT,
+                            f"silent for {now - conn.last_seen:.1f}s "
+                            f"(limit {cfg.heartbeat_timeout_s}s)",
+                        )
+                    else:
+                        conn.send_frame(frame)
+
+    async def _probe_lag(self) -> None:
+        """Wake every :data:`LAG_PROBE_S`; the delay beyond it is the longest step the loop
+        ran meanwhile (``/status`` and ``/metrics`` report it: a stalled master shows here)."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_S)
+            now = time.monotonic()
+            lag = max(0.0, now - t0 - LAG_PROBE_S)
+            self.loop_lag_max_s = max(self.loop_lag_max_s, lag)
+            second = int(now)
+            b = self._lag_buckets
+            if b and b[-1][0] == second:
+                if lag > b[-1][1]:
+                    b[-1] = (second, lag)
+            else:
+                b.append((second, lag))
+
+    def loop_lag_recent_s(self) -> float:
+        """The longest loop stall within the last :data:`LAG_WINDOW_S` seconds."""
+        horizon = time.monotonic() - LAG_WINDOW_S
+        return max((lag for t, lag in self._lag_buckets if t >= horizon), default=0.0)
 
     async def stop(self) -> None:
         """Stop accepting, close every connection (peers see ConnectionLost)."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         if self.status_server is not None:
             await self.status_server.stop()
         if self._server is not None:

@@ -1,11 +1,18 @@
 """The master's authoritative state machine, free of sockets.
 
-Holds membership (registered -> accepted), the global topology epoch and its phase, one ring per
-peer group, and the per-(group, tag) collective votes. Every transition is a unanimous vote of
-the peers concerned, re-evaluated on every vote and every departure, so a departed voter can
-complete a vote but never block one. Output goes through the two callbacks given at
-construction (``send(peer_id, message)`` and ``kick(peer_id, code, reason)``); the daemon wires
-them to sockets, tests wire them to lists.
+Holds membership (registered -> accepted) and, per peer group, its topology epoch and phase, its
+ring, and its per-tag collective votes. Every transition is a unanimous vote of the peers
+concerned -- a group's own accepted peers, also for admitting its newcomers -- re-evaluated on
+every vote and every departure, so a departed voter can complete a vote but never block one.
+Epoch numbers come from one counter, so they increase across groups and across restarts.
+
+Cost: every message touches only its sender's group. Votes and readiness are counted in
+per-group sets (O(1) per message); an operation's start and completion compare counts; an epoch
+announcement is O(group). Only :meth:`tick` walks every group (O(groups) per heartbeat
+interval), and only the status endpoint walks every peer.
+
+Output goes through the two callbacks given at construction (``send(peer_id, message)`` and
+``kick(peer_id, code, reason)``); the daemon wires them to sockets, tests wire them to lists.
 
 Runs on the master's event-loop thread only; never touches tensor bytes.
 """
@@ -124,12 +131,23 @@ class GateRound:
 
 @dataclass
 class GroupState:
+    """One peer group: its members, its epoch and phase, its ring and what runs on it."""
+
     ring: list[int] = field(default_factory=list)
     broken: str = ""  # why the current ring is unusable (a member left), "" if usable
     ops: dict[int, OpState] = field(default_factory=dict)
     gates: dict[int, GateRound] = field(default_factory=dict)
     sync: SyncRound | None = None
     next_revision: int | None = None  # None until the group's first sync
+    phase: Phase = Phase.IDLE
+    epoch: int = 0  # the group's current (or being set up) epoch; 0 before its first
+    epoch_started: float = 0.0
+    members: set[int] = field(default_factory=set)  # registered peers, accepted or pending
+    accepted: set[int] = field(default_factory=set)
+    voters: set[int] = field(default_factory=set)  # accepted peers that voted update_topology
+    vote_opened: float = 0.0  # when the first vote of the pending update came
+    in_epoch: set[int] = field(default_factory=set)  # members of the epoch being set up
+    unready: set[int] = field(default_factory=set)  # ... that have not wired it yet
 
 
 class MasterState:
@@ -170,7 +188,9 @@ class MasterState:
         self._formed = False
         self.peers: dict[int, PeerRecord] = {}
         self.groups: dict[int, GroupState] = {}
-        self.phase = Phase.IDLE
+        self._connecting: set[int] = set()  # groups setting up an epoch
+        self._members: set[int] = set()  # accepted peers (persisted as the run's membership)
+        self._incumbents_present = 0  # registered peers that are in self._incumbents
         # Epochs, operation and sync ids start from the wall clock so they keep increasing
         # across a master restart: peers discard frames of older operations by id.
         base = int(time.time() * 1000) << 20
@@ -178,7 +198,6 @@ class MasterState:
         self._next_peer_id = 1
         self._next_op_id = base + 1
         self._next_sync_id = base + 1
-        self.epoch_started = 0.0
         self.aborts: list[tuple[int, int, str]] = []  # (group, tag, reason), recent first-N
         #: recent departures, newest last: (wall time, peer id, group, kind, reason)
         self.departures: deque[tuple[float, int, int, str, str]] = deque(maxlen=DEPARTURE_MEMORY)
@@ -197,7 +216,6 @@ class MasterState:
         self.in_doubt: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._started = time.monotonic()
         self._first_op_id = base + 1  # ops below this were decided by an earlier incarnation
-        self._vote_opened = 0.0  # when the first vote of the pending topology update came
         # Restart safety (see pccl.master.store).
         self._store = store
         self._record = RunRecord()
@@ -212,6 +230,7 @@ class MasterState:
                 self._next_peer_id = self._issued_floor = rec.id_floor
                 self.epoch = max(self.epoch, rec.epoch)
                 self._incumbents = set(rec.members)
+                self._members = set(rec.members)
                 if self._incumbents:
                     budget = self.config.reconnect_timeout_s + self._restart_grace_s
                     self._orphan_deadline = time.monotonic() + budget
@@ -230,6 +249,7 @@ class MasterState:
         if self._store is None or not (force or self._dirty):
             return
         self._record.epoch = self.epoch
+        self._record.members = sorted(self._members)
         try:
             self._store.save(self._record)
             self._dirty = False
@@ -268,7 +288,7 @@ class MasterState:
     def register(
         self, pid: int, group: int, host: str, port: int, resumed: bool = False
     ) -> PeerRecord:
-        """Record a new peer; admit it at once when nobody is accepted (first peer).
+        """Record a new peer; admit it at once when its group has nobody accepted (first peer).
 
         A peer resuming after a master restart, arriving before any ring was formed, starts a
         grace period so its former ring-mates can rejoin into the same first epoch.
@@ -281,12 +301,18 @@ class MasterState:
             log.info("peers are resuming: waiting %.1fs for the rest", self._restart_grace_s)
         rec = PeerRecord(pid, group, host, port, resumed=resumed)
         self.peers[pid] = rec
+        if pid in self._incumbents:
+            self._incumbents_present += 1
+        grp = self.groups.get(group)
+        if grp is None:
+            grp = self.groups[group] = GroupState()
+        grp.members.add(pid)
         log.info("peer %d registered (group %d, p2p %s:%d)", pid, group, host, port)
-        self._reevaluate()
+        self._reevaluate(group, grp)
         return rec
 
     def remove(self, pid: int, reason: str) -> None:
-        """Forget a peer (disconnect, eviction, leave) and re-evaluate every vote."""
+        """Forget a peer (disconnect, eviction, leave) and re-evaluate its group's votes."""
         rec = self.peers.pop(pid, None)
         if rec is None:
             return
@@ -300,35 +326,56 @@ class MasterState:
             rec.group,
             "accepted" if rec.accepted else "pending",
         )
-        if rec.accepted and pid in self._record.members:
-            self._record.members.remove(pid)
+        if pid in self._incumbents:
+            self._incumbents_present -= 1
+        if rec.accepted and pid in self._members:
+            self._members.discard(pid)
             self._dirty = True
-        grp = self.groups.get(rec.group)
-        if grp is not None and pid in grp.ring:
+        gid = rec.group
+        grp = self.groups.get(gid)
+        if grp is None:
+            return
+        grp.members.discard(pid)
+        grp.accepted.discard(pid)
+        grp.voters.discard(pid)
+        if pid in grp.ring:
             grp.broken = f"peer {pid} left ({reason})"
             for op in list(grp.ops.values()):
-                self._finish(rec.group, op, ok=False, reason=grp.broken)
+                self._finish(gid, op, ok=False, reason=grp.broken)
             for gate in list(grp.gates.values()):
                 self._gate_abort(grp, gate, f"{grp.broken}; call update_topology()")
-        elif grp is not None:  # a pending peer's initiates (refused, but be thorough)
+        else:  # a pending peer's initiates (refused, but be thorough)
             for op in list(grp.ops.values()):
                 op.params.pop(pid, None)
                 op.attempts.pop(pid, None)
                 if not op.params and not op.op_id:
                     grp.ops.pop(op.tag, None)
-        if grp is not None and grp.sync is not None:
+        if grp.sync is not None:
             grp.sync.votes.pop(pid, None)
             grp.sync.waiting.discard(pid)
             grp.sync.members.discard(pid)
-            self._check_sync(rec.group, grp)
-        if self.phase is Phase.CONNECTING and rec.in_epoch:
-            log.info("peer %d left during epoch %d set-up: re-announcing", pid, self.epoch)
-            self._start_epoch()
+            self._check_sync(gid, grp)
+        if not grp.members:  # the group is gone with its last peer
+            self._connecting.discard(gid)
+            for gate in list(grp.gates.values()):
+                self._gate_close(grp, gate)
+            del self.groups[gid]
             return
-        self._reevaluate()
+        if grp.phase is Phase.CONNECTING and pid in grp.in_epoch:
+            log.info("peer %d left during group %d epoch set-up: re-announcing", pid, gid)
+            self._start_epoch(gid, grp)
+            return
+        self._reevaluate(gid, grp)
+
+    @property
+    def phase(self) -> Phase:
+        """CONNECTING while any group sets up an epoch (the per-group phase is authoritative:
+        ``groups[g].phase``)."""
+        return Phase.CONNECTING if self._connecting else Phase.IDLE
 
     @property
     def accepted(self) -> list[PeerRecord]:
+        """Every accepted peer (O(peers): for status and tests, not for message handlers)."""
         return [p for p in self.peers.values() if p.accepted]
 
     @property
@@ -338,11 +385,13 @@ class MasterState:
     # ------------------------------------------------------------------ topology votes
 
     def on_update_topology(self, pid: int) -> None:
-        """A vote to admit pending peers and re-wire. Untimely votes are answered, not kicked:
-        during an epoch set-up the set-up's own completion answers it; a peer not accepted or
-        with collectives outstanding gets a refusal (``TopologyDone`` with ``ok=False``)."""
+        """A vote to admit the group's pending peers and re-wire its ring. Untimely votes are
+        answered, not kicked: during an epoch set-up the set-up's own completion answers it; a
+        peer not accepted or with collectives outstanding gets a refusal (``TopologyDone``
+        with ``ok=False``)."""
         rec = self.peers[pid]
-        if self.phase is Phase.CONNECTING and rec.in_epoch:
+        grp = self.groups[rec.group]
+        if grp.phase is Phase.CONNECTING and pid in grp.in_epoch:
             return  # the epoch being set up completes the caller's update_topology()
         why = ""
         if not rec.accepted:
@@ -350,21 +399,23 @@ class MasterState:
         elif rec.ops:
             why = f"collectives outstanding (tags {sorted(rec.ops)})"
         if why:
-            self._send(pid, m.TopologyDone(self.epoch, False, f"update_topology refused: {why}"))
+            self._send(pid, m.TopologyDone(grp.epoch, False, f"update_topology refused: {why}"))
             return
-        if not any(p.voted_update for p in self.accepted):
-            self._vote_opened = time.monotonic()
+        if not grp.voters:
+            grp.vote_opened = time.monotonic()
         rec.voted_update = True
-        self._reevaluate()
+        grp.voters.add(pid)
+        self._reevaluate(rec.group, grp)
 
     def on_topology_ready(self, pid: int, msg: m.TopologyReady) -> None:
         rec = self.peers[pid]
-        if self.phase is not Phase.CONNECTING or msg.epoch != self.epoch:
+        grp = self.groups[rec.group]
+        if grp.phase is not Phase.CONNECTING or msg.epoch != grp.epoch:
             return  # a report for an epoch already superseded
-        if not rec.in_epoch:
+        if pid not in grp.in_epoch:
             return  # joined after this epoch was announced: the next one includes it
         if not msg.ok:
-            log.warning("peer %d could not wire epoch %d: %s", pid, self.epoch, msg.reason)
+            log.warning("peer %d could not wire epoch %d: %s", pid, grp.epoch, msg.reason)
             bad = [u for u in msg.unreachable if u in self.peers and u != pid]
             for u in bad:  # the unreachable peer is evicted; retrying would fail the same way
                 self._kick(u, KickCode.UNREACHABLE, f"peer {pid} could not reach it: {msg.reason}")
@@ -372,13 +423,16 @@ class MasterState:
                 self._kick(pid, KickCode.P2P_FAILED, msg.reason or "could not establish p2p links")
             return  # each kick re-announces the epoch through remove()
         rec.ready = True
-        self._reevaluate()
+        grp.unready.discard(pid)
+        self._reevaluate(rec.group, grp)
 
-    def admits_at_once(self, pid: int) -> bool:
-        """Whether ``pid``, about to register, enters the next epoch without a vote (what its
-        ``Welcome.accepted`` says): nobody accepted yet, no set-up running, and not a newcomer
-        held back after a restart until the previous run's peers return."""
-        if self.accepted or self.phase is not Phase.IDLE:
+    def admits_at_once(self, pid: int, group: int = 0) -> bool:
+        """Whether ``pid``, about to register in ``group``, enters the group's next epoch
+        without a vote (what its ``Welcome.accepted`` says): nobody of the group accepted, no
+        set-up of it running, and not a newcomer held back after a restart until the previous
+        run's peers return."""
+        grp = self.groups.get(group)
+        if grp is not None and (grp.accepted or grp.phase is not Phase.IDLE):
             return False
         return pid in self._incumbents or not self._newcomers_wait(time.monotonic())
 
@@ -387,89 +441,82 @@ class MasterState:
         the previous run's peers had their reconnect budget (no second run beside it)."""
         if self._formed or not self._incumbents or now >= self._orphan_deadline:
             return False
-        return not any(p.peer_id in self._incumbents for p in self.peers.values())
+        return not self._incumbents_present
 
-    def _reevaluate(self) -> None:
-        if self.phase is Phase.CONNECTING:
-            members = [p for p in self.peers.values() if p.in_epoch]
-            if members and all(p.ready for p in members):
-                self._complete_epoch(members)
+    def _reevaluate(self, gid: int, grp: GroupState) -> None:
+        if grp.phase is Phase.CONNECTING:
+            if not grp.unready:
+                self._complete_epoch(gid, grp)
             return
-        acc = self.accepted
-        if not acc:
+        if not grp.accepted:
             now = time.monotonic()
-            if self.pending and now >= self._hold_until and not self._newcomers_wait(now):
-                self._start_epoch()  # nobody to vote: admit whoever waits (first peer(s))
+            if grp.members and now >= self._hold_until and not self._newcomers_wait(now):
+                self._start_epoch(gid, grp)  # nobody to vote: admit whoever waits
             return
-        if all(p.voted_update for p in acc):
-            self._start_epoch()
+        if len(grp.voters) >= len(grp.accepted):
+            self._start_epoch(gid, grp)
 
     def stalled_epoch_members(self, now: float, limit_s: float) -> list[int]:
-        """Peers that have not wired the epoch being set up within ``limit_s``."""
-        if self.phase is not Phase.CONNECTING or now - self.epoch_started < limit_s:
-            return []
-        return [p.peer_id for p in self.peers.values() if p.in_epoch and not p.ready]
+        """Peers that have not wired the epoch of their group within ``limit_s``."""
+        late: list[int] = []
+        for gid in sorted(self._connecting):
+            grp = self.groups[gid]
+            if now - grp.epoch_started >= limit_s:
+                late.extend(sorted(grp.unready))
+        return late
 
-    def _start_epoch(self) -> None:
-        """Admit every registered peer, order the rings and announce a new epoch."""
-        self.epoch_started = time.monotonic()
+    def _start_epoch(self, gid: int, grp: GroupState) -> None:
+        """Admit the group's registered peers, order its ring and announce a new epoch."""
         self.epoch += 1
-        self.phase = Phase.CONNECTING
-        for p in self.peers.values():
-            p.voted_update = False
+        grp.epoch = self.epoch
+        grp.epoch_started = time.monotonic()
+        grp.phase = Phase.CONNECTING
+        self._connecting.add(gid)
+        for q in grp.voters:
+            self.peers[q].voted_update = False
+        grp.voters.clear()
+        for q in grp.members:
+            p = self.peers[q]
             p.ready = False
             p.in_epoch = True
-        if not self.peers:
-            self.phase = Phase.IDLE
-            return
-        by_group: dict[int, list[int]] = {}
-        for p in sorted(self.peers.values(), key=lambda r: r.peer_id):
-            by_group.setdefault(p.group, []).append(p.peer_id)
-        for gid in list(self.groups):
-            if gid not in by_group and not self.groups[gid].ops:
-                del self.groups[gid]
-        for gid, pids in by_group.items():
-            grp = self.groups.setdefault(gid, GroupState())
-            keep = [q for q in grp.ring if q in self.peers]  # incumbents keep their order
-            grp.ring = keep + [q for q in pids if q not in keep]
-            grp.broken = ""
-            for op in list(grp.ops.values()):  # initiates made for the old ring are void
-                self._finish(gid, op, False, "the topology changed", AbortKind.STALE_TOPOLOGY)
-            for gate in list(grp.gates.values()):
-                why = "the topology changed; arrive again"
-                self._gate_abort(grp, gate, why, AbortKind.STALE_TOPOLOGY)
+        grp.in_epoch = set(grp.members)
+        grp.unready = set(grp.members)
+        keep = [q for q in grp.ring if q in grp.members]  # incumbents keep their order
+        kept = set(keep)
+        grp.ring = keep + sorted(q for q in grp.members if q not in kept)
+        grp.broken = ""
+        for op in list(grp.ops.values()):  # initiates made for the old ring are void
+            self._finish(gid, op, False, "the topology changed", AbortKind.STALE_TOPOLOGY)
+        for gate in list(grp.gates.values()):
+            why = "the topology changed; arrive again"
+            self._gate_abort(grp, gate, why, AbortKind.STALE_TOPOLOGY)
         world = len(self.peers)
-        log.info(
-            "epoch %d: %d peers in %d groups: %s",
-            self.epoch,
-            world,
-            len(by_group),
-            {g: self.groups[g].ring for g in by_group},
-        )
-        for gid in by_group:
-            grp = self.groups[gid]
-            ring = [(q, self.peers[q].host, self.peers[q].port) for q in grp.ring]
-            msg = m.Topology(self.epoch, world, len(grp.ring), len(by_group), ring)
-            for q in grp.ring:
-                self._send(q, msg)
+        log.info("group %d epoch %d: ring %s (%d peers in all)", gid, grp.epoch, grp.ring, world)
+        ring = [(q, self.peers[q].host, self.peers[q].port) for q in grp.ring]
+        msg = m.Topology(grp.epoch, world, len(grp.ring), len(self.groups), ring)
+        for q in grp.ring:
+            self._send(q, msg)
 
     def tick(self, now: float) -> None:
-        """Enforce the master-side deadlines; called every heartbeat interval.
+        """Enforce the master-side deadlines; called every heartbeat interval. O(groups).
 
         - an epoch whose members have not wired within ``2 * connect_timeout_s``: the laggards
           are evicted (they heartbeat but cannot wire);
         - a collective not started by every member within ``start_timeout_s`` of its first
           initiate: aborted for all, naming the laggards;
-        - a topology vote not joined by every accepted peer within ``vote_timeout_s``: the
-          voters are told (retryable), naming the laggards; nobody is evicted for being slow;
+        - a topology vote not joined by every accepted peer of the group within
+          ``vote_timeout_s``: the voters are told (retryable), naming the laggards; nobody is
+          evicted for being slow;
         - the restart grace period; persisting the membership.
         """
         cfg = self.config
-        if self.phase is Phase.IDLE and not self.accepted and self.pending:
-            self._reevaluate()
         for pid in self.stalled_epoch_members(now, cfg.connect_timeout_s * 2):
             self._kick(pid, KickCode.P2P_TIMEOUT, "did not establish its p2p links in time")
         for gid, grp in list(self.groups.items()):
+            if self.groups.get(gid) is not grp:
+                continue  # removed by an eviction above
+            if grp.phase is Phase.IDLE and not grp.accepted and grp.members:
+                self._reevaluate(gid, grp)  # the restart grace may have ended
             for op in list(grp.ops.values()):
                 if op.op_id or now - op.opened <= cfg.start_timeout_s:
                     continue
@@ -479,7 +526,6 @@ class MasterState:
                     f"start_timeout_s={cfg.start_timeout_s:g}"
                 )
                 self._finish(gid, op, False, why, AbortKind.START_TIMEOUT)
-        for grp in list(self.groups.values()):
             for gate in list(grp.gates.values()):
                 present = [q for q in grp.ring if q in self.peers]
                 late = [q for q in present if q not in gate.arrived]
@@ -491,37 +537,43 @@ class MasterState:
                     self._gate_abort(grp, gate, why, AbortKind.START_TIMEOUT)
                 else:
                     self._gate_check(grp, gate, now)
+            voters = grp.voters
+            if voters and grp.phase is Phase.IDLE and now - grp.vote_opened > cfg.vote_timeout_s:
+                late = sorted(grp.accepted - voters)
+                why = (
+                    f"peers {late} did not call update_topology() within "
+                    f"vote_timeout_s={cfg.vote_timeout_s:g}; retry"
+                )
+                log.warning("group %d topology vote timed out: %s", gid, why)
+                done = m.TopologyDone(grp.epoch, False, why)
+                for q in sorted(voters):
+                    self.peers[q].voted_update = False
+                    self._send(q, done)
+                voters.clear()
         if self.in_doubt:
             self._resolve_in_doubt(now)
-        acc = self.accepted
-        voters = [p for p in acc if p.voted_update]
-        if voters and self.phase is Phase.IDLE and now - self._vote_opened > cfg.vote_timeout_s:
-            late = [p.peer_id for p in acc if not p.voted_update]
-            why = (
-                f"peers {late} did not call update_topology() within "
-                f"vote_timeout_s={cfg.vote_timeout_s:g}; retry"
-            )
-            log.warning("topology vote timed out: %s", why)
-            done = m.TopologyDone(self.epoch, False, why)
-            for p in voters:
-                p.voted_update = False
-                self._send(p.peer_id, done)
         self._save()
 
-    def _complete_epoch(self, members: list[PeerRecord]) -> None:
-        self.phase = Phase.IDLE
+    def _complete_epoch(self, gid: int, grp: GroupState) -> None:
+        grp.phase = Phase.IDLE
+        self._connecting.discard(gid)
+        if not self._formed:  # the run re-formed: who did not return is no member any more
+            self._members = {q for q in self._members if q in self.peers}
         self._formed = True
         self._incumbents.clear()
-        for p in members:
+        self._incumbents_present = 0
+        for q in sorted(grp.in_epoch):
+            p = self.peers[q]
             if not p.accepted:
-                log.info("peer %d accepted into the run (epoch %d)", p.peer_id, self.epoch)
+                log.info("peer %d accepted into the run (epoch %d)", q, grp.epoch)
             p.accepted = True
-        self._record.members = [p.peer_id for p in members]
+        grp.accepted = set(grp.in_epoch)
+        self._members |= grp.in_epoch
         self._dirty = True
-        done = m.TopologyDone(self.epoch, True)
-        for p in members:
-            self._send(p.peer_id, done)
-        self._reevaluate()  # votes that arrived meanwhile, or peers that left
+        done = m.TopologyDone(grp.epoch, True)
+        for q in grp.ring:
+            self._send(q, done)
+        self._reevaluate(gid, grp)  # votes that arrived meanwhile, or peers that left
 
     # ------------------------------------------------------------------ collectives
 
@@ -537,7 +589,7 @@ class MasterState:
             self._refuse(pid, msg, "not accepted into the run yet", AbortKind.STALE_TOPOLOGY)
             return
         grp = self.groups[rec.group]
-        reason = grp.broken or ("topology is changing" if self.phase is not Phase.IDLE else "")
+        reason = grp.broken or ("topology is changing" if grp.phase is not Phase.IDLE else "")
         if reason:
             why = f"{reason}; call update_topology()"
             self._refuse(pid, msg, why, AbortKind.STALE_TOPOLOGY)
@@ -641,7 +693,7 @@ class MasterState:
                 del self.in_doubt[op_id]
 
     def _check_commence(self, gid: int, grp: GroupState, op: OpState) -> None:
-        if op.op_id or not all(q in op.params for q in grp.ring):
+        if op.op_id or len(op.params) < len(grp.ring) or not all(q in op.params for q in grp.ring):
             return
         if len(set(op.params.values())) > 1:
             detail = ", ".join(
@@ -656,7 +708,7 @@ class MasterState:
         self._next_op_id += 1
         op.members = tuple(grp.ring)
         for q in op.members:
-            self._send(q, m.CollectiveCommence(op.tag, op.attempts[q], op.op_id, self.epoch))
+            self._send(q, m.CollectiveCommence(op.tag, op.attempts[q], op.op_id, grp.epoch))
 
     def on_complete(self, pid: int, msg: m.CollectiveComplete) -> None:
         rec = self.peers[pid]
@@ -672,7 +724,7 @@ class MasterState:
         rec.tx_bytes += msg.tx_bytes
         if msg.seconds > 0:
             rec.last_gbps = msg.tx_bytes / msg.seconds / 1e9
-        if all(q in op.completed for q in op.members):
+        if len(op.completed) >= len(op.members) and all(q in op.completed for q in op.members):
             self._finish(rec.group, op, True, "")
 
     def _finish(
@@ -742,7 +794,7 @@ class MasterState:
         why = ""
         if not rec.accepted or grp is None:
             why = "not accepted into the run yet"
-        elif grp.broken or self.phase is not Phase.IDLE:
+        elif grp.broken or grp.phase is not Phase.IDLE:
             why = f"{grp.broken or 'topology is changing'}; call update_topology()"
         if why:
             rec.gate_floor = max(rec.gate_floor, msg.attempt)
@@ -862,7 +914,7 @@ class MasterState:
             self._check_sync(rec.group, grp)
             return
         # A vote already recorded is a retry after a local timeout: the new one replaces it.
-        if self.phase is not Phase.IDLE:
+        if grp.phase is not Phase.IDLE:
             self._send(pid, m.SyncPlan(rnd.sync_id, False, "topology is changing", 0, [], []))
             return
         entries = {}
@@ -881,6 +933,8 @@ class MasterState:
         if rnd is None:
             return
         if rnd.target < 0:
+            if not grp.broken and len(rnd.votes) < len(grp.ring):
+                return  # O(1) per vote until the last one
             present = [q for q in grp.ring if q in self.peers]
             if not rnd.votes or not all(q in rnd.votes for q in present):
                 return

@@ -28,6 +28,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     except ImportError:  # pragma: no cover
         return
     bench_allreduce.add_arguments(bsub)
+    from pccl.tools import bench_master
+
+    bench_master.add_arguments(bsub)
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 from pccl.master import state as state_mod
-from pccl.master.state import VERDICT_MEMORY, MasterState, Phase
+from pccl.master.state import VERDICT_MEMORY, GroupState, MasterState, Phase
 from pccl.master.store import RunStore
 
 from pccl import messages as m
@@ -84,9 +84,13 @@ class Harness:
         return pid
 
     def ready(self, *pids: int, epoch: int | None = None) -> None:
-        e = self.state.epoch if epoch is None else epoch
+        """``pids`` (default: every peer in an epoch) report their group's epoch wired."""
         for pid in pids or self.in_epoch():
+            e = self.group_of(pid).epoch if epoch is None else epoch
             self.state.on_topology_ready(pid, m.TopologyReady(e, True))
+
+    def group_of(self, pid: int) -> GroupState:
+        return self.state.groups[self.state.peers[pid].group]
 
     def in_epoch(self) -> list[int]:
         return [p.peer_id for p in self.state.peers.values() if p.in_epoch]
@@ -126,10 +130,10 @@ class Harness:
         for _ in range(n):
             pid = self.join(group)
             pids.append(pid)
-            if self.state.phase is Phase.CONNECTING:
+            if self.state.groups[group].phase is Phase.CONNECTING:
                 self.ready()
             else:
-                self.vote(*[p.peer_id for p in self.state.accepted])
+                self.vote(*[p.peer_id for p in self.state.accepted if p.group == group])
                 self.ready()
         assert all(self.state.peers[p].accepted for p in pids)
         self.take()
@@ -156,7 +160,8 @@ class Harness:
         return m.CollectiveDone(tag, self.attempts[(pid, tag)], op_id, ok, reason, int(kind))
 
     def commence(self, pid: int, tag: int, op_id: int) -> m.CollectiveCommence:
-        return m.CollectiveCommence(tag, self.attempts[(pid, tag)], op_id, self.state.epoch)
+        e = self.group_of(pid).epoch
+        return m.CollectiveCommence(tag, self.attempts[(pid, tag)], op_id, e)
 
     # -------------------------------------------------------------- inspecting
 
@@ -1022,13 +1027,40 @@ def test_departure_in_one_group_during_setup_keeps_other_groups_rings() -> None:
     a1, a2 = h.admit(2, group=0)
     b1, b2 = h.admit(2, group=1)
     h.vote(a1, a2, b1, b2)
-    h.take()
+    first = dict(h.take(m.Topology))
+    e0 = first[a1].epoch  # type: ignore[attr-defined]
     h.drop(b2)
+    # Epochs are per group: group 1 re-announces without b2; group 0's set-up goes on as it
+    # was (no second announcement), and completes with the epoch it was given.
     topo = dict(h.take(m.Topology))
-    assert ring_ids(topo[a1]) == [a1, a2]  # type: ignore[arg-type]
-    assert ring_ids(topo[b1]) == [b1]  # type: ignore[arg-type]
+    assert sorted(topo) == [b1] and ring_ids(topo[b1]) == [b1]  # type: ignore[arg-type]
+    assert topo[b1].epoch > e0  # type: ignore[attr-defined]
     h.ready()
     assert h.state.phase is Phase.IDLE
+    assert h.state.groups[0].epoch == e0 and h.ring(0) == [a1, a2]
+
+
+def test_a_group_votes_alone() -> None:
+    """A group admits its newcomers with its own members' votes: other groups neither vote
+    nor see a new epoch, and their collectives keep running through it."""
+    h = Harness()
+    a1, a2 = h.admit(2, group=0)
+    b1, b2 = h.admit(2, group=1)
+    e0 = h.state.groups[0].epoch
+    h.initiate(a1, tag=5)
+    b3 = h.join(group=1)
+    h.vote(b1, b2)
+    topo = dict(h.take(m.Topology))
+    assert sorted(topo) == [b1, b2, b3] and ring_ids(topo[b3]) == [b1, b2, b3]  # type: ignore[arg-type]
+    assert h.state.groups[0].phase is Phase.IDLE and h.state.groups[1].phase is Phase.CONNECTING
+    h.initiate(a2, tag=5)  # group 0's operation starts while group 1 wires
+    go = h.take(m.CollectiveCommence)
+    assert sorted(to for to, _ in go) == [a1, a2]
+    assert all(c.epoch == e0 for _, c in go)  # type: ignore[attr-defined]
+    h.ready(b1, b2, b3)
+    done = h.take(m.TopologyDone)
+    assert sorted(to for to, _ in done) == [b1, b2, b3] and all(d.ok for _, d in done)  # type: ignore[attr-defined]
+    assert h.state.groups[0].epoch == e0 and h.state.peers[b3].accepted
 
 
 # --------------------------------------------------------------------------- wire bounds
