@@ -296,6 +296,11 @@ class MasterState:
         if len(self.peers) >= m.MAX_PEERS:  # Topology.world_size is bounded on the wire
             self._kick(pid, KickCode.FULL, f"the master already serves {m.MAX_PEERS} peers")
             return PeerRecord(pid, group, host, port)
+        grp = self.groups.get(group)
+        if grp is not None and len(grp.members) >= m.MAX_GROUP_PEERS:  # a ring is bounded too
+            why = f"peer group {group} already has {m.MAX_GROUP_PEERS} peers"
+            self._kick(pid, KickCode.FULL, why)
+            return PeerRecord(pid, group, host, port)
         if resumed and not self._formed and not self._hold_until:
             self._hold_until = time.monotonic() + self._restart_grace_s
             log.info("peers are resuming: waiting %.1fs for the rest", self._restart_grace_s)
@@ -303,7 +308,6 @@ class MasterState:
         self.peers[pid] = rec
         if pid in self._incumbents:
             self._incumbents_present += 1
-        grp = self.groups.get(group)
         if grp is None:
             grp = self.groups[group] = GroupState()
         grp.members.add(pid)

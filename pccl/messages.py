@@ -26,6 +26,8 @@ from pccl.errors import ProtocolError
 from pccl.frame import MsgType, encode_frame, max_body
 
 __all__ = [
+    "MAX_GROUP_PEERS",
+    "MAX_PEERS",
     "MAX_PEER_ID",
     "MESSAGES",
     "AbortKind",
@@ -43,7 +45,10 @@ U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 U63 = (1 << 63) - 1
 #: Peer ids are at most this; a hello asking to resume a larger one is refused.
 MAX_PEER_ID = (1 << 31) - 1
-MAX_PEERS = 4096
+#: Peers one master serves (``Topology.world_size``), and peers in one group (its ring, and
+#: every list of a group's members on the wire).
+MAX_PEERS = 1 << 16
+MAX_GROUP_PEERS = 4096
 MAX_KEYS = 16384
 MAX_DIMS = 32
 
@@ -472,7 +477,7 @@ class TopologyReady(Message):
 
     epoch: int = spec(u(U63))
     ok: bool = spec(B)
-    unreachable: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
+    unreachable: list = spec(lst(u(MAX_PEER_ID), MAX_GROUP_PEERS), default=[])
     reason: str = spec(s(512), default="")
 
 
@@ -507,7 +512,7 @@ class GateArrive(Message):
     tag: int = spec(u(U32))
     attempt: int = spec(u(U63))
     state: int = spec(u(2))
-    min_quorum: int = spec(Spec("int", 1, MAX_PEERS))
+    min_quorum: int = spec(Spec("int", 1, MAX_GROUP_PEERS))
     grace_ms: int = spec(u(3_600_000))
 
 
@@ -517,7 +522,7 @@ class VerdictQuery(Message):
     the ring that ran it, so that a restarted master can resolve it from their outcomes."""
 
     op_id: int = spec(u(U63))
-    members: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
+    members: list = spec(lst(u(MAX_PEER_ID), MAX_GROUP_PEERS), default=[])
 
 
 @message(MsgType.P2M_OUTCOMES)
@@ -582,9 +587,9 @@ class Topology(Message):
 
     epoch: int = spec(u(U63))
     world_size: int = spec(u(MAX_PEERS))
-    group_world_size: int = spec(u(MAX_PEERS))
+    group_world_size: int = spec(u(MAX_GROUP_PEERS))
     num_groups: int = spec(u(MAX_PEERS))
-    ring: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_PEERS))  # (id, host, port)
+    ring: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_GROUP_PEERS))  # (id, host, port)
 
 
 @message(MsgType.M2P_TOPOLOGY_DONE)
@@ -632,8 +637,8 @@ class GateDone(Message):
     ok: bool = spec(B)
     reason: str = spec(s(1000), default="")
     kind: int = spec(u(U8), default=int(AbortKind.ABORTED))
-    ready: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
-    members: list = spec(lst(u(MAX_PEER_ID), MAX_PEERS), default=[])
+    ready: list = spec(lst(u(MAX_PEER_ID), MAX_GROUP_PEERS), default=[])
+    members: list = spec(lst(u(MAX_PEER_ID), MAX_GROUP_PEERS), default=[])
 
 
 @message(MsgType.M2P_GATE_QUORUM)
@@ -664,8 +669,8 @@ class SyncPlan(Message):
     ok: bool = spec(B)
     reason: str = spec(s(1024))
     revision: int = spec(u())
-    fetch: list = spec(lst(tup(s(1024), y(16), lst(u(MAX_PEER_ID), MAX_PEERS)), MAX_KEYS))
-    sources: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_PEERS))
+    fetch: list = spec(lst(tup(s(1024), y(16), lst(u(MAX_PEER_ID), MAX_GROUP_PEERS)), MAX_KEYS))
+    sources: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_GROUP_PEERS))
 
 
 @message(MsgType.M2P_SYNC_COMPLETE)

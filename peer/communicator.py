@@ -523,9 +523,11 @@ class Communicator:
         if (
             not isinstance(min_quorum, int)
             or isinstance(min_quorum, bool)
-            or not 1 <= min_quorum <= m.MAX_PEERS
+            or not 1 <= min_quorum <= m.MAX_GROUP_PEERS
         ):
-            raise ValueError(f"min_quorum must be an int in [1, {m.MAX_PEERS}], got {min_quorum!r}")
+            raise ValueError(
+                f"min_quorum must be an int in [1, {m.MAX_GROUP_PEERS}], got {min_quorum!r}"
+            )
         if (
             not isinstance(grace_s, (int, float))
             or isinstance(grace_s, bool)

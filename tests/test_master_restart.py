@@ -72,8 +72,8 @@ def test_master_restart_keeps_revision_and_parity(master_factory, workers, sig) 
     assert len(ids1) == WORLD, log1[-3000:]
     assert "peers are resuming" in log2
     assert set(re.findall(r"peer (\d+) registered", log2)) == ids1
-    rings = re.findall(r"epoch \d+: (\d+) peers in 1 groups: \{0: \[([\d, ]+)\]\}", log2)
-    assert rings and all(int(k) == WORLD and set(m.split(", ")) == ids1 for k, m in rings), rings
+    rings = re.findall(r"group 0 epoch \d+: ring \[([\d, ]+)\] \((\d+) peers in all\)", log2)
+    assert rings and all(int(k) == WORLD and set(m.split(", ")) == ids1 for m, k in rings), rings
     # The restarted master served the rest of the run from the peers' revision (not from 0): it
     # synced every revision from the first one it saw to the last, and the first one is past the
     # step 10 the peers reached under the old master.

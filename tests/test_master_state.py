@@ -80,7 +80,7 @@ class Harness:
 
     def join(self, group: int = 0) -> int:
         pid = self.state.new_peer_id()
-        self.state.register(pid, group, f"10.0.0.{pid}", 40000 + pid)
+        self.state.register(pid, group, f"10.0.0.{pid}", 40000 + pid % 20000)
         return pid
 
     def ready(self, *pids: int, epoch: int | None = None) -> None:
@@ -1115,14 +1115,35 @@ def test_registrations_beyond_max_peers_never_produce_an_undecodable_topology() 
     topology that every peer rejects as a protocol error (disconnecting the whole run)."""
     h = Harness()
     (first,) = h.admit(1)
-    for i in range(m.MAX_PEERS):
-        pid = h.join(group=i % 2)
-        if pid in {p for p, _, _ in h.kicks}:
+    groups = m.MAX_PEERS // m.MAX_GROUP_PEERS * 2  # the world bound is reached first
+    for i in range(m.MAX_PEERS + 8):
+        seen = len(h.kicks)
+        pid = h.join(group=i % groups)
+        if len(h.kicks) > seen:
+            assert h.kicks[-1][:2] == (pid, KickCode.FULL)
             h.drop(pid, "kicked")
+    assert len(h.state.peers) == m.MAX_PEERS
     h.vote(first)
     topo = h.take(m.Topology)
     assert topo, "no topology announced"
     assert all(t.world_size <= m.MAX_PEERS for _, t in topo)  # type: ignore[attr-defined]
+    assert all(t.group_world_size <= m.MAX_GROUP_PEERS for _, t in topo)  # type: ignore[attr-defined]
+    for _, t in topo:
+        t.encode()  # within every wire bound
+
+
+def test_a_full_group_refuses_newcomers_but_other_groups_take_them() -> None:
+    """A ring is bounded by ``MAX_GROUP_PEERS`` on the wire: the master refuses a newcomer to
+    a full group (``FULL``, naming the group) while other groups still take peers."""
+    h = Harness()
+    h.state.groups[3] = state_mod.GroupState(members=set(range(10**6, 10**6 + m.MAX_GROUP_PEERS)))
+    pid = h.join(group=3)
+    assert [(p, c) for p, c, _ in h.kicks] == [(pid, KickCode.FULL)]
+    assert f"peer group 3 already has {m.MAX_GROUP_PEERS} peers" in h.kicks[0][2]
+    h.take_kicks()
+    assert pid not in h.state.peers
+    other = h.join(group=4)
+    assert h.take_kicks() == [] and other in h.state.groups[4].members
 
 
 # --------------------------------------------------------------------------- peer ids
