@@ -10,13 +10,16 @@ available); never touches tensor bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import gc
 import logging
+import math
 import resource
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from pccl.master.state import MasterState
 from pccl.master.status import StatusServer
@@ -41,10 +44,12 @@ MAX_UNAUTHENTICATED = 256
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 #: The heartbeat round yields to the loop after this many connections, so ten thousand peers
 #: never stall it for more than a few milliseconds at a time.
-HEARTBEAT_SLICE = 512
+HEARTBEAT_SLICE = 256
 #: The loop-lag probe's period: how late it wakes is the longest step the loop just ran.
 LAG_PROBE_S = 0.025
 LAG_WINDOW_S = 10.0
+#: A loop stall longer than this is logged (a warning, at most once per :data:`LAG_WINDOW_S`).
+STALL_WARN_S = 0.25
 
 
 class ConnState(enum.Enum):
@@ -98,6 +103,30 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class PeakMeter:
+    """The largest value noted: over the lifetime, and over the last :data:`LAG_WINDOW_S`
+    seconds (one maximum per second kept)."""
+
+    def __init__(self) -> None:
+        self.max = 0.0
+        self._buckets: deque[tuple[int, float]] = deque(maxlen=int(LAG_WINDOW_S))
+
+    def note(self, value: float, now: float) -> None:
+        if value > self.max:
+            self.max = value
+        second = int(now)
+        b = self._buckets
+        if b and b[-1][0] == second:
+            if value > b[-1][1]:
+                b[-1] = (second, value)
+        else:
+            b.append((second, value))
+
+    def recent(self, now: float) -> float:
+        horizon = now - LAG_WINDOW_S
+        return max((v for t, v in self._buckets if t >= horizon), default=0.0)
+
+
 class _Conn(asyncio.Protocol):
     """One control connection: :class:`ConnState` and its transitions (see ``ACCEPTS``)."""
 
@@ -112,21 +141,6 @@ class _Conn(asyncio.Protocol):
         self.addr = "?"
         self.host = "?"
         self.kick_reason = ""
-        self.handlers: dict[MsgType, Callable[[m.Message], None]] = {
-            MsgType.P2M_HELLO: self.on_hello,
-            MsgType.P2M_HEARTBEAT: self.on_heartbeat,
-            MsgType.P2M_UPDATE_TOPOLOGY: self.on_update_topology,
-            MsgType.P2M_TOPOLOGY_READY: self.on_topology_ready,
-            MsgType.P2M_COLLECTIVE_INITIATE: self.on_collective_initiate,
-            MsgType.P2M_COLLECTIVE_COMPLETE: self.on_collective_complete,
-            MsgType.P2M_COLLECTIVE_WITHDRAW: self.on_collective_withdraw,
-            MsgType.P2M_VERDICT_QUERY: self.on_verdict_query,
-            MsgType.P2M_OUTCOMES: self.on_outcomes,
-            MsgType.P2M_GATE_ARRIVE: self.on_gate_arrive,
-            MsgType.P2M_LEAVE: self.on_leave,
-            MsgType.P2M_SYNC_SHARED_STATE: self.on_sync_shared_state,
-            MsgType.P2M_SYNC_DONE: self.on_sync_done,
-        }
 
     @property
     def closed(self) -> bool:
@@ -158,18 +172,30 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        t0 = time.monotonic()
         try:
             for mtype, body in self.decoder.feed(data):
                 self.last_seen = time.monotonic()
                 if mtype is MsgType.P2M_HEARTBEAT and self.state is ConnState.AUTHENTICATED:
                     continue  # the bulk of all traffic: its body (a counter) is not read
-                self.handlers[mtype](m.decode(mtype, body))
+                HANDLERS[mtype](self, m.decode(mtype, body))
                 if self.closed:
                     return
         except ProtocolError as e:
             self.kick(KickCode.PROTOCOL, str(e))
+        finally:
+            now = time.monotonic()
+            self.master.steps.note(now - t0, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        t0 = time.monotonic()
+        try:
+            self._lost(exc)
+        finally:
+            now = time.monotonic()
+            self.master.steps.note(now - t0, now)
+
+    def _lost(self, exc: Exception | None) -> None:
         if self.state is ConnState.PRE_AUTH:
             self._to(ConnState.CLOSED)
         self.state = ConnState.CLOSED
@@ -303,6 +329,25 @@ class _Conn(asyncio.Protocol):
         self.kick(KickCode.LEAVE, msg.reason or "peer left")
 
 
+#: The handler of each peer message (one table for all connections: a per-connection table of
+#: bound methods would be 13 more objects per peer for the collector to walk).
+HANDLERS: dict[MsgType, Callable[[_Conn, Any], None]] = {
+    MsgType.P2M_HELLO: _Conn.on_hello,
+    MsgType.P2M_HEARTBEAT: _Conn.on_heartbeat,
+    MsgType.P2M_UPDATE_TOPOLOGY: _Conn.on_update_topology,
+    MsgType.P2M_TOPOLOGY_READY: _Conn.on_topology_ready,
+    MsgType.P2M_COLLECTIVE_INITIATE: _Conn.on_collective_initiate,
+    MsgType.P2M_COLLECTIVE_COMPLETE: _Conn.on_collective_complete,
+    MsgType.P2M_COLLECTIVE_WITHDRAW: _Conn.on_collective_withdraw,
+    MsgType.P2M_VERDICT_QUERY: _Conn.on_verdict_query,
+    MsgType.P2M_OUTCOMES: _Conn.on_outcomes,
+    MsgType.P2M_GATE_ARRIVE: _Conn.on_gate_arrive,
+    MsgType.P2M_LEAVE: _Conn.on_leave,
+    MsgType.P2M_SYNC_SHARED_STATE: _Conn.on_sync_shared_state,
+    MsgType.P2M_SYNC_DONE: _Conn.on_sync_done,
+}
+
+
 class Master:
     """The pccl master daemon.
 
@@ -368,9 +413,14 @@ class Master:
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._lag_probe: asyncio.Task[None] | None = None
-        #: longest event-loop stall seen (seconds): lifetime, and per second for the window
-        self.loop_lag_max_s = 0.0
-        self._lag_buckets: deque[tuple[int, float]] = deque(maxlen=int(LAG_WINDOW_S))
+        #: How late the loop ran a timer (a stall, or a backlog of ready work), seconds.
+        self.lag = PeakMeter()
+        #: The longest single step the master ran: one connection's input, one heartbeat
+        #: slice, one tick, one render slice (seconds).
+        self.steps = PeakMeter()
+        self._stall_warned = -math.inf
+        self._gc_started = 0.0
+        self.gc_max_s = 0.0  # the longest collector pass seen
         self._stopped = asyncio.Event()
         self.status_server: StatusServer | None = None
         if status_port is not None:
@@ -443,7 +493,20 @@ class Master:
                 raise
         self._ticker = asyncio.create_task(self._tick(), name="pccl-master-heartbeat")
         self._lag_probe = asyncio.create_task(self._probe_lag(), name="pccl-master-lag")
+        gc.callbacks.append(self._on_gc)
         log.info("pccl master listening on %s:%d", self.host, self._port)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Time the collector's passes: a long one stalls the loop like any long step."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_started
+        self.gc_max_s = max(self.gc_max_s, took)
+        if took > STALL_WARN_S:
+            log.warning(
+                "garbage collection (generation %d) took %.3fs", info.get("generation", -1), took
+            )
 
     async def _tick(self) -> None:
         cfg = self.config
@@ -457,6 +520,8 @@ class Master:
                 self.state.tick(now)
             except Exception:  # a bug must not stop heartbeats and deadlines: log, go on
                 log.exception("master tick failed")
+            t = time.monotonic()
+            self.steps.note(t - now, t)
             for conn in list(self.unauthenticated):  # oldest first
                 if now - conn.opened <= cfg.handshake_timeout_s:
                     break
@@ -466,6 +531,8 @@ class Master:
             conns = list(self.by_id.values())
             for i in range(0, len(conns), HEARTBEAT_SLICE):
                 if i:
+                    t = time.monotonic()
+                    self.steps.note(t - now, t)
                     await asyncio.sleep(0)  # let the peers' messages in between slices
                     now = time.monotonic()
                 for conn in conns[i : i + HEARTBEAT_SLICE]:
@@ -479,6 +546,8 @@ class Master:
                         )
                     else:
                         conn.send_frame(frame)
+            t = time.monotonic()
+            self.steps.note(t - now, t)
 
     async def _probe_lag(self) -> None:
         """Wake every :data:`LAG_PROBE_S`; the delay beyond it is the longest step the loop
@@ -488,19 +557,18 @@ class Master:
             await asyncio.sleep(LAG_PROBE_S)
             now = time.monotonic()
             lag = max(0.0, now - t0 - LAG_PROBE_S)
-            self.loop_lag_max_s = max(self.loop_lag_max_s, lag)
-            second = int(now)
-            b = self._lag_buckets
-            if b and b[-1][0] == second:
-                if lag > b[-1][1]:
-                    b[-1] = (second, lag)
-            else:
-                b.append((second, lag))
-
-    def loop_lag_recent_s(self) -> float:
-        """The longest loop stall within the last :data:`LAG_WINDOW_S` seconds."""
-        horizon = time.monotonic() - LAG_WINDOW_S
-        return max((lag for t, lag in self._lag_buckets if t >= horizon), default=0.0)
+            self.lag.note(lag, now)
+            if lag > STALL_WARN_S and now - self._stall_warned > LAG_WINDOW_S:
+                self._stall_warned = now
+                log.warning(
+                    "event loop ran %.3fs late (longest step in the last %.0fs: %.4fs; "
+                    "%d connections, %d peers)",
+                    lag,
+                    LAG_WINDOW_S,
+                    self.steps.recent(now),
+                    len(self.conns),
+                    len(self.state.peers),
+                )
 
     async def stop(self) -> None:
         """Stop accepting, close every connection (peers see ConnectionLost)."""
@@ -508,6 +576,8 @@ class Master:
             self._ticker.cancel()
         if self._lag_probe is not None:
             self._lag_probe.cancel()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
         if self.status_server is not None:
             await self.status_server.stop()
         if self._server is not None:

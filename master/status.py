@@ -8,8 +8,10 @@ must drain within :data:`RESPONSE_WRITE_TIMEOUT_S`, and the lingering close afte
 :data:`LINGER_S`. Connection states, the caps (total, per address) and whom a newcomer evicts
 live in :mod:`pccl.master.status_conns`, so clients that linger, trickle, stay silent or never
 read cannot lock anyone out. A bad request gets a 4xx and closes only its own connection; no
-request can raise into the master. Rendering runs on the master's loop, so a rendered document
-is reused for a while proportional to its cost (:data:`RENDER_REUSE_FACTOR`): a request flood
+request can raise into the master. Rendering runs on the master's loop a slice of
+:data:`~pccl.master.metrics.RENDER_SLICE` peers or groups at a time (no loop step waits on a
+10,000-peer document), requests arriving during a render share it, and a rendered document is
+reused for a while proportional to its cost (:data:`RENDER_REUSE_FACTOR`): a request flood
 cannot starve the control plane.
 
 With a master token or a read-only status token configured, every request must carry
@@ -27,6 +29,7 @@ counters. Never touches tensor bytes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pccl.master.metrics import metrics_text, new_registry
+from pccl.master.metrics import RENDER_SLICE, metrics_body, metrics_text, new_registry
 from pccl.master.state import MasterState
 from pccl.master.status_conns import (
     MAX_CLIENTS,
@@ -48,7 +51,7 @@ from pccl.master.status_conns import (
     SlotTable,
     address_key,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 if TYPE_CHECKING:
     from pccl.master.daemon import Master
@@ -143,60 +146,98 @@ def status_document(master: Master, counters: Counters, now: float) -> dict[str,
         A JSON-serialisable dict: ``master``, ``peers``, ``groups``, ``aborts``, ``totals``.
     """
     state = master.state
+    doc = _status_head(master, counters, now)
+    peers = [_peer_entry(master, pid, rec, now) for pid, rec in sorted(state.peers.items())]
+    groups = [_group_entry(state, gid, grp) for gid, grp in sorted(state.groups.items())]
+    return {"master": doc.pop("master"), "peers": peers, "groups": groups, **doc}
+
+
+async def status_body(master: Master, counters: Counters, now: float) -> bytes:
+    """:func:`status_document` encoded, built :data:`RENDER_SLICE` peers or groups at a time
+    with the loop served between slices (10,000 peers are 2.5 MB of JSON). A peer that leaves
+    meanwhile still appears as it was when the render began."""
+    state = master.state
+    parts: dict[str, str] = {}
+    for key, items, entry in (
+        ("peers", sorted(state.peers.items()), lambda k, v: _peer_entry(master, k, v, now)),
+        ("groups", sorted(state.groups.items()), lambda k, v: _group_entry(state, k, v)),
+    ):
+        chunks = []
+        for i in range(0, len(items), RENDER_SLICE):
+            t0 = time.monotonic()
+            entries = [entry(k, v) for k, v in items[i : i + RENDER_SLICE]]
+            chunks.append(json.dumps(entries, separators=_SEP)[1:-1])
+            t = time.monotonic()
+            master.steps.note(t - t0, t)
+            await asyncio.sleep(0)
+        parts[key] = "[" + ",".join(chunks) + "]"
+    head = _status_head(master, counters, now)
+    order = {"master": head.pop("master"), "peers": None, "groups": None, **head}
+    body = ",".join(
+        f"{json.dumps(k)}:{parts[k] if v is None else json.dumps(v, separators=_SEP)}"
+        for k, v in order.items()
+    )
+    return ("{" + body + "}\n").encode()
+
+
+_SEP = (",", ":")
+
+
+def _peer_entry(master: Master, pid: int, rec: Any, now: float) -> dict[str, Any]:
+    conn = master.by_id.get(pid)
+    return {
+        "id": pid,
+        "group": rec.group,
+        "address": f"{rec.host}:{rec.port}",
+        "control_address": conn.addr if conn is not None else None,
+        "accepted": rec.accepted,
+        "registered_s_ago": _round(now - rec.registered_at),
+        "last_seen_s_ago": _round(now - conn.last_seen) if conn is not None else None,
+        "ops_done": rec.ops_done,
+        "tx_bytes": rec.tx_bytes,
+        "last_gbps": _round(rec.last_gbps, 6),
+        "ops_in_flight": sorted(rec.ops),
+    }
+
+
+def _group_entry(state: MasterState, gid: int, grp: Any) -> dict[str, Any]:
+    ops = [
+        {
+            "tag": op.tag,
+            "op_id": op.op_id,  # 0 until every ring member has initiated it
+            "initiated": sorted(op.params),
+            "members": list(op.members),
+            "completed": sorted(op.completed),
+        }
+        for op in sorted(grp.ops.values(), key=lambda o: o.tag)
+    ]
+    sync = None
+    if grp.sync is not None:
+        rnd = grp.sync
+        sync = {
+            "sync_id": rnd.sync_id,
+            "phase": "voting" if rnd.target < 0 else "transferring",
+            "voted": sorted(rnd.votes),
+            "waiting": sorted(rnd.waiting),
+            "target_revision": rnd.target if rnd.target >= 0 else None,
+        }
+    return {
+        "id": gid,
+        "ring": list(grp.ring),
+        "world_size": len(grp.ring),
+        "departed": [q for q in grp.ring if q not in state.peers],
+        "broken": grp.broken or None,
+        "ops_in_flight": ops,
+        "next_revision": grp.next_revision,
+        "sync": sync,
+    }
+
+
+def _status_head(master: Master, counters: Counters, now: float) -> dict[str, Any]:
+    """Everything in ``/status`` but the peers and groups (bounded in size)."""
+    state = master.state
     server = master.status_server
     started = server.started if server is not None else now
-    peers = []
-    for pid, rec in sorted(state.peers.items()):
-        conn = master.by_id.get(pid)
-        peers.append(
-            {
-                "id": pid,
-                "group": rec.group,
-                "address": f"{rec.host}:{rec.port}",
-                "control_address": conn.addr if conn is not None else None,
-                "accepted": rec.accepted,
-                "registered_s_ago": _round(now - rec.registered_at),
-                "last_seen_s_ago": _round(now - conn.last_seen) if conn is not None else None,
-                "ops_done": rec.ops_done,
-                "tx_bytes": rec.tx_bytes,
-                "last_gbps": _round(rec.last_gbps, 6),
-                "ops_in_flight": sorted(rec.ops),
-            }
-        )
-    groups = []
-    for gid, grp in sorted(state.groups.items()):
-        ops = [
-            {
-                "tag": op.tag,
-                "op_id": op.op_id,  # 0 until every ring member has initiated it
-                "initiated": sorted(op.params),
-                "members": list(op.members),
-                "completed": sorted(op.completed),
-            }
-            for op in sorted(grp.ops.values(), key=lambda o: o.tag)
-        ]
-        sync = None
-        if grp.sync is not None:
-            rnd = grp.sync
-            sync = {
-                "sync_id": rnd.sync_id,
-                "phase": "voting" if rnd.target < 0 else "transferring",
-                "voted": sorted(rnd.votes),
-                "waiting": sorted(rnd.waiting),
-                "target_revision": rnd.target if rnd.target >= 0 else None,
-            }
-        groups.append(
-            {
-                "id": gid,
-                "ring": list(grp.ring),
-                "world_size": len(grp.ring),
-                "departed": [q for q in grp.ring if q not in state.peers],
-                "broken": grp.broken or None,
-                "ops_in_flight": ops,
-                "next_revision": grp.next_revision,
-                "sync": sync,
-            }
-        )
     return {
         "master": {
             "host": master.host,
@@ -206,11 +247,13 @@ def status_document(master: Master, counters: Counters, now: float) -> dict[str,
             "epoch": state.epoch,
             "topology_changes": counters.topology_changes(state),
             "connections": len(master.conns),
-            "loop_lag_max_s": _round(master.loop_lag_max_s, 6),
-            "loop_lag_recent_s": _round(master.loop_lag_recent_s(), 6),
+            "loop_lag_max_s": _round(master.lag.max, 6),
+            "loop_lag_recent_s": _round(master.lag.recent(now), 6),
+            "step_max_s": _round(master.steps.max, 6),
+            "step_recent_s": _round(master.steps.recent(now), 6),
+            "gc_max_s": _round(master.gc_max_s, 6),
+            "gc_full_passes": gc.get_stats()[2]["collections"],
         },
-        "peers": peers,
-        "groups": groups,
         "aborts": [{"group": g, "tag": t, "reason": r} for g, t, r in state.aborts[:STATUS_ABORTS]],
         "departures": [
             {"peer_id": p, "group": g, "kind": k, "reason": r, "at": round(t, 3)}
@@ -397,6 +440,7 @@ class StatusServer:
         self._handles: dict[Slot, _Handle] = {}
         self._accepted: tuple[bytes, ...] = ()  # credential digests; empty: open endpoint
         self._rendered: dict[str, tuple[float, float, bytes]] = {}  # path -> (at, cost, body)
+        self._rendering: dict[str, asyncio.Future[bytes]] = {}  # path -> the render under way
 
     async def start(self) -> None:
         """Bind and start serving.
@@ -535,26 +579,41 @@ class StatusServer:
             return
         ctype = JSON_CONTENT_TYPE if req.path == "/status" else PROMETHEUS_CONTENT_TYPE
         try:
-            body = self._render(req.path)
+            body = await self._render(req.path)
         except Exception:
             log.exception("building %s failed", req.path)
             await self._respond(reader, writer, slot, 500, "internal error\n")
             return
         await self._respond(reader, writer, slot, 200, body, [("Content-Type", ctype)])
 
-    def _render(self, path: str) -> bytes:
-        """The document at ``path``, encoded, reused while younger than its cost allows."""
+    async def _render(self, path: str) -> bytes:
+        """The document at ``path``, encoded, reused while younger than its cost allows.
+
+        Requests arriving while a render is under way share it (one render per burst); the
+        render itself yields to the loop between slices (:func:`status_body`,
+        :func:`~pccl.master.metrics.metrics_body`), so the control plane never waits on it.
+        """
         now = time.monotonic()
         cached = self._rendered.get(path)
         if cached is not None and now - cached[0] < cached[1] * RENDER_REUSE_FACTOR:
             return cached[2]
+        pending = self._rendering.get(path)
+        if pending is None:
+            pending = asyncio.ensure_future(self._render_now(path, now))
+            self._rendering[path] = pending
+            pending.add_done_callback(lambda _f: self._rendering.pop(path, None))
+        return await asyncio.shield(pending)
+
+    async def _render_now(self, path: str, now: float) -> bytes:
+        cpu0 = time.thread_time()
         self.counters.sample(self.master.state)
         if path == "/status":
-            doc = status_document(self.master, self.counters, now)
-            body = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+            body = await status_body(self.master, self.counters, now)
         else:
-            body = generate_latest(self.registry)
-        self._rendered[path] = (now, time.monotonic() - now, body)
+            body = await metrics_body(self.master, self.counters, now)
+        # The cost is the loop time the render took (not its wall time, which the slices
+        # interleaved with the control plane stretch).
+        self._rendered[path] = (time.monotonic(), time.thread_time() - cpu0, body)
         return body
 
     @staticmethod

@@ -1383,3 +1383,52 @@ if __name__ == "__main__":
             os._exit(1)
         sys.exit(0)
     sys.exit(f"usage: {sys.argv[0]} peer MASTER JSON")
+
+
+def test_sliced_renders_equal_the_whole_documents_and_serve_the_loop_between_slices():
+    """``/status`` and ``/metrics`` are rendered a slice of peers at a time (10,000 peers are
+    megabytes): the result must be exactly the one-piece document, and other loop work must
+    run while a large document is being built."""
+    import asyncio
+
+    from pccl.master.metrics import RENDER_SLICE, metrics_body
+    from pccl.master.status import Counters, metrics_text, status_body, status_document
+
+    master = _state_master()
+    st = master.state
+    n = RENDER_SLICE * 3 + 7
+    for i in range(n):
+        pid = st.new_peer_id()
+        st.register(pid, i % 40, f"10.1.{i // 250}.{i % 250}", 5000 + i)
+        st.peers[pid].tx_bytes = i * 1000
+        st.peers[pid].last_gbps = float("nan") if i == 5 else i / 7
+    c = Counters(st)
+    c.sample(st)
+    now = time.monotonic()
+
+    async def render() -> tuple[bytes, bytes, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        body = await status_body(master, c, now)
+        text = await metrics_body(master, c, now)
+        t.cancel()
+        return body, text, ticks - start
+
+    body, text, ticks = asyncio.run(render())
+    assert json.loads(body) == json.loads(json.dumps(status_document(master, c, now)))
+    assert len(json.loads(body)["peers"]) == n
+    assert text.decode() == metrics_text(master, c, now)
+    fam = parse_prometheus(text.decode())  # strict: HELP/TYPE once per family, no repeats
+    assert len(fam["pccl_peer_tx_bytes_total"]) == n
+    assert one(fam, "pccl_peer_tx_bytes_total", peer=n, group=(n - 1) % 40) == (n - 1) * 1000
+    # Other work ran between the slices: at least once per slice of peers in each document.
+    assert ticks >= 2 * (n // RENDER_SLICE), ticks

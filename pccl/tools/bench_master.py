@@ -248,7 +248,7 @@ def _spawn_master(
         "--port",
         str(port),
         "--log-level",
-        "error",
+        "warning",
         "--token-file",
         str(tmp / "token"),
         "--state-file",
@@ -367,12 +367,15 @@ def run(params: BenchParams) -> dict[str, Any]:
                     "churn": params.churn / params.workers,
                 }
             )
-        st_lat, mx_lat, lags = [], [], []
+        st_lat, mx_lat, lags, steps = [], [], [], []
+        _, body = _get(f"{status_url}/status")
+        gc0 = json.loads(body)["master"]["gc_full_passes"]
         end = time.monotonic() + params.duration
         while time.monotonic() < end - 0.5:
             dt, body = _get(f"{status_url}/status")
             st_lat.append(dt)
             lags.append(json.loads(body)["master"]["loop_lag_recent_s"])
+            steps.append(json.loads(body)["master"]["step_recent_s"])
             dt, _ = _get(f"{status_url}/metrics")
             mx_lat.append(dt)
             time.sleep(0.5)
@@ -394,13 +397,18 @@ def run(params: BenchParams) -> dict[str, Any]:
             "metrics_s": _pcts(mx_lat),
             "status_bytes": len(body),
             "loop_lag_max_s": max([*lags, status["master"]["loop_lag_recent_s"]]),
+            "step_max_s": max([*steps, status["master"]["step_recent_s"]]),
+            "gc_full_passes": status["master"]["gc_full_passes"] - gc0,
         }
         doc["master_rss_steady_kib"] = _proc_mem_kib(master.pid)["VmRSS"]
         doc["loop_lag_max_lifetime_s"] = status["master"]["loop_lag_max_s"]
+        doc["step_max_lifetime_s"] = status["master"]["step_max_s"]
+        doc["gc_max_s"] = status["master"]["gc_max_s"]
         s = doc["steady"]
         _say(
             f"steady: cpu {s['master_cpu_core_fraction']:.2f} core, topology p99 "
-            f"{s['topology_round_s'].get('p99')}s, loop lag max {s['loop_lag_max_s']}s"
+            f"{s['topology_round_s'].get('p99')}s, loop lag max {s['loop_lag_max_s']}s, "
+            f"longest step {s['step_max_s']}s"
         )
 
         # 3. failure detection
@@ -442,6 +450,12 @@ def run(params: BenchParams) -> dict[str, Any]:
         if master is not None:
             master.kill()
             master.wait(10)
+    # The master warns of every loop stall over STALL_WARN_S (at most one per 10 s window).
+    with contextlib.suppress(OSError):
+        log = (tmp / "master.log").read_text(errors="replace").splitlines()
+        doc["master_stalls"] = [
+            ln for ln in log if "event loop ran" in ln or "garbage collection" in ln
+        ][:20]
     return doc
 
 
