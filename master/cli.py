@@ -62,6 +62,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         "start a second run beside the existing one. Recommended for every real deployment.",
     )
     p.add_argument(
+        "--kv-max-bytes",
+        type=int,
+        default=None,
+        help="bound on the key-value channel's entries together (default 16 MiB); with "
+        "--state-file its values are durable in STATE_FILE.kv",
+    )
+    p.add_argument(
         "--status-token-file",
         help="read-only credential for the status endpoint (pccl status --token-file); with "
         "it or --token-file set, the endpoint requires Authorization: Bearer <either>",
@@ -96,6 +103,19 @@ def _cmd_master(args: argparse.Namespace) -> int:
         )
         return 2
 
+    from pccl.master.kv import DEFAULT_MAX_BYTES, ENTRY_OVERHEAD
+
+    from pccl.config import MAX_KV_KEY, MAX_KV_VALUE
+
+    kv_max = DEFAULT_MAX_BYTES if args.kv_max_bytes is None else args.kv_max_bytes
+    if kv_max < MAX_KV_VALUE + MAX_KV_KEY + ENTRY_OVERHEAD:
+        print(
+            f"pccl master: --kv-max-bytes {kv_max} cannot hold one full entry "
+            f"({MAX_KV_VALUE + MAX_KV_KEY + ENTRY_OVERHEAD} bytes)",
+            file=sys.stderr,
+        )
+        return 2
+
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
         from pccl.tls import TLSConfig
@@ -118,6 +138,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
             status_port=args.status_port,
             status_host=args.status_host,
             state_file=args.state_file,
+            kv_max_bytes=kv_max,
             status_token=status_token,
         )
         await master.start()

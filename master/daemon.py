@@ -21,6 +21,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
 
+from pccl.master.kv import DEFAULT_MAX_BYTES as DEFAULT_KV_MAX_BYTES
+from pccl.master.kv import KvStore
 from pccl.master.state import MasterState
 from pccl.master.status import StatusServer
 from pccl.master.store import RunStore
@@ -77,6 +79,8 @@ ACCEPTS: dict[ConnState, frozenset[MsgType]] = {
             MsgType.P2M_LEAVE,
             MsgType.P2M_SYNC_SHARED_STATE,
             MsgType.P2M_SYNC_DONE,
+            MsgType.P2M_KV_SET,
+            MsgType.P2M_KV_GET,
         }
     ),
     ConnState.CLOSED: frozenset(),
@@ -205,6 +209,7 @@ class _Conn(asyncio.Protocol):
                 self.master.by_id.pop(self.peer_id, None)
             reason = self.kick_reason or (f"connection lost: {exc}" if exc else "disconnected")
             self.master.state.remove(self.peer_id, reason)
+            self.master.kv.peer_gone(self.peer_id)
             self.peer_id = 0
 
     # ---------------------------------------------------------------- output
@@ -324,6 +329,18 @@ class _Conn(asyncio.Protocol):
         assert isinstance(msg, m.SyncDone)
         self.master.state.on_sync_done(self.peer_id, msg)
 
+    def on_kv_set(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.KvSet)
+        rec = self.master.state.peers.get(self.peer_id)
+        if rec is not None:
+            self.master.kv.on_set(self.peer_id, rec.group, msg)
+
+    def on_kv_get(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.KvGet)
+        rec = self.master.state.peers.get(self.peer_id)
+        if rec is not None:
+            self.master.kv.on_get(self.peer_id, rec.group, msg, time.monotonic())
+
     def on_leave(self, msg: m.Message) -> None:
         assert isinstance(msg, m.Leave)
         self.kick(KickCode.LEAVE, msg.reason or "peer left")
@@ -345,6 +362,8 @@ HANDLERS: dict[MsgType, Callable[[_Conn, Any], None]] = {
     MsgType.P2M_LEAVE: _Conn.on_leave,
     MsgType.P2M_SYNC_SHARED_STATE: _Conn.on_sync_shared_state,
     MsgType.P2M_SYNC_DONE: _Conn.on_sync_done,
+    MsgType.P2M_KV_SET: _Conn.on_kv_set,
+    MsgType.P2M_KV_GET: _Conn.on_kv_get,
 }
 
 
@@ -373,6 +392,9 @@ class Master:
         status_token: a read-only credential for the status endpoint (at least 16 bytes).
             With it or ``token`` set, the endpoint requires ``Authorization: Bearer`` with
             either; with neither it is open.
+        kv_max_bytes: bound on the key-value channel's entries together
+            (:mod:`pccl.master.kv`); with ``state_file`` its values are kept durable in
+            ``state_file + ".kv"``.
     """
 
     def __init__(
@@ -386,6 +408,7 @@ class Master:
         status_host: str | None = None,
         state_file: str | None = None,
         status_token: bytes | str | None = None,
+        kv_max_bytes: int = DEFAULT_KV_MAX_BYTES,
     ):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be within 0..65535, got {port!r}")
@@ -403,6 +426,10 @@ class Master:
         #: connections closed before authenticating, by reason (``/metrics``)
         self.unauthenticated_closed: Counter[str] = Counter()
         self.store = RunStore(state_file) if state_file is not None else None
+        #: the key-value channel (durable next to the state file, if any)
+        self.kv = KvStore(
+            self._send, f"{state_file}.kv" if state_file is not None else None, kv_max_bytes
+        )
         self.state = MasterState(
             self._send,
             self._kick,
@@ -518,6 +545,7 @@ class Master:
             frame = m.MasterHeartbeat(seq).encode()  # one frame for every peer
             try:
                 self.state.tick(now)
+                self.kv.tick(now)
             except Exception:  # a bug must not stop heartbeats and deadlines: log, go on
                 log.exception("master tick failed")
             t = time.monotonic()
@@ -582,6 +610,7 @@ class Master:
             await self.status_server.stop()
         if self._server is not None:
             self._server.close()
+        await self.kv.flush()  # what was set is on disk and acknowledged before the kicks
         for conn in list(self.conns):
             conn.kick(KickCode.SHUTDOWN, "master shutting down")
         if self._server is not None:

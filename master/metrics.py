@@ -335,6 +335,37 @@ def _head_families(master: Master, counters: Counters, now: float) -> list[Metri
         "parity could be judged) since start.",
         [({}, state.syncs_judged)],
     )
+    kv = master.kv
+    family(
+        "pccl_kv_entries",
+        "gauge",
+        "Keys in the key-value channel (run and group scopes).",
+        [({}, len(kv.entries))],
+    )
+    family(
+        "pccl_kv_bytes",
+        "gauge",
+        "Bytes the key-value entries are charged (keys, values, bookkeeping).",
+        [({}, kv.bytes)],
+    )
+    family(
+        "pccl_kv_max_bytes",
+        "gauge",
+        "Bound on the key-value entries together.",
+        [({}, kv.max_bytes)],
+    )
+    family(
+        "pccl_kv_waiters",
+        "gauge",
+        "Key-value reads waiting for a value.",
+        [({}, sum(len(w) for w in kv.waiters.values()))],
+    )
+    family(
+        "pccl_kv_requests_total",
+        "counter",
+        "Key-value requests answered, by operation and outcome.",
+        [({"op": op, "status": st}, n) for (op, st), n in sorted(kv.requests.items())],
+    )
     return out
 
 

@@ -274,6 +274,7 @@ def _status_head(master: Master, counters: Counters, now: float) -> dict[str, An
                 for t, g, s, r, p, k in reversed(state.parity_violations)
             ],
         },
+        "kv": master.kv.describe(time.time()),
         "totals": {
             "collectives_completed": counters.collectives_completed,
             "aborts": counters.aborts,

@@ -12,7 +12,15 @@ import math
 import os
 from dataclasses import dataclass, fields
 
-__all__ = ["MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "MAX_SMALL_FRAME", "MAX_STATE_FRAME", "Config"]
+__all__ = [
+    "MAX_CONTROL_FRAME",
+    "MAX_DATA_FRAME",
+    "MAX_KV_KEY",
+    "MAX_KV_VALUE",
+    "MAX_SMALL_FRAME",
+    "MAX_STATE_FRAME",
+    "Config",
+]
 
 #: Largest control (msgpack) frame body either side accepts; larger closes the connection.
 MAX_CONTROL_FRAME = 1 << 20
@@ -23,6 +31,9 @@ MAX_SMALL_FRAME = 64 << 10
 MAX_STATE_FRAME = 16 << 20
 #: Largest data frame payload a peer accepts.
 MAX_DATA_FRAME = 64 << 20
+#: Key-value channel: longest key (bytes of UTF-8) and value (bytes).
+MAX_KV_KEY = 256
+MAX_KV_VALUE = 64 << 10
 
 
 _TRUE = ("1", "true", "yes", "on")

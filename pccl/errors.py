@@ -13,6 +13,7 @@ __all__ = [
     "AuthenticationFailed",
     "CollectiveAborted",
     "ConnectionLost",
+    "KVRefused",
     "MasterUnreachable",
     "PCCLError",
     "PendingOperations",
@@ -125,3 +126,9 @@ class VerdictUnknown(PCCLError, ConnectionError):
     """
 
     retryable = False
+
+
+class KVRefused(PCCLError, ValueError):
+    """The master refused a key-value request: the store is full, or it could not persist the
+    value (the reason says which). Not retryable as is: delete keys or raise the master's
+    ``--kv-max-bytes``."""

@@ -17,7 +17,14 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pccl.config import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SMALL_FRAME, MAX_STATE_FRAME
+from pccl.config import (
+    MAX_CONTROL_FRAME,
+    MAX_DATA_FRAME,
+    MAX_KV_KEY,
+    MAX_KV_VALUE,
+    MAX_SMALL_FRAME,
+    MAX_STATE_FRAME,
+)
 from pccl.errors import ProtocolError
 
 __all__ = [
@@ -68,6 +75,8 @@ class MsgType(enum.IntEnum):
     P2M_VERDICT_QUERY = 11
     P2M_OUTCOMES = 12
     P2M_GATE_ARRIVE = 13
+    P2M_KV_SET = 14
+    P2M_KV_GET = 15
 
     M2P_WELCOME = 32
     M2P_HEARTBEAT = 33
@@ -82,6 +91,7 @@ class MsgType(enum.IntEnum):
     M2P_VERDICT = 42
     M2P_GATE_DONE = 43
     M2P_GATE_QUORUM = 44
+    M2P_KV_REPLY = 45
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65
@@ -109,6 +119,10 @@ def max_body(msg_type: int) -> int:
         return MAX_STATE_FRAME
     if msg_type == MsgType.M2P_TOPOLOGY:  # a ring of up to 4096 (id, host, port)
         return 4 * MAX_CONTROL_FRAME
+    if msg_type in (MsgType.P2M_KV_SET, MsgType.M2P_KV_REPLY):
+        # a value and a key or reason; twice that, so an overlong body is refused by the
+        # schema (naming the field) rather than by its size alone, like every other type
+        return 2 * (MAX_KV_VALUE + 4 * MAX_KV_KEY + 64)
     return MAX_SMALL_FRAME
 
 

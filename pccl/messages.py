@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
+from pccl.config import MAX_KV_KEY, MAX_KV_VALUE
 from pccl.errors import ProtocolError
 from pccl.frame import MsgType, encode_frame, max_body
 
@@ -33,6 +34,8 @@ __all__ = [
     "AbortKind",
     "GateState",
     "KickCode",
+    "KvScope",
+    "KvStatus",
     "Message",
     "Outcome",
     "VerdictState",
@@ -79,6 +82,22 @@ class KickCode(enum.IntEnum):
             return cls(v)
         except ValueError:
             return cls.UNKNOWN
+
+
+class KvScope(enum.IntEnum):
+    """Where a key of the key-value channel lives (``scope`` of ``P2M_KV_SET``/``GET``)."""
+
+    RUN = 0  #: one key space for the whole run
+    GROUP = 1  #: one key space per peer group (the requesting peer's)
+
+
+class KvStatus(enum.IntEnum):
+    """The outcome in ``M2P_KV_REPLY.status``."""
+
+    OK = 0  #: stored, deleted, or found (``value``, ``version``)
+    NOT_FOUND = 1  #: no such key (a get without wait, a delete of nothing)
+    TIMEOUT = 2  #: waited ``wait_ms`` and no (newer) value came
+    REFUSED = 3  #: beyond a bound, or the store could not be written (``reason``)
 
 
 class AbortKind(enum.IntEnum):
@@ -533,6 +552,28 @@ class Outcomes(Message):
     outcomes: list = spec(lst(tup(u(U63), u(U8)), 256), default=[])
 
 
+@message(MsgType.P2M_KV_SET)
+class KvSet(Message):
+    """Set (or delete) a key of the key-value channel (see :mod:`pccl.master.kv`)."""
+
+    req: int = spec(u(U63))  # echoed in the reply
+    scope: int = spec(u(U8))  # 0: the run, 1: the sender's group
+    key: str = spec(s(MAX_KV_KEY))  # also at most MAX_KV_KEY bytes of UTF-8 (the master checks)
+    value: bytes = spec(y(MAX_KV_VALUE), default=b"")
+    delete: bool = spec(B, default=False)
+
+
+@message(MsgType.P2M_KV_GET)
+class KvGet(Message):
+    """Read a key; with ``wait_ms``, wait that long for a value newer than ``after_version``."""
+
+    req: int = spec(u(U63))
+    scope: int = spec(u(U8))
+    key: str = spec(s(MAX_KV_KEY))
+    wait_ms: int = spec(u(U32), default=0)
+    after_version: int = spec(u(U63), default=0)
+
+
 @message(MsgType.P2M_COLLECTIVE_COMPLETE)
 class CollectiveComplete(Message):
     tag: int = spec(u(U32))
@@ -677,6 +718,17 @@ class SyncPlan(Message):
 class SyncComplete(Message):
     sync_id: int = spec(u(U63))
     revision: int = spec(u())
+
+
+@message(MsgType.M2P_KV_REPLY)
+class KvReply(Message):
+    """The answer to one ``P2M_KV_SET`` or ``P2M_KV_GET`` (``status``: ``KvStatus``)."""
+
+    req: int = spec(u(U63))
+    status: int = spec(u(U8))
+    value: bytes = spec(y(MAX_KV_VALUE), default=b"")
+    version: int = spec(u(U63), default=0)
+    reason: str = spec(s(MAX_KV_KEY), default="")
 
 
 @message(MsgType.M2P_CHALLENGE)

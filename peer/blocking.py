@@ -238,6 +238,32 @@ class Communicator:
         """See :meth:`pccl.aio.Communicator.wait_for_world`."""
         self._run(self._aio.wait_for_world(n, timeout))
 
+    def kv_set(
+        self, key: str, value: bytes | str, *, scope: str = "run", timeout: float = 60.0
+    ) -> int:
+        """See :meth:`pccl.aio.Communicator.kv_set`."""
+        return self._run(self._aio.kv_set(key, value, scope=scope, timeout=timeout))
+
+    def kv_get(self, key: str, *, scope: str = "run", timeout: float = 60.0) -> bytes | None:
+        """See :meth:`pccl.aio.Communicator.kv_get`."""
+        return self._run(self._aio.kv_get(key, scope=scope, timeout=timeout))
+
+    def kv_wait(
+        self, key: str, timeout: float, *, scope: str = "run", after_version: int = 0
+    ) -> bytes:
+        """See :meth:`pccl.aio.Communicator.kv_wait`."""
+        return self._run(self._aio.kv_wait(key, timeout, scope=scope, after_version=after_version))
+
+    def kv_get_versioned(
+        self, key: str, *, scope: str = "run", timeout: float = 60.0
+    ) -> tuple[bytes, int] | None:
+        """See :meth:`pccl.aio.Communicator.kv_get_versioned`."""
+        return self._run(self._aio.kv_get_versioned(key, scope=scope, timeout=timeout))
+
+    def kv_delete(self, key: str, *, scope: str = "run", timeout: float = 60.0) -> bool:
+        """See :meth:`pccl.aio.Communicator.kv_delete`."""
+        return self._run(self._aio.kv_delete(key, scope=scope, timeout=timeout))
+
     def all_reduce(
         self,
         send: Any,

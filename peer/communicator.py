@@ -27,6 +27,14 @@ from typing import Any
 import numpy as np
 from pccl.peer.collectives import CollectiveRunner, ReduceHandle
 from pccl.peer.gates import GateHandle, GateRunner
+from pccl.peer.kv import (
+    DEFAULT_KV_TIMEOUT_S,
+    KvClient,
+    check_key,
+    check_scope,
+    check_timeout,
+    check_value,
+)
 from pccl.peer.metrics import Live, MetricsServer, PeerMetrics
 from pccl.peer.p2p import P2PNode
 from pccl.peer.session import MasterSession, SessionState
@@ -193,6 +201,7 @@ class Communicator:
         )
         self._collectives = CollectiveRunner(self._session, self._node, self.config)
         self._gates = GateRunner(self._session, self.config.collective_timeout_s)
+        self._kv = KvClient(self._session)
         self._syncs = SyncRunner(
             self._session, self._node, self.config, self._collectives.pool, self.token, client_ssl
         )
@@ -571,6 +580,83 @@ class Communicator:
         """
         h = self.quorum_gate_async(tag, ready=ready, min_quorum=min_quorum, grace_s=grace_s)
         return await h.wait(timeout)
+
+    # ------------------------------------------------------------------ key-value channel
+
+    async def kv_set(
+        self,
+        key: str,
+        value: bytes | str,
+        *,
+        scope: str = "run",
+        timeout: float = DEFAULT_KV_TIMEOUT_S,
+    ) -> int:
+        """Store ``value`` under ``key`` in the master's key-value channel; return its version.
+
+        ``scope="run"`` (default): every peer of the run sees the key; ``"group"``: only the
+        peers of this peer's group. ``key``: at most 256 bytes of UTF-8; ``value``: bytes (a
+        ``str`` is stored as UTF-8), at most 64 KiB. Versions increase with every change in the
+        master's store. Once this returns, the value is durable on a master run with
+        ``--state-file`` (it survives the master's restart). A broken master link is retried
+        within ``timeout``.
+
+        Raises:
+            KVRefused: the store is full (``--kv-max-bytes``) or could not be written.
+            TimeoutError: no answer within ``timeout`` seconds.
+            ConnectionLost: the session ended.
+        """
+        k, v, sc = check_key(key), check_value(value), check_scope(scope)
+        t = check_timeout(timeout)
+        self._session.check_usable()
+        return await self._kv.set(k, v, sc, t)
+
+    async def kv_get(
+        self, key: str, *, scope: str = "run", timeout: float = DEFAULT_KV_TIMEOUT_S
+    ) -> bytes | None:
+        """The value under ``key`` (see :meth:`kv_set`), or None when there is none."""
+        k, sc, t = check_key(key), check_scope(scope), check_timeout(timeout)
+        self._session.check_usable()
+        got = await self._kv.get(k, sc, t)
+        return None if got is None else got[0]
+
+    async def kv_wait(
+        self, key: str, timeout: float, *, scope: str = "run", after_version: int = 0
+    ) -> bytes:
+        """Wait until ``key`` has a value (newer than ``after_version``, a version returned by
+        :meth:`kv_set` or :meth:`kv_get_versioned`) and return it. The wait survives a master
+        restart (it is asked again of the restarted master within ``timeout``).
+
+        Raises:
+            TimeoutError: no (newer) value within ``timeout`` seconds.
+            ConnectionLost: the session ended.
+        """
+        k, sc, t = check_key(key), check_scope(scope), check_timeout(timeout)
+        if isinstance(after_version, bool) or not isinstance(after_version, int):
+            raise TypeError("after_version must be an int")
+        if not 0 <= after_version < 2**63:
+            raise ValueError(f"after_version must be within 0..2**63-1, got {after_version}")
+        self._session.check_usable()
+        got = await self._kv.get(k, sc, t, wait=t, after=after_version)
+        if got is None:
+            raise TimeoutError(f"no value for key {key!r} within {timeout}s")
+        return got[0]
+
+    async def kv_get_versioned(
+        self, key: str, *, scope: str = "run", timeout: float = DEFAULT_KV_TIMEOUT_S
+    ) -> tuple[bytes, int] | None:
+        """``(value, version)`` under ``key``, or None (for :meth:`kv_wait`'s
+        ``after_version``: wait for the next change)."""
+        k, sc, t = check_key(key), check_scope(scope), check_timeout(timeout)
+        self._session.check_usable()
+        return await self._kv.get(k, sc, t)
+
+    async def kv_delete(
+        self, key: str, *, scope: str = "run", timeout: float = DEFAULT_KV_TIMEOUT_S
+    ) -> bool:
+        """Remove ``key``; True if it existed. Frees its bytes in the master's bound."""
+        k, sc, t = check_key(key), check_scope(scope), check_timeout(timeout)
+        self._session.check_usable()
+        return await self._kv.delete(k, sc, t)
 
     async def close(self, reason: str = "closed by the application") -> None:
         """Leave the run (the master re-forms the ring without us) and release everything.

@@ -95,6 +95,7 @@ _SESSION_TYPES = frozenset(
         MsgType.M2P_GATE_QUORUM,
         MsgType.M2P_SYNC_PLAN,
         MsgType.M2P_SYNC_COMPLETE,
+        MsgType.M2P_KV_REPLY,
         MsgType.M2P_KICK,
     }
 )

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +60,15 @@ class MasterProc:
         return _tail(self.log)
 
 
-def _start_master(log: Path, env_overrides: dict[str, str], port: int = 0) -> MasterProc:
+def _start_master(
+    log: Path, env_overrides: dict[str, str], port: int = 0, extra_args: Sequence[str] = ()
+) -> MasterProc:
     with log.open("wb") as err:
         try:
             proc, addr = spawn_master(
                 None,
                 port=port,
+                extra_args=extra_args,
                 env={**os.environ, **env_overrides},
                 stderr=err,
                 timeout=MASTER_START_TIMEOUT_S,
@@ -78,11 +81,12 @@ def _start_master(log: Path, env_overrides: dict[str, str], port: int = 0) -> Ma
 
 @pytest.fixture
 def master_factory(tmp_path: Path) -> Iterator[Callable[..., MasterProc]]:
-    """``start(**env)`` starts a master with extra environment (e.g. PCCL_HEARTBEAT_TIMEOUT_S)."""
+    """``start(**env)`` starts a master with extra environment (e.g. PCCL_HEARTBEAT_TIMEOUT_S);
+    ``start(extra_args=[...])`` with more ``pccl master`` arguments."""
     started: list[MasterProc] = []
 
-    def start(port: int = 0, **env: str) -> MasterProc:
-        m = _start_master(tmp_path / f"master{len(started)}.log", env, port)
+    def start(port: int = 0, extra_args: Sequence[str] = (), **env: str) -> MasterProc:
+        m = _start_master(tmp_path / f"master{len(started)}.log", env, port, extra_args)
         started.append(m)
         return m
 

@@ -637,6 +637,10 @@ def test_length_bounds_per_type(mtype: MsgType) -> None:
         bound = MAX_STATE_FRAME  # they list every entry of a shared state
     elif mtype.name == "M2P_TOPOLOGY":
         bound = 4 * MAX_CONTROL_FRAME  # a ring of up to 4096 peers
+    elif mtype.name in ("P2M_KV_SET", "M2P_KV_REPLY"):
+        from pccl.config import MAX_KV_KEY, MAX_KV_VALUE
+
+        bound = 2 * (MAX_KV_VALUE + 4 * MAX_KV_KEY + 64)  # a 64 KiB value and its key, twice
     else:
         from pccl.config import MAX_SMALL_FRAME
 
