@@ -75,10 +75,13 @@ def _check_half(res: dict[str, Any], nbytes: int, world: int, repeats: int) -> N
 @pytest.mark.e2e
 @pytest.mark.timeout(90)
 def test_bench_allreduce_json(tmp_path: Path) -> None:
-    extra = ["--compare", "gloo"] if HAVE_TORCH else []
+    extra = ["--compare", "gloo,floor" if HAVE_TORCH else "floor"]
     doc = _run_bench(tmp_path, *extra, timeout=80)
-    assert set(doc) == {"pccl", "gloo", "speedup", "config"}
+    assert set(doc) == {"pccl", "gloo", "floor", "speedup", "floor_ratio", "config"}
     cfg = doc["config"]
+    mach = cfg["machine"]
+    assert mach["cores"] >= 1 and mach["kernel"] and mach["python"] and "backend" in mach
+    assert isinstance(mach["caches"], dict)
     nbytes = 4 << 20
     assert cfg["bytes"] == nbytes and cfg["peers"] == 2 and cfg["repeats"] == 5
     p = doc["pccl"]
@@ -90,6 +93,12 @@ def test_bench_allreduce_json(tmp_path: Path) -> None:
         assert doc["speedup"] == pytest.approx(doc["gloo"]["seconds"] / p["seconds"])
     else:
         assert doc["gloo"] is None and doc["speedup"] is None
+    # The floor: the plain TCP ring moved what a ring all-reduce moves per peer, in the same run.
+    f = doc["floor"]
+    assert 0 < f["min_s"] <= f["seconds"] <= f["max_s"] and len(f["times_s"]) == 5
+    assert f["bytes_per_peer"] == nbytes  # 2 (N-1)/N of the buffer with N = 2
+    assert len(f["cpu_s_per_op"]) == 2 and all(c > 0 for c in f["cpu_s_per_op"])
+    assert doc["floor_ratio"] == pytest.approx(p["seconds"] / f["seconds"])
 
 
 @pytest.mark.e2e

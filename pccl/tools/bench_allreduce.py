@@ -14,6 +14,15 @@ size in N processes (``--gloo-worker``), the method of reference/machine-measure
 rendezvous on loopback, ``GLOO_SOCKET_IFNAME=lo``, one torch thread, a barrier before each op,
 max over ranks, median of ``repeats``. Gloo always reduces float32, also when pccl quantizes.
 
+``--compare floor`` (or ``gloo,floor``) measures the raw transport floor in the same
+invocation (``--floor-worker``): N processes in a ring of plain TCP connections on loopback
+(default socket options, one connection per link), each ``sendall``-ing the bytes a ring
+all-reduce moves per peer (``2 (N-1)/N`` of the buffer) in 4 MiB slices to its successor
+from one thread while ``recv_into``-ing as many from its predecessor into one 4 MiB buffer;
+no arithmetic, no framing. It is deliberately not pccl's transport, so it cannot move with
+pccl's tuning: ``floor_ratio`` (pccl / floor) says how far pccl is from moving bytes alone.
+A two-lap token round the ring acts as the barrier before each operation.
+
 ``--wan-delay-ms`` puts a delay proxy (:mod:`pccl.tools.wanproxy`, one process per peer) in front of
 every peer's p2p listener: the peer listens on a fixed ``p2p_port`` and advertises the proxy's
 port, so its ring predecessor dials through the proxy. Master traffic is not proxied.
@@ -97,7 +106,13 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quantization", choices=_QUANTS, default="none", help="pccl wire encoding")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="pccl element type")
-    p.add_argument("--compare", choices=["gloo"], help="also run torch.distributed gloo")
+    p.add_argument(
+        "--compare",
+        type=_compare_list,
+        default=(),
+        help="also run torch.distributed gloo and/or the raw TCP ring floor: gloo, floor or "
+        "gloo,floor",
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed operations (>= 5, default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed operations first (default 2)")
     p.add_argument("--in-place", action="store_true", help="pccl all-reduces in place")
@@ -116,6 +131,14 @@ def _float_list(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or comma list: {text!r}") from None
+
+
+def _compare_list(text: str) -> tuple[str, ...]:
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in got if x not in ("gloo", "floor")]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"--compare takes gloo, floor or gloo,floor: {text!r}")
+    return got
 
 
 def _int_list(text: str) -> list[int]:
@@ -145,7 +168,7 @@ def _cmd(args: argparse.Namespace) -> int:
         problems.append("--wan-cap-mib must be > 0")
     if not args.timeout > 0:
         problems.append("--timeout must be > 0")
-    if args.compare == "gloo" and not _have("torch"):
+    if "gloo" in args.compare and not _have("torch"):
         problems.append("--compare gloo needs torch: pip install 'pccl[torch]'")
     if args.dtype == "bfloat16" and not _have("ml_dtypes"):
         problems.append("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
@@ -157,20 +180,20 @@ def _cmd(args: argparse.Namespace) -> int:
         return 2
     configs = [(mib, streams) for mib in args.mib for streams in args.streams]
     total = len(configs) * (args.warmup + args.repeats)
-    total += len(args.mib) * (args.warmup + args.repeats) if args.compare else 0
+    total += len(args.mib) * (args.warmup + args.repeats) * len(args.compare)
     docs: list[dict[str, Any]] = []
-    gloo_of: dict[float, dict[str, Any] | None] = {}
+    refs_of: dict[float, dict[str, Any]] = {}
     try:
         with progress.bar(total, "bench allreduce", unit="op") as pbar:
             for mib, streams in configs:
                 one = argparse.Namespace(**{**vars(args), "mib": mib, "streams": streams})
-                if mib in gloo_of:  # gloo has no streams: measured once per size
-                    one.compare = None
+                if mib in refs_of:  # gloo and the floor have no streams: once per size
+                    one.compare = ()
                 doc = run(one, pbar)
-                if mib in gloo_of:
-                    doc = _with_gloo(doc, gloo_of[mib])
+                if mib in refs_of:
+                    doc = _with_refs(doc, refs_of[mib])
                 else:
-                    gloo_of[mib] = doc["gloo"]
+                    refs_of[mib] = {"gloo": doc["gloo"], "floor": doc["floor"]}
                 docs.append(doc)
     except BenchError as e:
         print(f"pccl bench allreduce: FAILED: {e}", file=sys.stderr)
@@ -191,13 +214,53 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _with_gloo(doc: dict[str, Any], gloo: dict[str, Any] | None) -> dict[str, Any]:
-    """``doc`` (a run without gloo) with the gloo half measured for its size earlier."""
-    if gloo is None:
-        return doc
-    speedup = gloo["seconds"] / doc["pccl"]["seconds"]
-    config = {**doc["config"], "compare": "gloo", "gloo_reused": True}
-    return {**doc, "gloo": gloo, "speedup": speedup, "config": config}
+def _with_refs(doc: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (a run without references) with gloo and the floor measured for its size
+    earlier in the same invocation."""
+    out = {**doc, **refs, "config": {**doc["config"], "references_reused": True}}
+    return {**out, **_ratios(out["pccl"], out["gloo"], out["floor"])}
+
+
+def _ratios(
+    pccl_res: dict[str, Any], gloo: dict[str, Any] | None, floor: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``speedup`` (gloo / pccl, > 1: pccl faster) and ``floor_ratio`` (pccl / floor, >= 1:
+    how far pccl is from moving the bytes alone), from the medians."""
+    return {
+        "speedup": gloo["seconds"] / pccl_res["seconds"] if gloo else None,
+        "floor_ratio": pccl_res["seconds"] / floor["seconds"] if floor else None,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    """What the figures depend on: CPU model, caches, cores, kernel, Python, SIMD level."""
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    caches: dict[str, str] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.exists() else ():
+        with contextlib.suppress(OSError):
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            tag = f"L{level}" + ("d" if kind == "Data" else "i" if kind == "Instruction" else "")
+            caches[tag] = (idx / "size").read_text().strip()
+    import pccl
+
+    return {
+        "cpu_model": model or platform.processor(),
+        "caches": caches,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "backend": pccl.BACKEND,
+        "simd": _simd() if pccl.BACKEND == "native" else None,
+    }
 
 
 def _simd() -> str | None:
@@ -271,10 +334,12 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
         "simd": _simd() if pccl.BACKEND == "native" else None,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
+        "machine": _machine(),
         "timing": "per iteration: max over peers of the op's wall time after a barrier; "
         "reported: median over iterations",
     }
     gloo: dict[str, Any] | None = None
+    floor: dict[str, Any] | None = None
     with _handle_sigterm(), tempfile.TemporaryDirectory(prefix="pccl-bench-") as tmp:
         tmpdir = Path(tmp)
         _log(
@@ -293,15 +358,21 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
         )
         with _Fleet(tmpdir) as fleet:
             pccl_res = _run_pccl(args, n, nbytes, fleet, pbar)
-        if args.compare == "gloo":
+        if "gloo" in args.compare:
             config["torch"] = importlib.metadata.version("torch")
             _log(f"gloo: {args.peers} ranks, {args.mib:g} MiB float32")
             with _Fleet(tmpdir) as fleet:
                 gloo = _run_gloo(args, nbytes // 4, fleet, pbar)
-    speedup = gloo["seconds"] / pccl_res["seconds"] if gloo else None
-    if speedup is not None:
-        _log(f"speedup (gloo / pccl median): {speedup:.2f}x")
-    return {"pccl": pccl_res, "gloo": gloo, "speedup": speedup, "config": config}
+        if "floor" in args.compare:
+            _log(f"floor: {args.peers} processes, plain TCP ring, {args.mib:g} MiB")
+            with _Fleet(tmpdir) as fleet:
+                floor = _run_floor(args, nbytes, fleet, pbar)
+    ratios = _ratios(pccl_res, gloo, floor)
+    if ratios["speedup"] is not None:
+        _log(f"speedup (gloo / pccl median): {ratios['speedup']:.2f}x")
+    if ratios["floor_ratio"] is not None:
+        _log(f"floor ratio (pccl / floor median): {ratios['floor_ratio']:.2f}x")
+    return {"pccl": pccl_res, "gloo": gloo, "floor": floor, **ratios, "config": config}
 
 
 @contextlib.contextmanager
@@ -647,6 +718,50 @@ def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet, pbar: Any = None)
     return out
 
 
+def _run_floor(
+    args: argparse.Namespace, nbytes: int, fleet: _Fleet, pbar: Any = None
+) -> dict[str, Any]:
+    deadline = time.monotonic() + args.timeout
+    ports = [_free_port() for _ in range(args.peers)]
+    names = [f"floor{i}" for i in range(args.peers)]
+    for i, name in enumerate(names):
+        params = {
+            "rank": i,
+            "world": args.peers,
+            "nbytes": nbytes,
+            "ports": ports,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "timeout": args.timeout,
+        }
+        fleet.spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "pccl.tools.bench_allreduce",
+                "--floor-worker",
+                json.dumps(params),
+            ],
+        )
+    total = args.warmup + args.repeats
+    res = _collect(fleet, names, total, "floor", nbytes, args.peers, args.warmup, deadline, pbar)
+    fleet.wait_exit(names, deadline + 30)
+    rows = [res[name] for name in names]
+    times = [max(r["times"][i] for r in rows) for i in range(args.warmup, total)]
+    out = _summary(times, nbytes, args.peers)
+    out.update(
+        bytes_per_peer=rows[0]["bytes_per_op"],
+        slice_bytes=FLOOR_SLICE,
+        cpu_s_per_op=[r["cpu_s_per_op"] for r in rows],
+    )
+    _log(
+        f"floor: median {out['seconds']:.4f} s (min {out['min_s']:.4f}, max {out['max_s']:.4f}), "
+        f"busbw {out['busbw_gbps']:.3f} GB/s"
+    )
+    return out
+
+
 # ================================================================================== workers
 
 
@@ -858,6 +973,80 @@ def _gloo_worker(params: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
+#: Send and receive slice of the floor's plain ring.
+FLOOR_SLICE = 4 << 20
+
+
+def _floor_worker(params: dict[str, Any]) -> None:
+    """One process of the plain TCP ring (see the module docstring)."""
+    _watch_stdin()
+    rank, world, ports = params["rank"], params["world"], params["ports"]
+    deadline = time.monotonic() + params["timeout"]
+    srv = socket.create_server(("127.0.0.1", ports[rank]))
+    srv.settimeout(max(1.0, deadline - time.monotonic()))
+    nxt: socket.socket | None = None
+    while nxt is None:
+        try:
+            nxt = socket.create_connection(("127.0.0.1", ports[(rank + 1) % world]), timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    prv, _ = srv.accept()
+    srv.close()
+    for s in (nxt, prv):
+        s.settimeout(max(1.0, deadline - time.monotonic()))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _emit("joined")
+    total = 2 * (world - 1) * params["nbytes"] // world
+    src = bytearray(os.urandom(1 << 16)) * (FLOOR_SLICE >> 16)  # one slice, sent again and again
+    dst = bytearray(FLOOR_SLICE)
+    view, dview = memoryview(src), memoryview(dst)
+
+    def barrier() -> None:
+        # Two laps of a one-byte token: after the second every process has passed the first.
+        for _ in range(2):
+            if rank == 0:
+                nxt.sendall(b"t")
+                if prv.recv(1) != b"t":
+                    raise RuntimeError("barrier token lost")
+            else:
+                if prv.recv(1) != b"t":
+                    raise RuntimeError("barrier token lost")
+                nxt.sendall(b"t")
+
+    def send_all() -> None:
+        left = total
+        while left:
+            k = min(left, FLOOR_SLICE)
+            nxt.sendall(view[:k])
+            left -= k
+
+    times: list[float] = []
+    cpu = 0.0
+    for i in range(params["warmup"] + params["repeats"]):
+        barrier()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        got = 0
+        while got < total:
+            k = prv.recv_into(dview[: min(FLOOR_SLICE, total - got)])
+            if k == 0:
+                raise ConnectionError("predecessor closed the floor ring")
+            got += k
+        sender.join()
+        dt = time.perf_counter() - t0
+        if i >= params["warmup"]:
+            cpu += time.process_time() - c0
+        times.append(dt)
+        _emit("iter", i=i, seconds=dt)
+    _emit("result", times=times, bytes_per_op=total, cpu_s_per_op=cpu / params["repeats"])
+    nxt.close()
+    prv.close()
+
+
 def _run_worker(fn: Callable[[dict[str, Any]], None], raw: str) -> int:
     try:
         fn(json.loads(raw))
@@ -876,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_worker(_worker, argv[1])
     if len(argv) == 2 and argv[0] == "--gloo-worker":
         return _run_worker(_gloo_worker, argv[1])
+    if len(argv) == 2 and argv[0] == "--floor-worker":
+        return _run_worker(_floor_worker, argv[1])
     from pccl.tools.proc import run_subcommand
 
     return run_subcommand(add_arguments, "allreduce", argv)
