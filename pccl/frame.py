@@ -77,6 +77,8 @@ class MsgType(enum.IntEnum):
     P2M_GATE_ARRIVE = 13
     P2M_KV_SET = 14
     P2M_KV_GET = 15
+    P2M_OPTIMIZE_TOPOLOGY = 24
+    P2M_PROBE_REPORT = 25
 
     M2P_WELCOME = 32
     M2P_HEARTBEAT = 33
@@ -92,6 +94,7 @@ class MsgType(enum.IntEnum):
     M2P_GATE_DONE = 43
     M2P_GATE_QUORUM = 44
     M2P_KV_REPLY = 45
+    M2P_PROBE_PLAN = 56
 
     P2P_HELLO = 64
     P2P_HELLO_ACK = 65
@@ -101,6 +104,7 @@ class MsgType(enum.IntEnum):
     P2P_STATE_ERROR = 69
     P2P_CHALLENGE = 70
     P2P_STATE_HELLO = 71
+    P2P_PROBE_HELLO = 72
 
 
 _KNOWN = frozenset(int(t) for t in MsgType)
@@ -117,7 +121,8 @@ def max_body(msg_type: int) -> int:
         return STATE_HEADER.size + MAX_DATA_FRAME
     if msg_type in _STATE_SIZED:
         return MAX_STATE_FRAME
-    if msg_type == MsgType.M2P_TOPOLOGY:  # a ring of up to 4096 (id, host, port)
+    if msg_type in (MsgType.M2P_TOPOLOGY, MsgType.M2P_PROBE_PLAN, MsgType.P2M_PROBE_REPORT):
+        # a ring (or probe schedule) of up to 4096 (id, host, port); a report of 4096 links
         return 4 * MAX_CONTROL_FRAME
     if msg_type in (MsgType.P2M_KV_SET, MsgType.M2P_KV_REPLY):
         # a value and a key or reason; twice that, so an overlong body is refused by the

@@ -574,6 +574,26 @@ class KvGet(Message):
     after_version: int = spec(u(U63), default=0)
 
 
+@message(MsgType.P2M_OPTIMIZE_TOPOLOGY)
+class OptimizeTopology(Message):
+    """Vote to measure the group's links and re-order its ring (see :mod:`pccl.master.topology`):
+    re-ordered only when the predicted bottleneck gain is at least ``min_gain`` (relative);
+    ``reprobe`` measures cached links again."""
+
+    min_gain: float = spec(F, default=0.1)
+    reprobe: bool = spec(B, default=False)
+
+
+@message(MsgType.P2M_PROBE_REPORT)
+class ProbeReport(Message):
+    """What the peer measured in probe round ``round_id``: (peer, Gbit/s to it, RTT ms)."""
+
+    round_id: int = spec(u(U63))
+    links: list = spec(lst(tup(u(MAX_PEER_ID), F, F), MAX_GROUP_PEERS), default=[])
+    ok: bool = spec(B, default=True)
+    reason: str = spec(s(512), default="")
+
+
 @message(MsgType.P2M_COLLECTIVE_COMPLETE)
 class CollectiveComplete(Message):
     tag: int = spec(u(U32))
@@ -731,6 +751,17 @@ class KvReply(Message):
     reason: str = spec(s(MAX_KV_KEY), default="")
 
 
+@message(MsgType.M2P_PROBE_PLAN)
+class ProbePlan(Message):
+    """Measure links in ``round_id``: one target per round, in order ((0, "", 0): no probe that
+    round); each probe sends at most ``max_bytes`` and lasts about ``seconds``."""
+
+    round_id: int = spec(u(U63))
+    max_bytes: int = spec(u())
+    seconds: float = spec(F)
+    targets: list = spec(lst(tup(u(MAX_PEER_ID), s(255), u(U16)), MAX_GROUP_PEERS))
+
+
 @message(MsgType.M2P_CHALLENGE)
 class Challenge(Message):
     """First frame of every master connection: a fresh nonce to prove the token over."""
@@ -773,6 +804,15 @@ class StateHello(Message):
 
     peer_id: int = spec(u(MAX_PEER_ID))
     sync_id: int = spec(u(U63))
+    auth: bytes = spec(y(64), default=b"")
+
+
+@message(MsgType.P2P_PROBE_HELLO)
+class ProbeHello(Message):
+    """First frame of a link-probe connection, from the prober (after the challenge)."""
+
+    peer_id: int = spec(u(MAX_PEER_ID))
+    round_id: int = spec(u(U63))
     auth: bytes = spec(y(64), default=b"")
 
 

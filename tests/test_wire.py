@@ -635,8 +635,8 @@ def test_length_bounds_per_type(mtype: MsgType) -> None:
         from pccl.config import MAX_STATE_FRAME
 
         bound = MAX_STATE_FRAME  # they list every entry of a shared state
-    elif mtype.name == "M2P_TOPOLOGY":
-        bound = 4 * MAX_CONTROL_FRAME  # a ring of up to 4096 peers
+    elif mtype.name in ("M2P_TOPOLOGY", "M2P_PROBE_PLAN", "P2M_PROBE_REPORT"):
+        bound = 4 * MAX_CONTROL_FRAME  # a ring (probe schedule, link report) of 4096 peers
     elif mtype.name in ("P2M_KV_SET", "M2P_KV_REPLY"):
         from pccl.config import MAX_KV_KEY, MAX_KV_VALUE
 
