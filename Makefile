@@ -27,7 +27,7 @@ lint: $(STAMP)
 # kernel (wire format, master state machine and listeners, status endpoint, config, hammer,
 # gates, layout, deployment, signals) or only repeat the first pass's processes around one
 # (the installed wheel, plots, chaos of a user command).
-NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates wheel deploy layout signals progress_plots chaos_cmd,--ignore=tests/test_$(f).py)
+NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates wheel deploy layout signals progress_plots chaos_cmd kv bench_master,--ignore=tests/test_$(f).py)
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
