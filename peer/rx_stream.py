@@ -11,6 +11,8 @@ until it proves the token:
 * authenticated, one role: a ring stream from our predecessor for the announced epoch
   (``RING_DATA``: ``P2P_DATA`` frames only), or a state requester (one ``P2P_STATE_REQUEST``,
   read only after its hello verified, then served by the node under a progress deadline).
+* authenticated link prober (``PROBE``, after a ``P2P_PROBE_HELLO``): timed transfers answered
+  by :class:`pccl.peer.probe.ProbeResponder`, under the handshake deadline.
 * ``CLOSED``: nothing it sends reaches an operation, a buffer or another connection.
 
 Only an accepted ring stream may fail operations: its loss or a protocol error on it breaks the
@@ -36,6 +38,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from pccl.peer.probe import PURPOSE as PROBE_PURPOSE
+from pccl.peer.probe import ProbeResponder
+
 from pccl import messages as m
 from pccl.auth import new_nonce, verify
 from pccl.errors import ProtocolError
@@ -60,7 +65,7 @@ __all__ = ["PRE_AUTH", "RING_DATA", "RxState", "RxStream"]
 _FULL_HEADER = HEADER.size + DATA_HEADER.size
 _DISCARD = memoryview(bytearray(1 << 20))  # shared sink for skipped payloads
 _NO_HEADER = DataHeader(0, 0, 0, 0, 0, 0, 0)
-_HELLOS = frozenset({MsgType.P2P_HELLO, MsgType.P2P_STATE_HELLO})
+_HELLOS = frozenset({MsgType.P2P_HELLO, MsgType.P2P_STATE_HELLO, MsgType.P2P_PROBE_HELLO})
 
 
 class RxState(enum.Enum):
@@ -80,6 +85,8 @@ class RxState(enum.Enum):
     STATE_REQUEST = "state_request"  #: state hello verified; reading the request header
     STATE_REQUEST_BODY = "state_request_body"  #: reading the request (bounded by its max_body)
     SERVING = "serving"  #: streaming the ranges; the requester may send nothing more
+    # -- authenticated link prober (pccl.peer.probe)
+    PROBE = "probe"  #: probe hello verified: timed transfers, closed at the handshake deadline
     # --
     CLOSED = "closed"  #: closed by us or gone; nothing it sends reaches anything
 
@@ -94,11 +101,13 @@ PRE_AUTH = frozenset({_S.HELLO_HDR, _S.HELLO_BODY})
 #: Accepted ring-stream states: only here may an error or a loss fail operations.
 RING_DATA = frozenset({_S.FRAME_HDR, _S.PAYLOAD, _S.DISCARD, _S.PARKED})
 #: Authenticated but not yet in its steady role: still under the handshake deadline.
-_HANDSHAKE = PRE_AUTH | {_S.PARKED_HELLO, _S.STATE_REQUEST, _S.STATE_REQUEST_BODY}
+_HANDSHAKE = PRE_AUTH | {_S.PARKED_HELLO, _S.STATE_REQUEST, _S.STATE_REQUEST_BODY, _S.PROBE}
 
 _NEXT: dict[RxState, frozenset[RxState]] = {
     _S.HELLO_HDR: frozenset({_S.HELLO_BODY, _S.CLOSED}),
-    _S.HELLO_BODY: frozenset({_S.PARKED_HELLO, _S.FRAME_HDR, _S.STATE_REQUEST, _S.CLOSED}),
+    _S.HELLO_BODY: frozenset(
+        {_S.PARKED_HELLO, _S.FRAME_HDR, _S.STATE_REQUEST, _S.PROBE, _S.CLOSED}
+    ),
     _S.PARKED_HELLO: frozenset({_S.FRAME_HDR, _S.CLOSED}),
     _S.FRAME_HDR: frozenset({_S.FRAME_HDR, _S.PAYLOAD, _S.DISCARD, _S.PARKED, _S.CLOSED}),
     _S.PAYLOAD: frozenset({_S.FRAME_HDR, _S.DISCARD, _S.CLOSED}),
@@ -107,6 +116,7 @@ _NEXT: dict[RxState, frozenset[RxState]] = {
     _S.STATE_REQUEST: frozenset({_S.STATE_REQUEST_BODY, _S.CLOSED}),
     _S.STATE_REQUEST_BODY: frozenset({_S.SERVING, _S.CLOSED}),
     _S.SERVING: frozenset({_S.CLOSED}),
+    _S.PROBE: frozenset({_S.PROBE, _S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
 
@@ -134,6 +144,7 @@ class RxStream(asyncio.BufferedProtocol):
         self.nonce = b""
         self.hello_type = MsgType.P2P_HELLO
         self.state_hello: m.StateHello | None = None
+        self.probe: ProbeResponder | None = None
         self.op: RingOp | None = None  # set only in PAYLOAD
         self.header: DataHeader = _NO_HEADER
         self.opened = time.monotonic()
@@ -220,6 +231,8 @@ class RxStream(asyncio.BufferedProtocol):
         msg = m.decode(self.hello_type, bytes(self.target))
         if isinstance(msg, m.P2PHello):
             self._on_ring_hello(msg)
+        elif isinstance(msg, m.ProbeHello):
+            self._on_probe_hello(msg)
         else:
             assert isinstance(msg, m.StateHello)
             self._on_state_hello(msg)
@@ -242,6 +255,24 @@ class RxStream(asyncio.BufferedProtocol):
         self.node.authenticated(self)
         self.state_hello = msg
         self._to(RxState.STATE_REQUEST, self._hdr[: HEADER.size])
+
+    def _on_probe_hello(self, msg: m.ProbeHello) -> None:
+        self.peer_id = msg.peer_id
+        if not verify(
+            self.node.token, msg.auth, PROBE_PURPOSE, self.nonce, msg.peer_id, msg.round_id
+        ):
+            self.reject("probe hello failed authentication")
+            return
+        self.node.authenticated(self)
+        self.node.stats["probed"] += 1
+        self.probe = ProbeResponder()
+        self._to(RxState.PROBE, self.probe.first())
+        assert self.transport is not None
+        self.transport.write(m.P2PHelloAck(True).encode())
+
+    def _on_probe(self) -> None:
+        assert self.probe is not None and self.transport is not None
+        self._to(RxState.PROBE, self.probe.on_full(self.transport.write))
 
     def _handshake_expired(self) -> None:
         if self.state in _HANDSHAKE:
@@ -428,6 +459,7 @@ _ON_FULL: dict[RxState, Callable[[RxStream], None]] = {
     _S.STATE_REQUEST: RxStream._on_request_header,
     _S.STATE_REQUEST_BODY: RxStream._on_request_body,
     _S.SERVING: RxStream._on_unexpected,
+    _S.PROBE: RxStream._on_probe,
     _S.CLOSED: RxStream._on_closed,
 }
 assert set(_ON_FULL) == set(RxState) == set(_NEXT)

@@ -717,11 +717,12 @@ async def test_a_garbage_successor_fails_the_dial_not_the_operations() -> None:
 
 def test_the_authentication_boundary_is_in_the_tables() -> None:
     assert set(_ON_FULL) == set(RxState) == set(_NEXT)
-    entry = {RxState.PARKED_HELLO, RxState.FRAME_HDR, RxState.STATE_REQUEST}
+    entry = {RxState.PARKED_HELLO, RxState.FRAME_HDR, RxState.STATE_REQUEST, RxState.PROBE}
     for state in PRE_AUTH:  # out of pre-auth only through a judged hello, or closed
         assert _NEXT[state] <= PRE_AUTH | entry | {RxState.CLOSED}
     assert {s for s in PRE_AUTH if _NEXT[s] & entry} == {RxState.HELLO_BODY}
     for state in RING_DATA:  # a ring stream never turns into anything else
         assert _NEXT[state] <= RING_DATA | {RxState.CLOSED}
     assert _NEXT[RxState.SERVING] == {RxState.CLOSED} and not _NEXT[RxState.CLOSED]
+    assert _NEXT[RxState.PROBE] == {RxState.PROBE, RxState.CLOSED}  # a prober stays one
     assert not (RING_DATA & PRE_AUTH)
