@@ -295,7 +295,11 @@ K uint32_t key_f32(uint32_t k) { return k & 0x80000000u ? k & 0x7FFFFFFFu : ~k; 
 #define KEY_POS_INF 0xFF800000u /* f32_key(+inf) */
 #define KEY_NEG_INF 0x007FFFFFu /* f32_key(-inf) */
 
-K void quantize_block(const f32u *restrict x, u8u *restrict q, f32u *restrict meta, size_t m) {
+/* The meta of one block for codes in [0, levels]: writes (mn, scale) and returns 0 when codes
+ * are to be computed; returns 1 when every code is 0 (scale 0, or a NaN/inf block whose meta
+ * is the canonical NaN pair). */
+K int block_meta(const f32u *restrict x, f32u *restrict meta, size_t m, float levels, float *mn_out,
+                 float *scale_out) {
     uint32_t kmin = UINT32_MAX, kmax = 0;
     for (size_t i = 0; i < m; i++) {
         uint32_t k = f32_key(f2u(x[i]));
@@ -308,27 +312,39 @@ K void quantize_block(const f32u *restrict x, u8u *restrict q, f32u *restrict me
         float mx = u2f(key_f32(kmax)) + 0.0f;
         float d = mx - mn;
         if (d <= FLT_MAX) {
-            float scale = d / 255.0f;
+            float scale = d / levels;
             meta[0] = mn;
             meta[1] = scale;
-            if (scale == 0.0f) {
-                memset(q, 0, m);
-                return;
-            }
-            for (size_t i = 0; i < m; i++) {
-                float t = (x[i] - mn) / scale;
-                t = u2f(select_u32(t < 255.0f, f2u(t), f2u(255.0f)));
-                /* t is in [0, 255]: adding 2^23 rounds it to an integer, nearest-even, which
-                 * then sits in the low mantissa bits. */
-                q[i] = (uint8_t)f2u(t + 0x1p23f);
-            }
-            return;
+            *mn_out = mn;
+            *scale_out = scale;
+            return scale == 0.0f;
         }
     }
     /* NaN/inf in the block, or a range that overflows fp32: the block decodes to NaN. */
     meta[0] = u2f(F32_CANON);
     meta[1] = u2f(F32_CANON);
-    memset(q, 0, m);
+    return 1;
+}
+
+/* Codes of m finite values of a block with scale > 0: rint(min((x - mn) / scale, levels)). */
+K void block_codes(const f32u *restrict x, uint8_t *restrict q, size_t m, float mn, float scale,
+                   float levels) {
+    for (size_t i = 0; i < m; i++) {
+        float t = (x[i] - mn) / scale;
+        t = u2f(select_u32(t < levels, f2u(t), f2u(levels)));
+        /* t is in [0, levels <= 255]: adding 2^23 rounds it to an integer, nearest-even,
+         * which then sits in the low mantissa bits. */
+        q[i] = (uint8_t)f2u(t + 0x1p23f);
+    }
+}
+
+K void quantize_block(const f32u *restrict x, u8u *restrict q, f32u *restrict meta, size_t m) {
+    float mn = 0.0f, scale = 0.0f;
+    if (block_meta(x, meta, m, 255.0f, &mn, &scale)) {
+        memset(q, 0, m);
+        return;
+    }
+    block_codes(x, q, m, mn, scale, 255.0f);
 }
 
 K void dequantize_block(const u8u *restrict q, float mn, float scale, f32u *restrict out,
@@ -422,6 +438,143 @@ K int ring_hop_body(const void *q, const void *meta, const void *base, void *acc
     return 0;
 }
 
+/* ---- packed 4-bit / 2-bit block quantisation ---------------------------------------------- */
+
+/* Codes are the uint8 ones with 2^bits - 1 levels, packed 8 / bits per byte, least significant
+ * first; a short last byte has zero high bits. Blocks are multiples of 8 / bits elements (the
+ * binding checks), so each block starts on a byte. Codes go through a stack buffer of
+ * CODE_TMP elements (a multiple of 4): the per-element loops stay the uint8 ones. */
+#define CODE_TMP 4096
+
+K size_t packed_bytes(size_t m, int bits) { return bits == 4 ? (m + 1) / 2 : (m + 3) / 4; }
+
+K void pack_codes(const uint8_t *restrict c, u8u *restrict q, size_t m, int bits) {
+    if (bits == 4) {
+        size_t h = m / 2;
+        for (size_t j = 0; j < h; j++) q[j] = (uint8_t)(c[2 * j] | (c[2 * j + 1] << 4));
+        if (m & 1) q[h] = c[m - 1];
+    } else {
+        size_t h = m / 4;
+        for (size_t j = 0; j < h; j++)
+            q[j] = (uint8_t)(c[4 * j] | (c[4 * j + 1] << 2) | (c[4 * j + 2] << 4) |
+                             (c[4 * j + 3] << 6));
+        if (m & 3) {
+            uint8_t v = 0;
+            for (size_t k = 0; k < (m & 3); k++) v = (uint8_t)(v | (c[4 * h + k] << (2 * k)));
+            q[h] = v;
+        }
+    }
+}
+
+K void unpack_codes(const u8u *restrict q, uint8_t *restrict c, size_t m, int bits) {
+    if (bits == 4) {
+        size_t h = m / 2;
+        for (size_t j = 0; j < h; j++) {
+            c[2 * j] = q[j] & 15u;
+            c[2 * j + 1] = q[j] >> 4;
+        }
+        if (m & 1) c[m - 1] = q[h] & 15u;
+    } else {
+        size_t h = m / 4;
+        for (size_t j = 0; j < h; j++) {
+            uint8_t v = q[j];
+            c[4 * j] = v & 3u;
+            c[4 * j + 1] = (v >> 2) & 3u;
+            c[4 * j + 2] = (v >> 4) & 3u;
+            c[4 * j + 3] = v >> 6;
+        }
+        for (size_t k = 0; k < (m & 3); k++) c[4 * h + k] = (q[h] >> (2 * k)) & 3u;
+    }
+}
+
+K void quantize_packed_block(const f32u *restrict x, u8u *restrict q, f32u *restrict meta,
+                             size_t m, int bits) {
+    float levels = (float)((1 << bits) - 1);
+    float mn = 0.0f, scale = 0.0f;
+    if (block_meta(x, meta, m, levels, &mn, &scale)) {
+        memset(q, 0, packed_bytes(m, bits));
+        return;
+    }
+    uint8_t c[CODE_TMP];
+    size_t per = (size_t)(8 / bits);
+    for (size_t lo = 0; lo < m; lo += CODE_TMP) {
+        size_t k = m - lo < CODE_TMP ? m - lo : CODE_TMP;
+        block_codes(x + lo, c, k, mn, scale, levels);
+        pack_codes(c, q + lo / per, k, bits);
+    }
+}
+
+/* mode 0: out = dequant; 1: out += dequant; 2: out = base + dequant. */
+K void dequantize_packed_block(const u8u *restrict q, float mn, float scale,
+                               const f32u *restrict base, f32u *restrict out, size_t m, int bits,
+                               int mode) {
+    uint8_t c[CODE_TMP];
+    size_t per = (size_t)(8 / bits);
+    for (size_t lo = 0; lo < m; lo += CODE_TMP) {
+        size_t k = m - lo < CODE_TMP ? m - lo : CODE_TMP;
+        unpack_codes(q + lo / per, c, k, bits);
+        if (mode == 0) dequantize_block(c, mn, scale, out + lo, k);
+        else if (mode == 1) dequantize_accumulate_block(c, mn, scale, out + lo, k);
+        else dequantize_add_block(c, mn, scale, base + lo, out + lo, k);
+    }
+}
+
+K void quantize_packed_body(const void *src, void *q, void *meta, size_t n, size_t block,
+                            int bits) {
+    const f32u *x = (const f32u *)src;
+    f32u *mt = (f32u *)meta;
+    size_t per = (size_t)(8 / bits);
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        quantize_packed_block(x + lo, (u8u *)q + lo / per, mt + 2 * b, m, bits);
+    }
+}
+
+K void dequantize_packed_body(const void *q, const void *meta, const void *base, void *out,
+                              size_t n, size_t block, int bits, int mode) {
+    const f32u *mt = (const f32u *)meta;
+    size_t per = (size_t)(8 / bits);
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        const f32u *bs = mode == 2 ? (const f32u *)base + lo : NULL;
+        dequantize_packed_block((const u8u *)q + lo / per, mt[2 * b], mt[2 * b + 1], bs,
+                                (f32u *)out + lo, m, bits, mode);
+    }
+}
+
+/* ring_hop_body for packed codes: same steps, same keep values, same scratch rule. */
+K int ring_hop_packed_body(const void *q, const void *meta, const void *base, void *acc,
+                           void *q_out, void *meta_out, size_t n, size_t block, int bits,
+                           int keep) {
+    float stack[HOP_STACK];
+    float *heap = NULL;
+    f32u *tmp = stack;
+    if (keep == 0 && block > HOP_STACK) {
+        heap = (float *)malloc(block * sizeof(float));
+        if (heap == NULL) return -1;
+        tmp = heap;
+    }
+    const f32u *mt = (const f32u *)meta;
+    f32u *mo = (f32u *)meta_out;
+    size_t per = (size_t)(8 / bits);
+    for (size_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        size_t m = n - lo < block ? n - lo : block;
+        const u8u *qb = (const u8u *)q + lo / per;
+        f32u *ab = (f32u *)acc + lo;
+        u8u *qo = (u8u *)q_out + lo / per;
+        const f32u *in = base != NULL ? (const f32u *)base + lo : ab;
+        f32u *sum = keep == 0 ? tmp : ab;
+        if (in == sum)
+            dequantize_packed_block(qb, mt[2 * b], mt[2 * b + 1], NULL, sum, m, bits, 1);
+        else
+            dequantize_packed_block(qb, mt[2 * b], mt[2 * b + 1], in, sum, m, bits, 2);
+        quantize_packed_block(sum, qo, mo + 2 * b, m, bits);
+        if (keep == 2) dequantize_packed_block(qo, mo[2 * b], mo[2 * b + 1], NULL, ab, m, bits, 0);
+    }
+    free(heap);
+    return 0;
+}
+
 /* ---- fp16 / bf16 conversion ------------------------------------------------------------- */
 
 K void encode_f16_body(const f32u *restrict s, u16u *restrict o, size_t n) {
@@ -477,6 +630,11 @@ struct impl {
     void (*add_bf16)(const void *, const void *, void *, size_t);
     int (*ring_hop)(const void *, const void *, const void *, void *, void *, void *, size_t,
                     size_t, int);
+    void (*quantize_packed)(const void *, void *, void *, size_t, size_t, int);
+    void (*dequantize_packed)(const void *, const void *, const void *, void *, size_t, size_t,
+                              int, int);
+    int (*ring_hop_packed)(const void *, const void *, const void *, void *, void *, void *,
+                           size_t, size_t, int, int);
 };
 
 #define INSTANTIATE(SFX, ATTR)                                                             \
@@ -529,13 +687,39 @@ struct impl {
                                    void *qo, void *mo, size_t n, size_t b, int kp) {       \
         return ring_hop_body(q, m, bs, a, qo, mo, n, b, kp);                               \
     }                                                                                      \
+    /* bits is a literal in each call, so each width gets its own specialised loops. */   \
+    ATTR static void quantize_packed_##SFX(const void *s, void *q, void *m, size_t n,      \
+                                           size_t b, int bits) {                           \
+        if (bits == 4) quantize_packed_body(s, q, m, n, b, 4);                             \
+        else quantize_packed_body(s, q, m, n, b, 2);                                       \
+    }                                                                                      \
+    ATTR static void dequantize_packed_##SFX(const void *q, const void *m, const void *bs, \
+                                             void *o, size_t n, size_t b, int bits,        \
+                                             int mode) {                                   \
+        if (bits == 4) {                                                                   \
+            if (mode == 0) dequantize_packed_body(q, m, bs, o, n, b, 4, 0);                \
+            else if (mode == 1) dequantize_packed_body(q, m, bs, o, n, b, 4, 1);           \
+            else dequantize_packed_body(q, m, bs, o, n, b, 4, 2);                          \
+        } else {                                                                           \
+            if (mode == 0) dequantize_packed_body(q, m, bs, o, n, b, 2, 0);                \
+            else if (mode == 1) dequantize_packed_body(q, m, bs, o, n, b, 2, 1);           \
+            else dequantize_packed_body(q, m, bs, o, n, b, 2, 2);                          \
+        }                                                                                  \
+    }                                                                                      \
+    ATTR static int ring_hop_packed_##SFX(const void *q, const void *m, const void *bs,    \
+                                          void *a, void *qo, void *mo, size_t n, size_t b, \
+                                          int bits, int kp) {                              \
+        if (bits == 4) return ring_hop_packed_body(q, m, bs, a, qo, mo, n, b, 4, kp);      \
+        return ring_hop_packed_body(q, m, bs, a, qo, mo, n, b, 2, kp);                     \
+    }                                                                                      \
     static const struct impl impl_##SFX = {                                                \
         reduce_##SFX,          divide_##SFX,          quantize_##SFX,                      \
         dequantize_##SFX,      dequantize_accumulate_##SFX,                                \
         encode_f16_##SFX,      decode_f16_##SFX,      encode_bf16_##SFX,                   \
         decode_bf16_##SFX,     accumulate_f16_##SFX,  accumulate_bf16_##SFX,               \
         dequantize_add_##SFX,  add_f16_##SFX,         add_bf16_##SFX,                      \
-        ring_hop_##SFX,                                                                    \
+        ring_hop_##SFX,        quantize_packed_##SFX, dequantize_packed_##SFX,             \
+        ring_hop_packed_##SFX,                                                             \
     };
 
 INSTANTIATE(generic, )
@@ -643,4 +827,17 @@ void pccl_add_bf16(const void *src, const void *base, void *out, size_t n) {
 int pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
                      void *q_out, void *meta_out, size_t n, size_t block, int keep) {
     return impl->ring_hop(q, meta, base, acc, q_out, meta_out, n, block, keep);
+}
+
+void pccl_quantize_packed(const void *src, void *q, void *meta, size_t n, size_t block, int bits) {
+    impl->quantize_packed(src, q, meta, n, block, bits);
+}
+void pccl_dequantize_packed(const void *q, const void *meta, const void *base, void *out,
+                            size_t n, size_t block, int bits, int mode) {
+    impl->dequantize_packed(q, meta, base, out, n, block, bits, mode);
+}
+int pccl_ring_hop_packed(const void *q, const void *meta, const void *base, void *acc,
+                         void *q_out, void *meta_out, size_t n, size_t block, int bits,
+                         int keep) {
+    return impl->ring_hop_packed(q, meta, base, acc, q_out, meta_out, n, block, bits, keep);
 }

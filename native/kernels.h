@@ -84,4 +84,16 @@ void pccl_add_bf16(const void *src, const void *base, void *out, size_t n);
 int pccl_ring_hop_u8(const void *q, const void *meta, const void *base, void *acc,
                      void *q_out, void *meta_out, size_t n, size_t block, int keep);
 
+/* Packed 4-bit / 2-bit block quantisation (bits 4 or 2): the uint8 rules with 2^bits - 1
+ * levels, codes packed 8 / bits per byte (least significant first, unused high bits of a short
+ * last byte zero), q holding ceil(n / (8 / bits)) bytes, meta 2 * ceil(n / block) fp32.
+ * block >= 1 and a multiple of 8 / bits. Dequantise mode 0: out = decoded, 1: out += decoded,
+ * 2: out = base + decoded (base ignored otherwise). The ring hop is pccl_ring_hop_u8's. */
+void pccl_quantize_packed(const void *src, void *q, void *meta, size_t n, size_t block, int bits);
+void pccl_dequantize_packed(const void *q, const void *meta, const void *base, void *out,
+                            size_t n, size_t block, int bits, int mode);
+int pccl_ring_hop_packed(const void *q, const void *meta, const void *base, void *acc,
+                         void *q_out, void *meta_out, size_t n, size_t block, int bits,
+                         int keep);
+
 #endif /* PCCL_KERNELS_H */

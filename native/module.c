@@ -393,6 +393,210 @@ release_q:
     return ret;
 }
 
+/* ---- packed 4-bit / 2-bit codes ------------------------------------------------------- */
+
+static int get_bits_block(PyObject *bits_obj, PyObject *block_obj, int *bits, Py_ssize_t *block) {
+    long v = PyLong_AsLong(bits_obj);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v != 4 && v != 2) {
+        PyErr_Format(PyExc_ValueError, "bits must be 4 or 2, got %ld", v);
+        return -1;
+    }
+    *bits = (int)v;
+    if (get_block(block_obj, block) < 0) return -1;
+    if (*block % (8 / v)) {
+        PyErr_Format(PyExc_ValueError, "block must be a multiple of %ld for %ld-bit codes",
+                     8 / v, v);
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t packed_len(Py_ssize_t n, int bits) {
+    Py_ssize_t per = 8 / bits;
+    return n == 0 ? 0 : (n - 1) / per + 1;
+}
+
+/* q: uint8[packed_len(n)], meta: float32[2 * num_blocks(n)]. */
+static int check_packed(Py_ssize_t n, Py_ssize_t nq, const char *qname, Py_ssize_t nm,
+                        const char *mname, int bits, Py_ssize_t block) {
+    if (nq != packed_len(n, bits)) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, expected %zd for %zd %d-bit codes",
+                     qname, nq, packed_len(n, bits), n, bits);
+        return -1;
+    }
+    if (nm != 2 * num_blocks(n, block)) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements, expected %zd", mname, nm,
+                     2 * num_blocks(n, block));
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(quantize_packed_doc,
+             "quantize_packed(src, q_out, meta_out, bits, block)\n--\n\n"
+             "Block-wise min-max quantisation of float32 src to 2**bits - 1 levels (bits 4 or\n"
+             "2), codes packed 8 // bits per byte; meta_out holds (min, scale) per block.");
+
+static PyObject *py_quantize_packed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer s, q, m;
+    Py_ssize_t ns, nq, nm, block;
+    int bits;
+    PyObject *ret = NULL;
+    (void)self;
+    if (check_nargs("quantize_packed", nargs, 5) < 0 ||
+        get_bits_block(args[3], args[4], &bits, &block) < 0)
+        return NULL;
+    if (get_buf(args[0], &s, "src", 4, "f", 0, &ns) < 0) return NULL;
+    if (get_buf(args[1], &q, "q_out", 1, "u", 1, &nq) < 0) goto release_s;
+    if (get_buf(args[2], &m, "meta_out", 4, "f", 1, &nm) < 0) goto release_q;
+    if (check_packed(ns, nq, "q_out", nm, "meta_out", bits, block) == 0 &&
+        check_disjoint(&s, "src", &q, "q_out") == 0 &&
+        check_disjoint(&s, "src", &m, "meta_out") == 0 &&
+        check_disjoint(&q, "q_out", &m, "meta_out") == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pccl_quantize_packed(s.buf, q.buf, m.buf, (size_t)ns, (size_t)block, bits);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+release_s:
+    PyBuffer_Release(&s);
+    return ret;
+}
+
+/* dequantize_packed (mode 0), dequantize_accumulate_packed (1), dequantize_add_packed (2):
+ * (q, meta, [base,] out, bits, block); out's length is the element count. */
+static PyObject *dequant_packed_common(PyObject *const *args, Py_ssize_t nargs, const char *fname,
+                                       const char *outname, int mode) {
+    Py_buffer q, m, b, o;
+    Py_ssize_t nq, nm, nb = 0, no, block;
+    int bits;
+    PyObject *ret = NULL;
+    int ib = mode == 2 ? 1 : 0; /* index shift past base */
+    if (check_nargs(fname, nargs, 5 + ib) < 0 ||
+        get_bits_block(args[3 + ib], args[4 + ib], &bits, &block) < 0)
+        return NULL;
+    if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
+    if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
+    if (ib && get_buf(args[2], &b, "base", 4, "f", 0, &nb) < 0) goto release_m;
+    if (get_buf(args[2 + ib], &o, outname, 4, "f", 1, &no) < 0) goto release_b;
+    if (ib && nb != no) {
+        PyErr_Format(PyExc_ValueError, "base has %zd elements, %s %zd", nb, outname, no);
+    } else if (check_packed(no, nq, "q", nm, "meta", bits, block) == 0 &&
+               check_disjoint(&o, outname, &q, "q") == 0 &&
+               check_disjoint(&o, outname, &m, "meta") == 0 &&
+               (!ib || check_disjoint(&o, outname, &b, "base") == 0)) {
+        const void *bp = ib ? b.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        pccl_dequantize_packed(q.buf, m.buf, bp, o.buf, (size_t)no, (size_t)block, bits, mode);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&o);
+release_b:
+    if (ib) PyBuffer_Release(&b);
+release_m:
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+    return ret;
+}
+
+PyDoc_STRVAR(dequantize_packed_doc,
+             "dequantize_packed(q, meta, out, bits, block)\n--\n\n"
+             "out[i] = min + code[i] * scale of its block; len(out) codes are read.");
+PyDoc_STRVAR(dequantize_accumulate_packed_doc,
+             "dequantize_accumulate_packed(q, meta, acc, bits, block)\n--\n\n"
+             "acc[i] += dequantize_packed(q, meta)[i].");
+PyDoc_STRVAR(dequantize_add_packed_doc,
+             "dequantize_add_packed(q, meta, base, out, bits, block)\n--\n\n"
+             "out[i] = base[i] + dequantize_packed(q, meta)[i] in one pass.");
+
+static PyObject *py_dequantize_packed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return dequant_packed_common(args, nargs, "dequantize_packed", "out", 0);
+}
+
+static PyObject *py_dequantize_accumulate_packed(PyObject *self, PyObject *const *args,
+                                                 Py_ssize_t nargs) {
+    (void)self;
+    return dequant_packed_common(args, nargs, "dequantize_accumulate_packed", "acc", 1);
+}
+
+static PyObject *py_dequantize_add_packed(PyObject *self, PyObject *const *args,
+                                          Py_ssize_t nargs) {
+    (void)self;
+    return dequant_packed_common(args, nargs, "dequantize_add_packed", "out", 2);
+}
+
+PyDoc_STRVAR(ring_hop_packed_doc,
+             "ring_hop_packed(q, meta, base, acc, q_out, meta_out, bits, block, keep)\n--\n\n"
+             "ring_hop_u8 for packed bits-bit codes; len(acc) is the element count.");
+
+static PyObject *py_ring_hop_packed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer q, m, b, a, qo, mo;
+    Py_ssize_t nq, nm, nb = 0, na, nqo, nmo, block;
+    PyObject *ret = NULL;
+    int bits, have_base, overflow = 0;
+    (void)self;
+    if (check_nargs("ring_hop_packed", nargs, 9) < 0 ||
+        get_bits_block(args[6], args[7], &bits, &block) < 0)
+        return NULL;
+    long keep = PyLong_AsLongAndOverflow(args[8], &overflow);
+    if (keep == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || keep < 0 || keep > 2) {
+        PyErr_SetString(PyExc_ValueError, "keep must be 0 (discard), 1 (sum) or 2 (adopt)");
+        return NULL;
+    }
+    have_base = args[2] != Py_None;
+    if (get_buf(args[0], &q, "q", 1, "u", 0, &nq) < 0) return NULL;
+    if (get_buf(args[1], &m, "meta", 4, "f", 0, &nm) < 0) goto release_q;
+    if (have_base && get_buf(args[2], &b, "base", 4, "f", 0, &nb) < 0) goto release_m;
+    if (get_buf(args[3], &a, "acc", 4, "f", 1, &na) < 0) goto release_b;
+    if (get_buf(args[4], &qo, "q_out", 1, "u", 1, &nqo) < 0) goto release_a;
+    if (get_buf(args[5], &mo, "meta_out", 4, "f", 1, &nmo) < 0) goto release_qo;
+    if (have_base && nb != na) {
+        PyErr_Format(PyExc_ValueError, "base has %zd elements, acc %zd", nb, na);
+    } else if (check_packed(na, nq, "q", nm, "meta", bits, block) == 0 &&
+               check_packed(na, nqo, "q_out", nmo, "meta_out", bits, block) == 0 &&
+               check_disjoint(&a, "acc", &q, "q") == 0 &&
+               check_disjoint(&a, "acc", &m, "meta") == 0 &&
+               (!have_base || check_disjoint(&a, "acc", &b, "base") == 0) &&
+               check_disjoint(&qo, "q_out", &q, "q") == 0 &&
+               check_disjoint(&qo, "q_out", &m, "meta") == 0 &&
+               check_disjoint(&qo, "q_out", &a, "acc") == 0 &&
+               (!have_base || check_disjoint(&qo, "q_out", &b, "base") == 0) &&
+               check_disjoint(&mo, "meta_out", &q, "q") == 0 &&
+               check_disjoint(&mo, "meta_out", &m, "meta") == 0 &&
+               check_disjoint(&mo, "meta_out", &a, "acc") == 0 &&
+               check_disjoint(&mo, "meta_out", &qo, "q_out") == 0 &&
+               (!have_base || check_disjoint(&mo, "meta_out", &b, "base") == 0)) {
+        const void *bp = have_base ? b.buf : NULL;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pccl_ring_hop_packed(q.buf, m.buf, bp, a.buf, qo.buf, mo.buf, (size_t)na,
+                                  (size_t)block, bits, (int)keep);
+        Py_END_ALLOW_THREADS
+        if (rc == 0) ret = Py_NewRef(Py_None);
+        else PyErr_NoMemory();
+    }
+    PyBuffer_Release(&mo);
+release_qo:
+    PyBuffer_Release(&qo);
+release_a:
+    PyBuffer_Release(&a);
+release_b:
+    if (have_base) PyBuffer_Release(&b);
+release_m:
+    PyBuffer_Release(&m);
+release_q:
+    PyBuffer_Release(&q);
+    return ret;
+}
+
 /* add_f16 / add_bf16: out = base + decode(src), three arrays of one length. */
 static PyObject *add16_common(const char *name, void (*fn)(const void *, const void *, void *,
                                                            size_t),
@@ -512,6 +716,11 @@ static PyMethodDef methods[] = {
     FASTCALL(add_f16),
     FASTCALL(add_bf16),
     {"ring_hop_u8", (PyCFunction)(void (*)(void))py_ring_hop, METH_FASTCALL, ring_hop_doc},
+    FASTCALL(quantize_packed),
+    FASTCALL(dequantize_packed),
+    FASTCALL(dequantize_accumulate_packed),
+    FASTCALL(dequantize_add_packed),
+    FASTCALL(ring_hop_packed),
     {NULL, NULL, 0, NULL},
 };
 

@@ -47,6 +47,16 @@ uint8 block quantisation (``block`` elements per block, the last block may be sh
       ``reduce_inplace(acc, tmp, FLOAT32, SUM)``.
     * Error bound: ``|dequantize(quantize(x)) - x| <= scale / 2`` up to the float32
       roundings of the subtraction, division and dequantisation.
+Packed 4-bit / 2-bit block quantisation (``bits`` 4 or 2; ``levels = 2**bits - 1``)
+    * Exactly the uint8 rules above with ``levels`` (15 or 3) in place of 255: meta (mn,
+      ``scale = d / levels``) per block, ``q = rint(min((x - mn) / scale, levels))``, the same
+      zero-scale and NaN/inf blocks, the same dequantisation ``mn + float32(q) * scale``.
+    * Codes are packed ``8 // bits`` per byte, element ``i`` in byte ``i // (8 // bits)`` at
+      bit ``bits * (i % (8 // bits))`` (least significant first); the unused high bits of a
+      short last byte are zero. The packed array has ``ceil(n / (8 // bits))`` bytes.
+    * ``block`` is a multiple of ``8 // bits``, so every block starts on a byte boundary.
+    * Decoding reads only the code bits: a byte's padding bits do not change the result, so
+      the decoded value is a pure function of the bytes that matter.
 """
 
 from __future__ import annotations
@@ -66,16 +76,24 @@ __all__ = [
     "add_f16",
     "decode_bf16",
     "decode_f16",
+    "dequantize_accumulate_packed",
     "dequantize_accumulate_u8",
+    "dequantize_add_packed",
     "dequantize_add_u8",
+    "dequantize_packed",
     "dequantize_u8",
     "divide_inplace",
     "encode_bf16",
     "encode_f16",
     "num_blocks",
+    "pack_codes",
+    "packed_len",
+    "quantize_packed",
     "quantize_u8",
     "reduce_inplace",
+    "ring_hop_packed",
     "ring_hop_u8",
+    "unpack_codes",
 ]
 
 #: Canonical quiet NaN bit patterns, per output type.
@@ -223,6 +241,13 @@ def _blocks(a: np.ndarray, block: int) -> list[tuple[int, np.ndarray]]:
 
 def quantize_u8(src: np.ndarray, q_out: np.ndarray, meta_out: np.ndarray, block: int) -> None:
     """Block-wise min-max uint8 quantisation; meta_out = (min, scale) per block."""
+    _quantize_codes(src, q_out, meta_out, block, 255)
+
+
+def _quantize_codes(
+    src: np.ndarray, q_out: np.ndarray, meta_out: np.ndarray, block: int, levels: int
+) -> None:
+    """Min-max codes in [0, levels], one uint8 per element (see the module rules)."""
     nb = num_blocks(src.shape[0], block)
     if nb == 0:
         return
@@ -236,7 +261,7 @@ def quantize_u8(src: np.ndarray, q_out: np.ndarray, meta_out: np.ndarray, block:
         mx += np.float32(0)
         d = mx - mn
         bad = ~np.isfinite(d)  # NaN/inf inside, or the range overflows
-        scale = d / np.float32(255)
+        scale = d / np.float32(levels)
     zero = bad | (scale == 0)
     meta = meta_out.reshape(nb, 2)
     meta[:, 0] = mn
@@ -249,7 +274,7 @@ def quantize_u8(src: np.ndarray, q_out: np.ndarray, meta_out: np.ndarray, block:
         sl = slice(b0, b0 + rows.shape[0])
         with _quiet():
             t = (rows - safe_mn[sl, None]) / safe_scale[sl, None]
-        np.minimum(t, np.float32(255), out=t)
+        np.minimum(t, np.float32(levels), out=t)
         np.rint(t, out=t)
         t[zero[sl]] = 0
         qparts[b0][...] = t
@@ -310,6 +335,88 @@ def ring_hop_u8(
         acc[...] = total
     elif keep == 2:
         dequantize_u8(q_out, meta_out, acc, block)
+
+
+# ---- packed 4-bit / 2-bit block quantisation ------------------------------------------------
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Bytes holding ``n`` codes of ``bits`` bits: ceil(n / (8 // bits))."""
+    return -(-n // (8 // bits))
+
+
+def pack_codes(codes: np.ndarray, out: np.ndarray, bits: int) -> None:
+    """Pack uint8 codes (each < 2**bits) ``8 // bits`` per byte, least significant first."""
+    per = 8 // bits
+    n = codes.shape[0]
+    padded = np.zeros(packed_len(n, bits) * per, np.uint8)
+    padded[:n] = codes
+    lanes = padded.reshape(-1, per)
+    acc = lanes[:, 0].copy()
+    for j in range(1, per):
+        acc |= lanes[:, j] << np.uint8(bits * j)
+    out[...] = acc
+
+
+def unpack_codes(q: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """The ``n`` codes of a packed array, as uint8 (padding bits ignored)."""
+    per = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    lanes = np.empty((q.shape[0], per), np.uint8)
+    for j in range(per):
+        np.bitwise_and(q >> np.uint8(bits * j), mask, out=lanes[:, j])
+    return lanes.reshape(-1)[:n]
+
+
+def quantize_packed(
+    src: np.ndarray, q_out: np.ndarray, meta_out: np.ndarray, bits: int, block: int
+) -> None:
+    """Block-wise min-max ``bits``-bit quantisation, codes packed; meta = (min, scale)."""
+    codes = np.empty(src.shape[0], np.uint8)
+    _quantize_codes(src, codes, meta_out, block, (1 << bits) - 1)
+    pack_codes(codes, q_out, bits)
+
+
+def dequantize_packed(
+    q: np.ndarray, meta: np.ndarray, out: np.ndarray, bits: int, block: int
+) -> None:
+    """``out[i] = min + float32(code[i]) * scale`` of element i's block."""
+    dequantize_u8(unpack_codes(q, out.shape[0], bits), meta, out, block)
+
+
+def dequantize_accumulate_packed(
+    q: np.ndarray, meta: np.ndarray, acc: np.ndarray, bits: int, block: int
+) -> None:
+    """``acc[i] += dequantize_packed(q, meta)[i]``."""
+    dequantize_accumulate_u8(unpack_codes(q, acc.shape[0], bits), meta, acc, block)
+
+
+def dequantize_add_packed(
+    q: np.ndarray, meta: np.ndarray, base: np.ndarray, out: np.ndarray, bits: int, block: int
+) -> None:
+    """``out = base + dequantize_packed(q, meta)``."""
+    dequantize_add_u8(unpack_codes(q, out.shape[0], bits), meta, base, out, block)
+
+
+def ring_hop_packed(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray | None,
+    acc: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    bits: int,
+    block: int,
+    keep: int,
+) -> None:
+    """:func:`ring_hop_u8` for packed ``bits``-bit codes (same steps, same keep values)."""
+    total = np.empty(acc.shape[0], _F32)
+    dequantize_add_packed(q, meta, acc if base is None else base, total, bits, block)
+    quantize_packed(total, q_out, meta_out, bits, block)
+    if keep == 1:
+        acc[...] = total
+    elif keep == 2:
+        dequantize_packed(q_out, meta_out, acc, bits, block)
 
 
 # ---- conversions -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Numeric kernels for the ring: reduce, AVG finaliser, uint8 quantisation, fp16/bf16 casts.
+"""Numeric kernels for the ring: reduce, AVG finaliser, uint8 and packed 4/2-bit quantisation,
+fp16/bf16 casts.
 
 This module validates arguments and dispatches to one backend, chosen once at import:
 
@@ -31,21 +32,28 @@ from pccl.types import DType, ReduceOp
 __all__ = [
     "BACKEND",
     "DEFAULT_BLOCK",
+    "PACKED_BLOCK",
     "accumulate_bf16",
     "accumulate_f16",
     "add_bf16",
     "add_f16",
     "decode_bf16",
     "decode_f16",
+    "dequantize_accumulate_packed",
     "dequantize_accumulate_u8",
+    "dequantize_add_packed",
     "dequantize_add_u8",
+    "dequantize_packed",
     "dequantize_u8",
     "divide_inplace",
     "encode_bf16",
     "encode_f16",
     "num_blocks",
+    "packed_len",
+    "quantize_packed",
     "quantize_u8",
     "reduce_inplace",
+    "ring_hop_packed",
     "ring_hop_u8",
 ]
 
@@ -53,6 +61,12 @@ log = logging.getLogger("pccl")
 
 #: Elements per quantisation block (one (min, scale) float32 pair each).
 DEFAULT_BLOCK = 4096
+
+#: Elements per block of the packed 4-bit and 2-bit codecs (INT4, INT2). Smaller than
+#: DEFAULT_BLOCK because with 16 (4) levels the step is range / 15 (3): a block of 128 costs
+#: 0.5 bit of meta per element and measured relative RMS error 0.100 (int4) on Gaussian
+#: pseudo-gradients, against 0.140 at 4096 (see the commit that introduced INT4).
+PACKED_BLOCK = 128
 
 _MAX_DIVISOR = 2**63 - 1
 
@@ -363,6 +377,205 @@ def ring_hop_u8(
         _native.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, HOP_KEEP[keep])
     else:
         _reference.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, HOP_KEEP[keep])
+
+
+def _as_bits(bits: object) -> int:
+    b = operator.index(bits)  # type: ignore[arg-type]
+    if b not in (4, 2):
+        raise ValueError(f"bits must be 4 or 2, got {b}")
+    return b
+
+
+def _as_packed_block(block: object, bits: int) -> int:
+    b = _as_block(block)
+    if b % (8 // bits):
+        raise ValueError(f"block must be a multiple of {8 // bits} for {bits}-bit codes, got {b}")
+    return b
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Bytes of ``n`` packed ``bits``-bit codes: ``ceil(n / (8 // bits))``.
+
+    Raises:
+        ValueError: ``n < 0`` or ``bits`` not 4 or 2.
+    """
+    n = operator.index(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return _reference.packed_len(n, _as_bits(bits))
+
+
+def _check_packed(
+    n_name: str,
+    n: int,
+    q_name: str,
+    q: np.ndarray,
+    meta_name: str,
+    meta: np.ndarray,
+    bits: int,
+    block: int,
+    *,
+    out: bool,
+) -> None:
+    """``q``: uint8[packed_len(n)], ``meta``: float32[2 * num_blocks(n, block)]."""
+    _same_length(
+        q_name,
+        _array(q_name, q, _U8, out=out),
+        f"packed_len({n_name}, {bits})",
+        _reference.packed_len(n, bits),
+    )
+    _same_length(
+        meta_name,
+        _array(meta_name, meta, _F32, out=out),
+        "2 * num_blocks(n, block)",
+        2 * _reference.num_blocks(n, block),
+    )
+
+
+def quantize_packed(
+    src: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    bits: int,
+    block: int = PACKED_BLOCK,
+) -> None:
+    """Block-wise min-max quantisation of float32 values to packed ``bits``-bit codes.
+
+    :func:`quantize_u8` with ``2**bits - 1`` levels instead of 255: per block
+    ``meta = (min, scale = (max - min) / levels)``, ``q = rint(min((x - min) / scale,
+    levels))``; codes packed ``8 // bits`` per byte, least significant first, unused bits 0.
+
+    Args:
+        src: float32[n].
+        q_out: uint8[packed_len(n, bits)], written.
+        meta_out: float32[2 * num_blocks(n, block)], written.
+        bits: 4 (INT4) or 2 (INT2).
+        block: elements per block, a multiple of ``8 // bits``.
+
+    Raises:
+        ValueError: bad lengths, bits or block, overlap, read-only outputs.
+        TypeError: wrong dtypes.
+    """
+    nbits = _as_bits(bits)
+    b = _as_packed_block(block, nbits)
+    n = _array("src", src, _F32)
+    _check_packed("n", n, "q_out", q_out, "meta_out", meta_out, nbits, b, out=True)
+    _disjoint("src", src, "q_out", q_out)
+    _disjoint("src", src, "meta_out", meta_out)
+    _disjoint("q_out", q_out, "meta_out", meta_out)
+    if _native is not None:
+        _native.quantize_packed(src, q_out, meta_out, nbits, b)
+    else:
+        _reference.quantize_packed(src, q_out, meta_out, nbits, b)
+
+
+def _packed_dequant_args(
+    q: np.ndarray, meta: np.ndarray, out_name: str, out: np.ndarray, bits: object, block: object
+) -> tuple[int, int]:
+    nbits = _as_bits(bits)
+    b = _as_packed_block(block, nbits)
+    n = _array(out_name, out, _F32, out=True)
+    _check_packed(out_name, n, "q", q, "meta", meta, nbits, b, out=False)
+    _disjoint(out_name, out, "q", q)
+    _disjoint(out_name, out, "meta", meta)
+    return nbits, b
+
+
+def dequantize_packed(
+    q: np.ndarray, meta: np.ndarray, out: np.ndarray, bits: int, block: int = PACKED_BLOCK
+) -> None:
+    """``out[i] = min + float32(code[i]) * scale`` of element i's block; ``out``'s length
+    says how many codes ``q`` holds.
+
+    Raises:
+        ValueError: bad lengths, bits or block, overlap, read-only ``out``.
+        TypeError: wrong dtypes (q uint8, meta and out float32).
+    """
+    nbits, b = _packed_dequant_args(q, meta, "out", out, bits, block)
+    if _native is not None:
+        _native.dequantize_packed(q, meta, out, nbits, b)
+    else:
+        _reference.dequantize_packed(q, meta, out, nbits, b)
+
+
+def dequantize_accumulate_packed(
+    q: np.ndarray, meta: np.ndarray, acc: np.ndarray, bits: int, block: int = PACKED_BLOCK
+) -> None:
+    """``acc[i] += dequantize_packed(q, meta)[i]``, byte-identical to the two-step form.
+
+    Raises:
+        ValueError: bad lengths, bits or block, overlap, read-only ``acc``.
+        TypeError: wrong dtypes.
+    """
+    nbits, b = _packed_dequant_args(q, meta, "acc", acc, bits, block)
+    if _native is not None:
+        _native.dequantize_accumulate_packed(q, meta, acc, nbits, b)
+    else:
+        _reference.dequantize_accumulate_packed(q, meta, acc, nbits, b)
+
+
+def dequantize_add_packed(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray,
+    out: np.ndarray,
+    bits: int,
+    block: int = PACKED_BLOCK,
+) -> None:
+    """``out[i] = base[i] + dequantize_packed(q, meta)[i]`` in one pass.
+
+    Raises:
+        ValueError: bad lengths, bits or block, overlap (``base`` included), read-only ``out``.
+        TypeError: wrong dtypes.
+    """
+    nbits, b = _packed_dequant_args(q, meta, "out", out, bits, block)
+    _same_length("base", _array("base", base, _F32), "out", out.shape[0])
+    _disjoint("out", out, "base", base)
+    if _native is not None:
+        _native.dequantize_add_packed(q, meta, base, out, nbits, b)
+    else:
+        _reference.dequantize_add_packed(q, meta, base, out, nbits, b)
+
+
+def ring_hop_packed(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray | None,
+    acc: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    bits: int,
+    block: int = PACKED_BLOCK,
+    keep: str = "sum",
+) -> None:
+    """:func:`ring_hop_u8` for packed ``bits``-bit codes: ``sum = (base or acc) +
+    dequantize_packed(q, meta)``, ``quantize_packed(sum, q_out, meta_out)``, then ``keep``
+    ("discard", "sum", "adopt") as there. ``acc``'s length is the element count.
+
+    Raises:
+        ValueError: bad lengths, bits, block or ``keep``, any two arrays overlap, read-only
+            outputs.
+        TypeError: wrong dtypes.
+        MemoryError: no scratch block (``block > 4096``).
+    """
+    if keep not in HOP_KEEP:
+        raise ValueError(f"keep must be one of {sorted(HOP_KEEP)}, got {keep!r}")
+    nbits, b = _packed_dequant_args(q, meta, "acc", acc, bits, block)
+    n = acc.shape[0]
+    _check_packed("n", n, "q_out", q_out, "meta_out", meta_out, nbits, b, out=True)
+    named = [("q", q), ("meta", meta), ("acc", acc), ("q_out", q_out), ("meta_out", meta_out)]
+    if base is not None:
+        _same_length("base", _array("base", base, _F32), "acc", n)
+        named.append(("base", base))
+    for i, (na, a) in enumerate(named):
+        for nb_, b_ in named[i + 1 :]:
+            if na in ("q", "meta") and nb_ in ("q", "meta", "base"):
+                continue  # inputs may share memory with each other
+            _disjoint(na, a, nb_, b_)
+    if _native is not None:
+        _native.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
+    else:
+        _reference.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
 
 
 def _add16(

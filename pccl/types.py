@@ -41,6 +41,11 @@ class Quantization(enum.IntEnum):
     FP16 = 1  #: IEEE half, round-to-nearest-even
     BF16 = 2  #: bfloat16, round-to-nearest-even
     UINT8 = 3  #: block-wise min-max uint8, round-to-nearest, fp32 (min, scale) per block
+    #: block-wise min-max 4-bit codes (16 levels), round-to-nearest, two per byte, fp32
+    #: (min, scale) per block of ``kernels.PACKED_BLOCK`` (128) elements
+    INT4 = 4
+    #: as INT4 with 2-bit codes (4 levels), four per byte
+    INT2 = 5
 
 
 class SyncStrategy(enum.IntEnum):

@@ -12,7 +12,9 @@ Bit parity: a chunk's final value is produced once, by its owner (AVG divided th
 forwarded verbatim during the all-gather, so every peer ends with the owner's bytes. With
 quantization the owner encodes its final sub-chunk once, replaces its own copy by the decoded
 values, and forwards the encoded bytes; every peer decodes identical bytes identically.
-Reduce-scatter hops re-encode their partial sum (UINT8: fresh per-block min/scale, rounded).
+Reduce-scatter hops re-encode their partial sum (UINT8, INT4, INT2: fresh per-block min/scale,
+rounded). INT4/INT2 use blocks of ``kernels.PACKED_BLOCK`` elements whatever
+``Config.quant_block`` says (it sizes UINT8 blocks), and a slot is meta then packed codes.
 
 All buffers are allocated when the operation is created (from the communicator's pool); the
 per-frame path allocates only the 40-byte header. Runs on the peer's event-loop thread; the
@@ -35,12 +37,25 @@ from pccl.types import DType, Quantization, ReduceOp
 __all__ = ["BufferPool", "RingOp", "wire_len"]
 
 
+#: Bits per code of the packed block codecs.
+PACKED_BITS = {Quantization.INT4: 4, Quantization.INT2: 2}
+
+
+def block_of(quant: Quantization, block: int) -> int:
+    """Quantisation block of ``quant``: ``block`` (Config.quant_block) for UINT8, the fixed
+    ``kernels.PACKED_BLOCK`` for INT4/INT2 (every peer computes the same wire sizes)."""
+    return K.PACKED_BLOCK if quant in PACKED_BITS else block
+
+
 def wire_len(n: int, itemsize: int, quant: Quantization, block: int) -> int:
-    """Payload bytes of a sub-chunk of ``n`` elements."""
+    """Payload bytes of a sub-chunk of ``n`` elements (``block``: Config.quant_block)."""
     if quant == Quantization.NONE:
         return n * itemsize
     if quant == Quantization.UINT8:
         return n + 8 * K.num_blocks(n, block)
+    bits = PACKED_BITS.get(quant)
+    if bits is not None:
+        return K.packed_len(n, bits) + 8 * K.num_blocks(n, K.PACKED_BLOCK)
     return 2 * n
 
 
@@ -76,7 +91,7 @@ class RingOp:
         work: flat storage view receiving the result (may be ``src``).
         dtype, op, quant: what to compute and how to encode it.
         sub: sub-chunk size in elements.
-        block: uint8 quantization block.
+        block: uint8 quantization block (Config.quant_block); INT4/INT2 use their own.
         send_frame: ``send_frame(header, payload)`` puts a frame on the next stream.
         pool: scratch buffers.
     """
@@ -107,7 +122,10 @@ class RingOp:
         self.separate = src is not work and not np.shares_memory(src, work)
         self.wbytes = work.view(np.uint8)
         self.sbytes = src.view(np.uint8)
-        self.dtype, self.op, self.quant, self.block = dtype, op, quant, block
+        self.dtype, self.op, self.quant = dtype, op, quant
+        self.wire_block = block  # what wire_len takes
+        self.block = block = block_of(quant, block)
+        self.bits = PACKED_BITS.get(quant, 0)
         self.kop = ReduceOp.SUM if op == ReduceOp.AVG else op
         self.send_frame = send_frame
         self.pool = pool
@@ -119,7 +137,7 @@ class RingOp:
         n = work.size
         self.n = n
         W = world
-        if quant == Quantization.UINT8:
+        if quant == Quantization.UINT8 or self.bits:
             sub = max(block, sub // block * block)
         self.sub = max(1, sub)
         base, rem = divmod(n, W)
@@ -145,7 +163,7 @@ class RingOp:
             offs = [0]
             for c in range(W):
                 for k in range(self.nsub[c]):
-                    offs.append(offs[-1] + wire_len(self._sublen(c, k), 4, quant, block))
+                    offs.append(offs[-1] + wire_len(self._sublen(c, k), 4, quant, self.wire_block))
             self.wire_off = offs
             total = offs[-1]
             self.rs_send = self._alloc(total)
@@ -176,7 +194,7 @@ class RingOp:
         return buf[self.wire_off[g] : self.wire_off[g + 1]]
 
     def _split(self, slot: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(meta float32, q uint8) views of a UINT8 wire slot."""
+        """(meta float32, q uint8) views of a UINT8, INT4 or INT2 wire slot."""
         nb = K.num_blocks(n, self.block)
         return slot[: 8 * nb].view(np.float32), slot[8 * nb :]
 
@@ -187,6 +205,9 @@ class RingOp:
         if self.quant == Quantization.UINT8:
             meta, q = self._split(slot, n)
             K.quantize_u8(src, q, meta, self.block)
+        elif self.bits:
+            meta, q = self._split(slot, n)
+            K.quantize_packed(src, q, meta, self.bits, self.block)
         elif self.quant == Quantization.FP16:
             K.encode_f16(src, slot.view(np.uint16))
         else:
@@ -197,6 +218,9 @@ class RingOp:
         if self.quant == Quantization.UINT8:
             meta, q = self._split(slot, n)
             K.dequantize_u8(q, meta, out, self.block)
+        elif self.bits:
+            meta, q = self._split(slot, n)
+            K.dequantize_packed(q, meta, out, self.bits, self.block)
         elif self.quant == Quantization.FP16:
             K.decode_f16(slot.view(np.uint16), out)
         else:
@@ -209,6 +233,9 @@ class RingOp:
             if self.quant == Quantization.UINT8:
                 meta, q = self._split(slot, n)
                 K.dequantize_add_u8(q, meta, base, acc, self.block)
+            elif self.bits:
+                meta, q = self._split(slot, n)
+                K.dequantize_add_packed(q, meta, base, acc, self.bits, self.block)
             elif self.quant == Quantization.FP16:
                 K.add_f16(slot.view(np.uint16), base, acc)
             else:
@@ -223,6 +250,9 @@ class RingOp:
         elif self.quant == Quantization.UINT8:
             meta, q = self._split(slot, n)
             K.dequantize_accumulate_u8(q, meta, acc, self.block)
+        elif self.bits:
+            meta, q = self._split(slot, n)
+            K.dequantize_accumulate_packed(q, meta, acc, self.bits, self.block)
         elif self.quant == Quantization.FP16:
             K.accumulate_f16(slot.view(np.uint16), acc)
         else:
@@ -292,7 +322,7 @@ class RingOp:
         if got[g]:
             raise ProtocolError(f"duplicate sub-chunk {k} of chunk {c} at step {s}")
         isz = self.dtype.itemsize
-        if h.payload != wire_len(h.count, isz, self.quant, self.block):
+        if h.payload != wire_len(h.count, isz, self.quant, self.wire_block):
             raise ProtocolError(f"payload of {h.payload} bytes for {h.count} elements")
         e0 = self.start[c] + h.offset
         if self.quant == Quantization.NONE:
@@ -320,7 +350,7 @@ class RingOp:
                 self.rs_left -= 1
                 last = s == W - 2
                 if (
-                    self.quant == Quantization.UINT8
+                    (self.quant == Quantization.UINT8 or self.bits)
                     and self.kop == ReduceOp.SUM
                     and not (last and self.op == ReduceOp.AVG)
                 ):
@@ -353,17 +383,21 @@ class RingOp:
         self._check_done()
 
     def _hop_u8(self, s: int, c: int, k: int, e0: int, n: int, last: bool) -> None:
-        """A uint8 SUM reduce-scatter hop in one fused pass: add the received partial (to our
-        input, or in place), re-quantize it for the next hop, and on the last hop (we own the
-        chunk) adopt the decoded values. A forwarding hop's partial sum exists only in an L1
-        scratch block: ``work`` of that chunk is next written by the all-gather. The wire bytes
-        equal the unfused path's."""
+        """A uint8 (or packed INT4/INT2) SUM reduce-scatter hop in one fused pass: add the
+        received partial (to our input, or in place), re-quantize it for the next hop, and on
+        the last hop (we own the chunk) adopt the decoded values. A forwarding hop's partial
+        sum exists only in an L1 scratch block: ``work`` of that chunk is next written by the
+        all-gather. The wire bytes equal the unfused path's."""
         meta, q = self._split(self._slot(self.rs_recv, c, k), n)
         out = self._slot(self.ag_wire if last else self.rs_send, c, k)
         meta_out, q_out = self._split(out, n)
         base = self.src[e0 : e0 + n] if self.separate else None
         keep = "adopt" if last else "discard"  # a forwarded partial is never read again
-        K.ring_hop_u8(q, meta, base, self.work[e0 : e0 + n], q_out, meta_out, self.block, keep)
+        acc = self.work[e0 : e0 + n]
+        if self.bits:
+            K.ring_hop_packed(q, meta, base, acc, q_out, meta_out, self.bits, self.block, keep)
+        else:
+            K.ring_hop_u8(q, meta, base, acc, q_out, meta_out, self.block, keep)
         self._send(self.world - 1 if last else s + 1, c, k, out)
 
     def _own(self, c: int, k: int, e0: int, n: int) -> None:

@@ -49,7 +49,9 @@ SETUPS = {
 
 def expected_matrix() -> set[tuple[str, str, int, bool, str]]:
     plain = itertools.product(FLOAT_DTYPES + INT_DTYPES, OPS, SIZES, (True, False), ["NONE"])
-    quant = itertools.product(["float32"], OPS, SIZES, (True, False), ["FP16", "BF16", "UINT8"])
+    quant = itertools.product(
+        ["float32"], OPS, SIZES, (True, False), ["FP16", "BF16", "UINT8", "INT4", "INT2"]
+    )
     return set(plain) | set(quant)
 
 

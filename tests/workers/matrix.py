@@ -23,7 +23,9 @@ FLOAT_DTYPES = ["float32", "float64", "float16", "bfloat16", "torch_float32"]
 INT_DTYPES = ["int8", "int16", "int32", "int64", "uint8"]
 DTYPES = FLOAT_DTYPES + INT_DTYPES
 OPS = ["SUM", "AVG", "MIN", "MAX", "PROD"]
-QUANTS = ["FP16", "BF16", "UINT8"]
+QUANTS = ["FP16", "BF16", "UINT8", "INT4", "INT2"]
+#: Code levels of the block min-max encodings (uint8, packed 4-bit, packed 2-bit).
+LEVELS = {"UINT8": 255, "INT4": 15, "INT2": 3}
 
 # Machine epsilon of the storage type; a result is rounded at most once per ring hop.
 EPS = {
@@ -74,7 +76,8 @@ def make_input(case: dict[str, Any], seed: int, i: int, world: int) -> np.ndarra
             lo, hi = info.min, info.max
         return rng.integers(lo, hi, size=n, endpoint=True, dtype=dtype)
     if op == "PROD":
-        top = 1.0 if case["quant"] == "UINT8" else 1.5  # |partial products| <= 1 for UINT8
+        # |partial products| <= 1 for the block min-max encodings
+        top = 1.0 if case["quant"] in LEVELS else 1.5
         mag = rng.uniform(0.5, top, size=n)
         return np.where(rng.random(n) < 0.5, -mag, mag)
     return rng.uniform(-1.0, 1.0, size=n)
@@ -162,6 +165,10 @@ def bound(xs: list[np.ndarray], ref: np.ndarray, case: dict[str, Any], world: in
     global [min, max], G = max - min, errors add (min/max are 1-Lipschitz): W G / 255. PROD:
     inputs |x| <= 1, so partials lie in [-1, 1] (range 2) and later factors do not amplify
     errors: W * 2 / 255.
+
+    INT4 / INT2 wire: the same min-max encoding with L = 15 / 3 levels instead of 255, so every
+    255 above becomes L. The 2x slack still covers the compounding: with L = 3 and W = 4 the
+    ranges grown by earlier errors give at most about 1.1 R in total, under W R / L = 1.33 R.
     """
     op, quant = case["op"], case["quant"]
     W = world
@@ -188,15 +195,15 @@ def bound(xs: list[np.ndarray], ref: np.ndarray, case: dict[str, Any], world: in
         if op == "PROD":
             return 2 * W * (eq + e32) * P + W * tq
         return W * eq * M + W * tq
-    # UINT8
+    L = LEVELS[quant]
     if op in ("SUM", "AVG"):
         R = float(sum(float(x.max() - x.min()) for x in xs)) if ref.size else 0.0
-        b = W * R / 255 + W * e32 * S
+        b = W * R / L + W * e32 * S
         return b / W + 2 * e32 * np.abs(ref) if op == "AVG" else b
     if op in ("MIN", "MAX"):
         G = float(max(x.max() for x in xs) - min(x.min() for x in xs)) if ref.size else 0.0
-        return W * G / 255 + W * e32 * M
-    return W * 2 / 255 + 2 * W * e32 * P
+        return W * G / L + W * e32 * M
+    return W * 2 / L + 2 * W * e32 * P
 
 
 def check(case: dict[str, Any], got: np.ndarray, xs: list[np.ndarray], world: int) -> dict:
