@@ -1047,8 +1047,12 @@ class DiLoCo:
         """``residual = send - D(Q(send))``: what the wire encoding lost of our contribution."""
         assert self._residual is not None
         step = self._scratch.shape[0]
-        if self.quantization == Quantization.UINT8 and step > self._block:
-            step -= step % self._block  # whole blocks per chunk: the blocks of a single pass
+        bits = {Quantization.INT4: 4, Quantization.INT2: 2}.get(self.quantization, 0)
+        block = kernels.PACKED_BLOCK if bits else self._block  # INT4/INT2: the ring's block
+        if (self.quantization == Quantization.UINT8 or bits) and step > block:
+            step -= step % block  # whole blocks per chunk: the blocks of a single pass
+        if bits and getattr(self, "_packed_meta", None) is None:  # first INT4/INT2 pass
+            self._packed_meta = np.empty(2 * kernels.num_blocks(step, block), dtype=np.float32)
         for a in range(0, self.numel, step):
             b = min(self.numel, a + step)
             x, deq = self._send[a:b], self._scratch[: b - a]
@@ -1057,6 +1061,12 @@ class DiLoCo:
                 meta = self._meta[: 2 * kernels.num_blocks(n, self._block)]
                 kernels.quantize_u8(x, self._q[:n], meta, self._block)
                 kernels.dequantize_u8(self._q[:n], meta, deq, self._block)
+            elif bits:
+                n = b - a
+                q = self._q[: kernels.packed_len(n, bits)]
+                meta = self._packed_meta[: 2 * kernels.num_blocks(n, block)]
+                kernels.quantize_packed(x, q, meta, bits, block)
+                kernels.dequantize_packed(q, meta, deq, bits, block)
             elif self.quantization == Quantization.FP16:
                 kernels.encode_f16(x, self._half[: b - a])
                 kernels.decode_f16(self._half[: b - a], deq)
