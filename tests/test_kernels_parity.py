@@ -353,6 +353,88 @@ def test_quantize_parity_hypothesis(values: list[float], block: int) -> None:
     assert_same_bytes(got, want, "dequantize")
 
 
+@native
+@requires_native
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("block", [4, 8, 128, 4096, 5000])
+def test_packed_quantize_dequantize_parity(bits: int, block: int) -> None:
+    """INT4/INT2 kernels: the bytes of the reference for every input class, wire bytes too."""
+    rng = np.random.default_rng([bits, block])
+    for n in (0, 1, 2, 3, 5, 127, 128, 129, 4097, 20001):
+        nb, pl = ref.num_blocks(n, block), ref.packed_len(n, bits)
+        for x in quantize_inputs(rng, n):
+            q_want, m_want = np.empty(pl, np.uint8), np.empty(2 * nb, np.float32)
+            ref.quantize_packed(x, q_want, m_want, bits, block)
+            q_got = unaligned(np.full(pl, 0xAA, np.uint8), 1)  # padding bits must be written
+            m_got = unaligned(np.zeros(2 * nb, np.float32), 1)
+            NATIVE.quantize_packed(unaligned(x, 2), q_got, m_got, bits, block)
+            what = f"quantize_packed bits={bits} n={n} block={block}"
+            assert_same_bytes(q_got, q_want, what + " q")
+            assert_same_bytes(m_got, m_want, what + " meta")
+
+        # Wire-supplied bytes: any meta, any codes, padding bits set.
+        wire = (random_bits(rng, np.uint8, pl), random_bits(rng, np.float32, 2 * nb))
+        for q, meta in ((q_want, m_want), wire):
+            what = f"bits={bits} n={n} block={block}"
+            want = np.empty(n, np.float32)
+            ref.dequantize_packed(q, meta, want, bits, block)
+            got = unaligned(np.zeros(n, np.float32), 3)
+            NATIVE.dequantize_packed(unaligned(q, 1), unaligned(meta, 1), got, bits, block)
+            assert_same_bytes(got, want, "dequantize_packed " + what)
+
+            acc = random_bits(rng, np.float32, n)
+            want = acc.copy()
+            ref.dequantize_accumulate_packed(q, meta, want, bits, block)
+            got = unaligned(acc, 1)
+            NATIVE.dequantize_accumulate_packed(q, meta, got, bits, block)
+            assert_same_bytes(got, want, "dequantize_accumulate_packed " + what)
+
+            base = random_bits(rng, np.float32, n)
+            want = np.empty(n, np.float32)
+            ref.dequantize_add_packed(q, meta, base, want, bits, block)
+            got = unaligned(np.zeros(n, np.float32), 2)
+            NATIVE.dequantize_add_packed(q, meta, unaligned(base, 3), got, bits, block)
+            assert_same_bytes(got, want, "dequantize_add_packed " + what)
+
+            for base_, keep in itertools.product((None, base), (0, 1, 2)):
+                acc_w = acc.copy()
+                qo_w, mo_w = np.empty(pl, np.uint8), np.empty(2 * nb, np.float32)
+                ref.ring_hop_packed(q, meta, base_, acc_w, qo_w, mo_w, bits, block, keep)
+                acc_g = unaligned(acc, 1)
+                qo_g = unaligned(np.full(pl, 0x55, np.uint8), 3)
+                mo_g = unaligned(np.zeros(2 * nb, np.float32), 2)
+                b_g = None if base_ is None else unaligned(base_, 2)
+                NATIVE.ring_hop_packed(q, meta, b_g, acc_g, qo_g, mo_g, bits, block, keep)
+                hop = f"ring_hop_packed base={base_ is not None} keep={keep} {what}"
+                assert_same_bytes(acc_g, acc_w, hop + " acc")
+                assert_same_bytes(qo_g, qo_w, hop + " q_out")
+                assert_same_bytes(mo_g, mo_w, hop + " meta_out")
+
+
+@native
+@requires_native
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), max_size=40),
+    st.sampled_from([4, 2]),
+    st.integers(1, 6),
+)
+def test_packed_quantize_parity_hypothesis(values: list[float], bits: int, mult: int) -> None:
+    x = np.array(values, np.float32)
+    block = mult * (8 // bits)
+    nb, pl = ref.num_blocks(x.size, block), ref.packed_len(x.size, bits)
+    q_want, m_want = np.empty(pl, np.uint8), np.empty(2 * nb, np.float32)
+    ref.quantize_packed(x, q_want, m_want, bits, block)
+    q_got, m_got = np.full(pl, 0xFF, np.uint8), np.empty(2 * nb, np.float32)
+    NATIVE.quantize_packed(unaligned(x, 1), q_got, m_got, bits, block)
+    assert_same_bytes(q_got, q_want, "quantize_packed q")
+    assert_same_bytes(m_got, m_want, "quantize_packed meta")
+    want, got = np.empty(x.size, np.float32), np.empty(x.size, np.float32)
+    ref.dequantize_packed(q_want, m_want, want, bits, block)
+    NATIVE.dequantize_packed(q_got, m_got, got, bits, block)
+    assert_same_bytes(got, want, "dequantize_packed")
+
+
 # ---- every instruction-set level -------------------------------------------------------------
 
 _LEVEL_SCRIPT = textwrap.dedent(
@@ -407,6 +489,28 @@ _LEVEL_SCRIPT = textwrap.dedent(
                     g, qg, mg = off(x, 1), off(qw * 0, 3), off(mw * 0, 2)
                     N.ring_hop_u8(qw, mw, b_, g, qg, mg, 7, keep)
                     same(g, w, "hop"); same(qg, qo, "hop q"); same(mg, mo, "hop meta")
+            for nbits in (4, 2):
+                nb, pl = R.num_blocks(n, 8), R.packed_len(n, nbits)
+                qw, mw = np.empty(pl, np.uint8), np.empty(2 * nb, np.float32)
+                R.quantize_packed(x, qw, mw, nbits, 8)
+                qg, mg = off(qw * 0, 1), off(mw * 0, 1)
+                N.quantize_packed(off(x, 1), qg, mg, nbits, 8)
+                same(qg, qw, ("pq", nbits)); same(mg, mw, ("pmeta", nbits))
+                w = np.empty(n, np.float32); R.dequantize_packed(qw, mw, w, nbits, 8)
+                g = off(w * 0, 1); N.dequantize_packed(qw, mw, g, nbits, 8); same(g, w, "pdq")
+                w = x.copy(); R.dequantize_accumulate_packed(qw, mw, w, nbits, 8)
+                g = off(x, 1); N.dequantize_accumulate_packed(qw, mw, g, nbits, 8)
+                same(g, w, "pdqa")
+                w = x.copy(); R.dequantize_add_packed(qw, mw, base, w, nbits, 8)
+                g = off(x, 1); N.dequantize_add_packed(qw, mw, off(base, 2), g, nbits, 8)
+                same(g, w, "pdqadd")
+                for keep in (0, 1, 2):
+                    for b_ in (None, base):
+                        w, qo, mo = x.copy(), qw * 0, mw * 0
+                        R.ring_hop_packed(qw, mw, b_, w, qo, mo, nbits, 8, keep)
+                        g, qg, mg = off(x, 1), off(qw * 0, 3), off(mw * 0, 2)
+                        N.ring_hop_packed(qw, mw, b_, g, qg, mg, nbits, 8, keep)
+                        same(g, w, "phop"); same(qg, qo, "phop q"); same(mg, mo, "phop meta")
     print(N.SIMD)
     """
 )
@@ -706,6 +810,28 @@ def _rejections() -> list[tuple[str, type[Exception], Call]]:
          lambda: kernels.ring_hop_u8(q, meta, None, f, g, meta.copy(), 8)),
         ("ring hop keep", ValueError,
          lambda: kernels.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8, "store")),
+        ("packed bits 8", ValueError, lambda: kernels.quantize_packed(f, q[:4], meta, 8, 8)),
+        ("packed bits 3", ValueError, lambda: kernels.quantize_packed(f, q[:4], meta, 3, 8)),
+        ("int4 block odd", ValueError, lambda: kernels.quantize_packed(f, q[:4], meta, 4, 7)),
+        ("int2 block 6", ValueError,
+         lambda: kernels.quantize_packed(f, q[:2], np.zeros(4, np.float32), 2, 6)),
+        ("int4 q length", ValueError, lambda: kernels.quantize_packed(f, q, meta, 4, 8)),
+        ("int2 q length", ValueError, lambda: kernels.quantize_packed(f, q[:3], meta, 2, 8)),
+        ("packed meta length", ValueError,
+         lambda: kernels.quantize_packed(f, q[:4], meta[:1], 4, 8)),
+        ("packed dq out read-only", ValueError,
+         lambda: kernels.dequantize_packed(q[:4], meta, ro, 4, 8)),
+        ("packed dq q length", ValueError, lambda: kernels.dequantize_packed(q, meta, f, 4, 8)),
+        ("packed dqa overlap", ValueError,
+         lambda: kernels.dequantize_accumulate_packed(q[:4], f[:2], f, 4, 8)),
+        ("packed dq add base overlaps out", ValueError,
+         lambda: kernels.dequantize_add_packed(q[:4], meta, f, f, 4, 8)),
+        ("packed hop q_out is q", ValueError,
+         lambda: kernels.ring_hop_packed(q[:4], meta, None, f, q[:4], meta.copy(), 4, 8)),
+        ("packed hop keep", ValueError,
+         lambda: kernels.ring_hop_packed(q[:4], meta, None, f, q[4:], meta.copy(), 4, 8, "x")),
+        ("packed hop q_out length", ValueError,
+         lambda: kernels.ring_hop_packed(q[:4], meta, None, f, q[4:7], meta.copy(), 4, 8)),
     ]  # fmt: skip
 
 
@@ -800,6 +926,36 @@ def test_native_rejects_bad_arguments_directly() -> None:
         (ValueError, lambda: NATIVE.ring_hop_u8(q, meta, None, ro, q.copy(), meta.copy(), 8, 0)),
         (TypeError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, f.copy(), meta.copy(), 8, 0)),
         (TypeError, lambda: NATIVE.ring_hop_u8(q, meta, None, f, q.copy(), meta.copy(), 8)),
+        (ValueError, lambda: NATIVE.quantize_packed(f, q[:4], meta, 8, 8)),
+        (ValueError, lambda: NATIVE.quantize_packed(f, q[:4], meta, 4, 7)),
+        (ValueError, lambda: NATIVE.quantize_packed(f, q[:4], meta, 4, 0)),
+        (ValueError, lambda: NATIVE.quantize_packed(f, q, meta, 4, 8)),
+        (ValueError, lambda: NATIVE.quantize_packed(f, q[:2], meta[:1], 2, 8)),
+        (TypeError, lambda: NATIVE.quantize_packed(f, f[:1], meta, 4, 8)),
+        (ValueError, lambda: NATIVE.dequantize_packed(q, meta, f, 4, 8)),
+        (ValueError, lambda: NATIVE.dequantize_packed(q[:4], meta, ro, 4, 8)),
+        (ValueError, lambda: NATIVE.dequantize_accumulate_packed(q[:4], f[:2], f, 4, 8)),
+        (ValueError, lambda: NATIVE.dequantize_add_packed(q[:4], meta, f, f, 4, 8)),
+        (ValueError, lambda: NATIVE.dequantize_add_packed(q[:4], meta, f[:4], f.copy(), 4, 8)),
+        (TypeError, lambda: NATIVE.dequantize_add_packed(q[:4], meta, f, f.copy(), 4)),
+        (ValueError, lambda: NATIVE.ring_hop_packed(q[:4], meta, None, f, q[:4], meta, 4, 8, 0)),
+        (
+            ValueError,
+            lambda: NATIVE.ring_hop_packed(q[:4], meta, None, f, q[4:], meta.copy(), 4, 8, 3),
+        ),
+        (
+            ValueError,
+            lambda: NATIVE.ring_hop_packed(q[:4], meta, f, f, q[4:], meta.copy(), 4, 8, 0),
+        ),
+        (
+            ValueError,
+            lambda: NATIVE.ring_hop_packed(q[:4], meta, None, f, q[4:7], meta.copy(), 4, 8, 0),
+        ),
+        (
+            ValueError,
+            lambda: NATIVE.ring_hop_packed(q[:4], meta, None, f, q[4:], meta.copy(), 2, 8, 0),
+        ),
+        (TypeError, lambda: NATIVE.ring_hop_packed(q[:4], meta, None, f, q[4:], meta.copy(), 4, 8)),
     ]
     for exc, call in bad_calls:
         with pytest.raises(exc):
