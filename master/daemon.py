@@ -81,6 +81,8 @@ ACCEPTS: dict[ConnState, frozenset[MsgType]] = {
             MsgType.P2M_SYNC_DONE,
             MsgType.P2M_KV_SET,
             MsgType.P2M_KV_GET,
+            MsgType.P2M_OPTIMIZE_TOPOLOGY,
+            MsgType.P2M_PROBE_REPORT,
         }
     ),
     ConnState.CLOSED: frozenset(),
@@ -317,6 +319,14 @@ class _Conn(asyncio.Protocol):
         assert isinstance(msg, m.Outcomes)
         self.master.state.on_outcomes(self.peer_id, msg)
 
+    def on_optimize_topology(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.OptimizeTopology)
+        self.master.state.optimizer.on_vote(self.peer_id, msg)
+
+    def on_probe_report(self, msg: m.Message) -> None:
+        assert isinstance(msg, m.ProbeReport)
+        self.master.state.optimizer.on_report(self.peer_id, msg)
+
     def on_gate_arrive(self, msg: m.Message) -> None:
         assert isinstance(msg, m.GateArrive)
         self.master.state.on_gate_arrive(self.peer_id, msg)
@@ -364,6 +374,8 @@ HANDLERS: dict[MsgType, Callable[[_Conn, Any], None]] = {
     MsgType.P2M_SYNC_DONE: _Conn.on_sync_done,
     MsgType.P2M_KV_SET: _Conn.on_kv_set,
     MsgType.P2M_KV_GET: _Conn.on_kv_get,
+    MsgType.P2M_OPTIMIZE_TOPOLOGY: _Conn.on_optimize_topology,
+    MsgType.P2M_PROBE_REPORT: _Conn.on_probe_report,
 }
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pccl.master.election import EntryVote, SyncVote, elect
+from pccl.master.optimize import Optimizer
 from pccl.master.store import ID_BLOCK, RunRecord, RunStore
 
 from pccl import messages as m
@@ -215,6 +216,7 @@ class MasterState:
         # Operations of a previous incarnation whose verdict a peer asked for: op_id -> members.
         self.in_doubt: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._started = time.monotonic()
+        self.optimizer = Optimizer(self)  # link estimates, optimize_topology() rounds
         self._first_op_id = base + 1  # ops below this were decided by an earlier incarnation
         # Restart safety (see pccl.master.store).
         self._store = store
@@ -342,6 +344,7 @@ class MasterState:
         grp.members.discard(pid)
         grp.accepted.discard(pid)
         grp.voters.discard(pid)
+        self.optimizer.on_departure(gid, pid)
         if pid in grp.ring:
             grp.broken = f"peer {pid} left ({reason})"
             for op in list(grp.ops.values()):
@@ -448,6 +451,8 @@ class MasterState:
         return not self._incumbents_present
 
     def _reevaluate(self, gid: int, grp: GroupState) -> None:
+        if self.optimizer.busy(gid):
+            return  # probing links; the optimizer starts the epoch
         if grp.phase is Phase.CONNECTING:
             if not grp.unready:
                 self._complete_epoch(gid, grp)
@@ -457,7 +462,7 @@ class MasterState:
             if grp.members and now >= self._hold_until and not self._newcomers_wait(now):
                 self._start_epoch(gid, grp)  # nobody to vote: admit whoever waits
             return
-        if len(grp.voters) >= len(grp.accepted):
+        if len(grp.voters) >= len(grp.accepted) and not self.optimizer.intercept_update(gid, grp):
             self._start_epoch(gid, grp)
 
     def stalled_epoch_members(self, now: float, limit_s: float) -> list[int]:
@@ -469,8 +474,9 @@ class MasterState:
                 late.extend(sorted(grp.unready))
         return late
 
-    def _start_epoch(self, gid: int, grp: GroupState) -> None:
-        """Admit the group's registered peers, order its ring and announce a new epoch."""
+    def _start_epoch(self, gid: int, grp: GroupState, order: list[int] | None = None) -> None:
+        """Admit the group's registered peers, order its ring (``order`` first, when given by
+        the optimizer) and announce a new epoch."""
         self.epoch += 1
         grp.epoch = self.epoch
         grp.epoch_started = time.monotonic()
@@ -485,9 +491,11 @@ class MasterState:
             p.in_epoch = True
         grp.in_epoch = set(grp.members)
         grp.unready = set(grp.members)
-        keep = [q for q in grp.ring if q in grp.members]  # incumbents keep their order
-        kept = set(keep)
+        keep = [q for q in (grp.ring if order is None else order) if q in grp.members]
+        kept = set(keep)  # incumbents keep their order (or take the optimizer's)
         grp.ring = keep + sorted(q for q in grp.members if q not in kept)
+        if order is None:
+            grp.ring = self.optimizer.order_for_epoch(gid, grp, grp.ring)
         grp.broken = ""
         for op in list(grp.ops.values()):  # initiates made for the old ring are void
             self._finish(gid, op, False, "the topology changed", AbortKind.STALE_TOPOLOGY)
@@ -556,6 +564,7 @@ class MasterState:
                 voters.clear()
         if self.in_doubt:
             self._resolve_in_doubt(now)
+        self.optimizer.tick(now)
         self._save()
 
     def _complete_epoch(self, gid: int, grp: GroupState) -> None:
@@ -728,6 +737,7 @@ class MasterState:
         rec.tx_bytes += msg.tx_bytes
         if msg.seconds > 0:
             rec.last_gbps = msg.tx_bytes / msg.seconds / 1e9
+            self.optimizer.on_complete(pid, rec.last_gbps)
         if len(op.completed) >= len(op.members) and all(q in op.completed for q in op.members):
             self._finish(rec.group, op, True, "")
 

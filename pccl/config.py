@@ -77,6 +77,25 @@ class Config:
         vote_timeout_s: master-side deadline for a topology vote: once the first accepted
             peer votes ``update_topology()``, every other one must within this, or the voters
             get ``TopologyUpdateFailed`` naming the laggards (retry).
+        auto_optimize_topology: ``update_topology()`` also orders the ring by measured links
+            (probing unmeasured pairs first, newcomers included), like
+            ``optimize_topology()`` but without its ``min_gain`` threshold.
+        probe_time_s: about how long one link probe sends (per direction and pair).
+        probe_max_bytes: most bytes one link probe sends.
+        probe_max_age_s: measured links older than this are probed again by the next
+            ``optimize_topology()``.
+        tcp_bbr: p2p sockets to other hosts use the BBR congestion control where the kernel
+            has it (``tcp_bbr`` loaded or built in); else the system default stays.
+        tcp_notsent_lowat_bytes: ``TCP_NOTSENT_LOWAT`` of p2p sockets to other hosts (0: the
+            kernel's default, unlimited): caps unsent bytes queued in the kernel.
+        tcp_user_timeout_s: ``TCP_USER_TIMEOUT`` of p2p sockets: a link whose sent data goes
+            unacknowledged this long is reset by the kernel (a dead path ends its streams even
+            when no byte is due to arrive).
+        auto_streams: the streams to a ring successor on another host follow the measured
+            bandwidth-delay product of that link (probed by ``optimize_topology()``):
+            ``ceil(BDP / per-stream window)`` within ``[1, max_streams]``; the
+            communicator's ``streams`` until the link is measured.
+        max_streams: cap of ``auto_streams``.
     """
 
     heartbeat_interval_s: float = 0.5
@@ -95,6 +114,15 @@ class Config:
     restart_grace_s: float = 3.0
     start_timeout_s: float = 60.0
     vote_timeout_s: float = 60.0
+    auto_optimize_topology: bool = False
+    probe_time_s: float = 0.25
+    probe_max_bytes: int = 64 << 20
+    probe_max_age_s: float = 3600.0
+    tcp_bbr: bool = True
+    tcp_notsent_lowat_bytes: int = 0
+    tcp_user_timeout_s: float = 30.0
+    auto_streams: bool = False
+    max_streams: int = 16
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -119,6 +147,12 @@ class Config:
             raise ValueError("socket_buffer_bytes must be >= 0")
         if self.local_socket_buffer_bytes < 0:
             raise ValueError("local_socket_buffer_bytes must be >= 0")
+        if self.probe_max_bytes < (1 << 16):
+            raise ValueError("probe_max_bytes must be >= 64 KiB")
+        if self.tcp_notsent_lowat_bytes < 0:
+            raise ValueError("tcp_notsent_lowat_bytes must be >= 0")
+        if not (1 <= self.max_streams <= 64):
+            raise ValueError("max_streams must be within [1, 64]")
         if not (0 <= self.local_streams <= 64):
             raise ValueError("local_streams must be within [0, 64]")
 

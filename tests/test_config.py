@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(30)
 
 FIELDS = [f.name for f in dataclasses.fields(Config)]
 TIMEOUTS = [n for n in FIELDS if n.endswith("_s")]
-BOOLS = ["send_threads"]
+BOOLS = ["send_threads", "auto_optimize_topology", "tcp_bbr", "auto_streams"]
 NUMBERS = [n for n in FIELDS if n not in BOOLS]
 INTS = [
     "chunk_bytes",
@@ -28,6 +28,9 @@ INTS = [
     "socket_buffer_bytes",
     "local_socket_buffer_bytes",
     "local_streams",
+    "probe_max_bytes",
+    "tcp_notsent_lowat_bytes",
+    "max_streams",
 ]
 
 
@@ -229,6 +232,15 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
         "restart_grace_s": "1.5",
         "start_timeout_s": "45",
         "vote_timeout_s": "9.5",
+        "auto_optimize_topology": "1",
+        "probe_time_s": "0.5",
+        "probe_max_bytes": "1048576",
+        "probe_max_age_s": "60",
+        "tcp_bbr": "0",
+        "tcp_notsent_lowat_bytes": "131072",
+        "tcp_user_timeout_s": "12",
+        "auto_streams": "yes",
+        "max_streams": "8",
     }
     assert set(values) == set(FIELDS)
     for k, v in values.items():
@@ -245,6 +257,9 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
     assert c.send_threads is False
     assert (c.reconnect_timeout_s, c.restart_grace_s) == (30.0, 1.5)
     assert (c.start_timeout_s, c.vote_timeout_s) == (45.0, 9.5)
+    assert (c.auto_optimize_topology, c.tcp_bbr, c.auto_streams) == (True, False, True)
+    assert (c.probe_time_s, c.probe_max_bytes, c.probe_max_age_s) == (0.5, 1 << 20, 60.0)
+    assert (c.tcp_notsent_lowat_bytes, c.tcp_user_timeout_s, c.max_streams) == (131072, 12.0, 8)
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
 
