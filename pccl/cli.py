@@ -28,9 +28,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     except ImportError:  # pragma: no cover
         return
     bench_allreduce.add_arguments(bsub)
-    from pccl.tools import bench_master
+    from pccl.tools import bench_master, bench_matrix
 
     bench_master.add_arguments(bsub)
+    bench_matrix.add_arguments(bsub)
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:

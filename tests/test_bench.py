@@ -277,3 +277,65 @@ def test_wanproxy_cli_rejects_bad_arguments() -> None:
     )
     assert proc.returncode == 2
     assert "--delay-ms" in proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_bench_matrix_rows_share_their_references(tmp_path: Path) -> None:
+    """``pccl bench matrix``: every row of the grid is a full allreduce run (parity checked);
+    the floor is measured once per (size, peers) and shared by the rows of that pair, and the
+    table printed at the end has one line per row."""
+    out = tmp_path / "m.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pccl.cli",
+            "bench",
+            "matrix",
+            "--mib",
+            "1",
+            "--peers",
+            "2",
+            "--kinds",
+            "fp32,uint8",
+            "--placement",
+            "out,in",
+            "--compare",
+            "floor",
+            "--repeats",
+            "5",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [(r["row"]["kind"], r["row"]["in_place"]) for r in rows] == [
+        ("fp32", False),
+        ("fp32", True),
+        ("uint8", False),
+        ("uint8", True),
+    ]
+    assert all(r["pccl"]["parity"] for r in rows)
+    assert [r["config"]["quantization"] for r in rows] == ["none", "none", "uint8", "uint8"]
+    assert all(r["floor"] == rows[0]["floor"] for r in rows) and rows[0]["floor"]["seconds"] > 0
+    assert all(
+        r["floor_ratio"] == pytest.approx(r["pccl"]["seconds"] / r["floor"]["seconds"])
+        for r in rows
+    )
+    assert doc["machine"]["cores"] >= 1
+    assert proc.stderr.count("| 1 | 2 |") == 4  # the table
+    bad = subprocess.run(
+        [sys.executable, "-m", "pccl.cli", "bench", "matrix", "--kinds", "fp64"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "fp64" in bad.stderr
