@@ -234,6 +234,12 @@ class Communicator:
         """See :meth:`pccl.aio.Communicator.update_topology`."""
         self._run(self._aio.update_topology(timeout))
 
+    def optimize_topology(
+        self, timeout: float | None = None, *, min_gain: float = 0.1, reprobe: bool = False
+    ) -> bool:
+        """See :meth:`pccl.aio.Communicator.optimize_topology`."""
+        return self._run(self._aio.optimize_topology(timeout, min_gain=min_gain, reprobe=reprobe))
+
     def wait_for_world(self, n: int, timeout: float = 60.0) -> None:
         """See :meth:`pccl.aio.Communicator.wait_for_world`."""
         self._run(self._aio.wait_for_world(n, timeout))

@@ -37,6 +37,7 @@ from pccl.peer.kv import (
 )
 from pccl.peer.metrics import Live, MetricsServer, PeerMetrics
 from pccl.peer.p2p import P2PNode
+from pccl.peer.probe import Prober, optimize_topology
 from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
 from prometheus_client.registry import CollectorRegistry
@@ -202,6 +203,7 @@ class Communicator:
         self._collectives = CollectiveRunner(self._session, self._node, self.config)
         self._gates = GateRunner(self._session, self.config.collective_timeout_s)
         self._kv = KvClient(self._session)
+        self._prober = Prober(self._session, self._node)
         self._syncs = SyncRunner(
             self._session, self._node, self.config, self._collectives.pool, self.token, client_ssl
         )
@@ -345,6 +347,32 @@ class Communicator:
                 f"{len(self._collectives.live)} collective(s) in flight", phase="update_topology"
             )
         await self._session.update_topology(timeout or 60.0)
+
+    async def optimize_topology(
+        self, timeout: float | None = None, *, min_gain: float = 0.1, reprobe: bool = False
+    ) -> bool:
+        """Measure the group's links and re-order the ring so its slowest hop is fastest.
+
+        A barrier like :meth:`update_topology` (every accepted peer calls it). See
+        :func:`pccl.peer.probe.optimize_topology` for what it costs.
+
+        Returns:
+            True when the ring was re-ordered (a new epoch), False when the order was kept.
+
+        Raises:
+            PendingOperations: collectives of this peer are still in flight.
+            TopologyUpdateFailed: refused, a peer left or did not vote or report in time
+                (retry; after a departure call ``update_topology()`` first), or not completed
+                within ``timeout`` (default 60 s).
+            ConnectionLost: the master dropped us.
+        """
+        self._session.check_usable()
+        if self._collectives.live:
+            raise PendingOperations(
+                f"{len(self._collectives.live)} collective(s) in flight",
+                phase="optimize_topology",
+            )
+        return await optimize_topology(self._session, timeout or 60.0, min_gain, reprobe)
 
     async def wait_for_world(self, n: int, timeout: float = 60.0) -> None:
         """Take part in topology updates until at least ``n`` peers are in the run.
@@ -668,6 +696,7 @@ class Communicator:
             return
         self._gates.fail_all(CollectiveAborted("the communicator was closed", phase="quorum_gate"))
         self._session.leave(reason)
+        self._prober.close()
         await self._session.close("closed")
         await self._node.close()
 

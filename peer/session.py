@@ -96,6 +96,7 @@ _SESSION_TYPES = frozenset(
         MsgType.M2P_SYNC_PLAN,
         MsgType.M2P_SYNC_COMPLETE,
         MsgType.M2P_KV_REPLY,
+        MsgType.M2P_PROBE_PLAN,
         MsgType.M2P_KICK,
     }
 )
@@ -225,6 +226,7 @@ class MasterSession:
         self._resume_listeners: list[Callable[[], None]] = []
         self._changed = asyncio.Event()
         self._vote_refused: str | None = None  # reason of a refused update_topology vote
+        self.last_done: m.TopologyDone | None = None  # the latest M2P_TOPOLOGY_DONE
         # The epoch this peer last saw at the end of update_topology() (or its admission):
         # an epoch formed since without its vote re-admitted it after a reconnection.
         self._voted_epoch = 0
@@ -615,6 +617,7 @@ class MasterSession:
 
     def _on_topology_done(self, msg: m.Message) -> None:
         assert isinstance(msg, m.TopologyDone)
+        self.last_done = msg
         if not msg.ok:  # a refused or timed-out update_topology() vote
             self._vote_refused = msg.reason or "update_topology refused by the master"
             self._notify()
