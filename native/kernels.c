@@ -448,42 +448,76 @@ K int ring_hop_body(const void *q, const void *meta, const void *base, void *acc
 
 K size_t packed_bytes(size_t m, int bits) { return bits == 4 ? (m + 1) / 2 : (m + 3) / 4; }
 
+/* Packing works on whole words of codes (2 codes in a uint16, 4 in a uint32, read and written
+ * through memcpy), so the loops are plain shifts and masks on one lane type and vectorise;
+ * the word order is the byte order, hence the little-endian guard (a big-endian build takes
+ * the byte-wise tail loops for everything). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PCCL_LE 1
+#else
+#define PCCL_LE 0
+#endif
+
 K void pack_codes(const uint8_t *restrict c, u8u *restrict q, size_t m, int bits) {
+    size_t j = 0;
     if (bits == 4) {
-        size_t h = m / 2;
-        for (size_t j = 0; j < h; j++) q[j] = (uint8_t)(c[2 * j] | (c[2 * j + 1] << 4));
-        if (m & 1) q[h] = c[m - 1];
+        size_t h = PCCL_LE ? m / 2 : 0;
+        for (; j < h; j++) {
+            uint16_t w;
+            memcpy(&w, c + 2 * j, 2);
+            q[j] = (uint8_t)((w & 15u) | ((w >> 4) & 0xF0u));
+        }
+        for (; 2 * j + 1 < m; j++) q[j] = (uint8_t)(c[2 * j] | (c[2 * j + 1] << 4));
+        if (m & 1) q[m / 2] = c[m - 1];
     } else {
-        size_t h = m / 4;
-        for (size_t j = 0; j < h; j++)
+        size_t h = PCCL_LE ? m / 4 : 0;
+        for (; j < h; j++) {
+            uint32_t w;
+            memcpy(&w, c + 4 * j, 4);
+            q[j] = (uint8_t)((w & 3u) | ((w >> 6) & 0xCu) | ((w >> 12) & 0x30u) |
+                             ((w >> 18) & 0xC0u));
+        }
+        for (; 4 * j + 3 < m; j++)
             q[j] = (uint8_t)(c[4 * j] | (c[4 * j + 1] << 2) | (c[4 * j + 2] << 4) |
                              (c[4 * j + 3] << 6));
         if (m & 3) {
             uint8_t v = 0;
-            for (size_t k = 0; k < (m & 3); k++) v = (uint8_t)(v | (c[4 * h + k] << (2 * k)));
-            q[h] = v;
+            for (size_t k = 0; k < (m & 3); k++) v = (uint8_t)(v | (c[4 * j + k] << (2 * k)));
+            q[j] = v;
         }
     }
 }
 
 K void unpack_codes(const u8u *restrict q, uint8_t *restrict c, size_t m, int bits) {
+    size_t j = 0;
     if (bits == 4) {
-        size_t h = m / 2;
-        for (size_t j = 0; j < h; j++) {
+        size_t h = PCCL_LE ? m / 2 : 0;
+        for (; j < h; j++) {
+            uint32_t v = q[j];
+            uint16_t w = (uint16_t)((v & 15u) | ((v << 4) & 0xF00u));
+            memcpy(c + 2 * j, &w, 2);
+        }
+        for (; 2 * j + 1 < m; j++) {
             c[2 * j] = q[j] & 15u;
             c[2 * j + 1] = q[j] >> 4;
         }
-        if (m & 1) c[m - 1] = q[h] & 15u;
+        if (m & 1) c[m - 1] = q[m / 2] & 15u;
     } else {
-        size_t h = m / 4;
-        for (size_t j = 0; j < h; j++) {
+        size_t h = PCCL_LE ? m / 4 : 0;
+        for (; j < h; j++) {
+            uint32_t v = q[j];
+            uint32_t w = (v & 3u) | ((v << 6) & 0x300u) | ((v << 12) & 0x30000u) |
+                         ((v << 18) & 0x3000000u);
+            memcpy(c + 4 * j, &w, 4);
+        }
+        for (; 4 * j + 3 < m; j++) {
             uint8_t v = q[j];
             c[4 * j] = v & 3u;
             c[4 * j + 1] = (v >> 2) & 3u;
             c[4 * j + 2] = (v >> 4) & 3u;
             c[4 * j + 3] = v >> 6;
         }
-        for (size_t k = 0; k < (m & 3); k++) c[4 * h + k] = (q[h] >> (2 * k)) & 3u;
+        for (size_t k = 0; k < (m & 3); k++) c[4 * j + k] = (q[j] >> (2 * k)) & 3u;
     }
 }
 

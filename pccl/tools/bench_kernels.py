@@ -17,8 +17,16 @@ compare with them:
 * reductions and accumulations (``sum_*``, ``max_f32``, ``accumulate_*``,
   ``dequant_accumulate_u8``): all memory traffic, reads plus writes; ``sum_f32`` in place is
   3 x 4 bytes per element (read dst, read src, write dst);
-* quantisation and conversions (``quantize_u8``, ``dequantize_u8``, ``encode_*``,
-  ``decode_*``): the float32 side only, 4 bytes per element.
+* quantisation and conversions (``quantize_u8``, ``dequantize_u8``, ``quantize_int4``,
+  ``dequantize_int2``..., ``encode_*``, ``decode_*``): the float32 side only, 4 bytes per
+  element;
+* ``ring_hop_*`` (the fused reduce-scatter hop of a forwarding peer: partial + decoded
+  received codes, re-quantized; the partial sum stays in an L1 scratch block): 4 bytes per
+  element, the float32 operand read.
+
+INT4/INT2 run at ``kernels.PACKED_BLOCK`` (their wire block), UINT8 at ``DEFAULT_BLOCK``.
+Every row also records the median wall and CPU seconds of both backends, and the report
+records the machine (CPU model, caches, cores).
 
 ``sum_f32`` is also timed against plain ``np.add(a, b, out=a)`` (``np_add_gbps``): the
 reference adds a NaN-canonicalisation pass that numpy's add lacks.
@@ -36,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from pccl import _reference, kernels
+from pccl.tools.bench_allreduce import _machine
 from pccl.types import DType, ReduceOp
 
 __all__ = ["run"]
@@ -43,17 +52,20 @@ __all__ = ["run"]
 Kernel = Callable[[], object]
 
 
-def _median_seconds(fns: list[Kernel], repeats: int) -> list[float]:
-    """Median wall time of each function; runs are interleaved so drift hits all alike."""
+def _median_seconds(fns: list[Kernel], repeats: int) -> list[tuple[float, float]]:
+    """Median (wall, process CPU) seconds of each function; runs are interleaved so drift
+    hits all alike."""
     for fn in fns:
         fn()  # warm-up: page in outputs, load code
     times: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+        for fn, ts, cs in zip(fns, times, cpu):
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+            cs.append(time.process_time() - c0)
+    return [(statistics.median(ts), statistics.median(cs)) for ts, cs in zip(times, cpu)]
 
 
 def _cases(n: int, block: int) -> list[tuple[str, int, str, Kernel | None, Kernel]]:
@@ -74,6 +86,14 @@ def _cases(n: int, block: int) -> list[tuple[str, int, str, Kernel | None, Kerne
     q, meta = np.empty(n, np.uint8), np.empty(2 * nb, np.float32)
     _reference.quantize_u8(x, q, meta, block)
     out16 = np.empty(n, np.uint16)
+    pb = kernels.PACKED_BLOCK
+    packed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for nbits in (4, 2):
+        pq = np.empty(_reference.packed_len(n, nbits), np.uint8)
+        pm = np.empty(2 * _reference.num_blocks(n, pb), np.float32)
+        _reference.quantize_packed(x, pq, pm, nbits, pb)
+        packed[nbits] = (pq, pm, np.empty_like(pq), np.empty_like(pm))
+    q_out, meta_out = np.empty_like(q), np.empty_like(meta)
     f32, f16, bf16 = int(DType.FLOAT32), int(DType.FLOAT16), int(DType.BFLOAT16)
     s, mx = int(ReduceOp.SUM), int(ReduceOp.MAX)
     traffic, fp32_side = "read+write", "fp32 side"
@@ -98,6 +118,11 @@ def _cases(n: int, block: int) -> list[tuple[str, int, str, Kernel | None, Kerne
         ("dequant_accumulate_u8", 9, traffic,
          nat(lambda: native.dequantize_accumulate_u8(q, meta, acc, block)),
          lambda: ref.dequantize_accumulate_u8(q, meta, acc, block)),
+        ("ring_hop_u8", 4, fp32_side,
+         nat(lambda: native.ring_hop_u8(q, meta, y, acc, q_out, meta_out, block, 0)),
+         lambda: ref.ring_hop_u8(q, meta, y, acc, q_out, meta_out, block, 0)),
+        *[row for nbits in (4, 2) for row in _packed_cases(nbits, packed[nbits], x, y, acc,
+                                                           out32, native)],
         ("encode_f16", 4, fp32_side, nat(lambda: native.encode_f16(x, out16)),
          lambda: ref.encode_f16(x, out16)),
         ("decode_f16", 4, fp32_side, nat(lambda: native.decode_f16(h_a, out32)),
@@ -110,6 +135,38 @@ def _cases(n: int, block: int) -> list[tuple[str, int, str, Kernel | None, Kerne
          lambda: ref.accumulate_f16(h_a, acc)),
         ("accumulate_bf16", 10, traffic, nat(lambda: native.accumulate_bf16(bf_a, acc)),
          lambda: ref.accumulate_bf16(bf_a, acc)),
+    ]  # fmt: skip
+
+
+def _packed_cases(
+    nbits: int,
+    bufs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    acc: np.ndarray,
+    out32: np.ndarray,
+    native: Any,
+) -> list[tuple[str, int, str, Kernel | None, Kernel]]:
+    """The INT4 (nbits 4) or INT2 (2) rows, at their wire block."""
+    q, meta, q_out, meta_out = bufs
+    pb, ref, tag = kernels.PACKED_BLOCK, _reference, f"int{nbits}"
+
+    def nat(fn: Callable[[], object]) -> Kernel | None:
+        return fn if native is not None else None
+
+    return [
+        (f"quantize_{tag}", 4, "fp32 side",
+         nat(lambda: native.quantize_packed(x, q_out, meta_out, nbits, pb)),
+         lambda: ref.quantize_packed(x, q_out, meta_out, nbits, pb)),
+        (f"dequantize_{tag}", 4, "fp32 side",
+         nat(lambda: native.dequantize_packed(q, meta, out32, nbits, pb)),
+         lambda: ref.dequantize_packed(q, meta, out32, nbits, pb)),
+        (f"dequant_accumulate_{tag}", 8, "read+write",
+         nat(lambda: native.dequantize_accumulate_packed(q, meta, acc, nbits, pb)),
+         lambda: ref.dequantize_accumulate_packed(q, meta, acc, nbits, pb)),
+        (f"ring_hop_{tag}", 4, "fp32 side",
+         nat(lambda: native.ring_hop_packed(q, meta, y, acc, q_out, meta_out, nbits, pb, 0)),
+         lambda: ref.ring_hop_packed(q, meta, y, acc, q_out, meta_out, nbits, pb, 0)),
     ]  # fmt: skip
 
 
@@ -126,8 +183,9 @@ def run(json_path: str | None = None, mib: int = 64, repeats: int = 7) -> dict[s
         repeats: timed runs per kernel after one warm-up, at least 5; the median is kept.
 
     Returns:
-        ``{"kernels": {name: {"native_gbps", "numpy_gbps", "speedup", "bytes_per_element",
-        "bytes_counted"}}, "config": {...}}``; ``sum_f32`` also carries ``np_add_gbps`` and
+        ``{"kernels": {name: {"native_gbps", "numpy_gbps", "speedup", "numpy_s",
+        "numpy_cpu_s", "native_s", "native_cpu_s", "bytes_per_element", "bytes_counted"}},
+        "config": {...}, "machine": {...}}``; ``sum_f32`` also carries ``np_add_gbps`` and
         ``speedup_vs_np_add``. Native figures are None when the numpy backend is live.
 
     Raises:
@@ -153,7 +211,8 @@ def run(json_path: str | None = None, mib: int = 64, repeats: int = 7) -> dict[s
         fns = [ref_fn] + ([] if nat_fn is None else [nat_fn])
         if name == "sum_f32":
             fns.append(lambda: np.add(add_a, add_b, out=add_a))
-        secs = _median_seconds(fns, repeats)
+        timed = _median_seconds(fns, repeats)
+        secs = [t for t, _ in timed]
         numpy_gbps = _gbps(nbytes, secs[0])
         native_gbps = None if nat_fn is None else _gbps(nbytes, secs[1])
         speedup = None if native_gbps is None else native_gbps / numpy_gbps
@@ -161,6 +220,10 @@ def run(json_path: str | None = None, mib: int = 64, repeats: int = 7) -> dict[s
             "native_gbps": native_gbps,
             "numpy_gbps": numpy_gbps,
             "speedup": speedup,
+            "numpy_s": timed[0][0],
+            "numpy_cpu_s": timed[0][1],
+            "native_s": None if nat_fn is None else timed[1][0],
+            "native_cpu_s": None if nat_fn is None else timed[1][1],
             "bytes_per_element": per_elem,
             "bytes_counted": counted,
         }
@@ -181,9 +244,11 @@ def run(json_path: str | None = None, mib: int = 64, repeats: int = 7) -> dict[s
             "elements": n,
             "repeats": repeats,
             "block": block,
+            "packed_block": kernels.PACKED_BLOCK,
             "backend": kernels.BACKEND,
             "simd": None if native is None else native.SIMD,
         },
+        "machine": _machine(),
     }
     if json_path is not None:
         tmp = json_path + ".tmp"
