@@ -78,7 +78,7 @@ PATTERN = 65521
 #: Largest world for which :func:`_pattern` sums are exact in every supported type.
 EXACT_PEERS = 16
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
-_QUANTS = ("none", "fp16", "bf16", "uint8")
+_QUANTS = ("none", "fp16", "bf16", "uint8", "int4", "int2")
 
 
 # ================================================================================== CLI
