@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from pccl.master.optimize import link_samples
 from pccl.master.state import Phase
 from pccl.master.status_conns import ConnState, Reason
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -409,6 +410,8 @@ def _tail_families(master: Master) -> list[Metric]:
         "Control connections closed before authenticating: evicted at a cap, handshake timeout.",
         [({"reason": r}, n) for r, n in sorted(master.unauthenticated_closed.items())],
     )
+    for name, kind, help_text, samples in link_samples(master.state.optimizer):
+        family(name, kind, help_text, samples)
     return out
 
 

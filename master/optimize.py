@@ -321,3 +321,37 @@ class Optimizer:
         out["round"] = None if rnd is None else rnd.phase.value
         out["last"] = self.last.get(gid)
         return out
+
+
+def link_samples(
+    opt: Optimizer,
+) -> list[tuple[str, str, str, list[tuple[dict[str, object], float]]]]:
+    """Prometheus families of the link table: ``(name, kind, help, samples)``."""
+    rate: list[tuple[dict[str, object], float]] = [
+        ({"src": a, "dst": b}, max(link.gbps, link.observed_gbps))
+        for (a, b), link in sorted(opt.table.links.items())
+    ]
+    rtt: list[tuple[dict[str, object], float]] = [
+        ({"src": a, "dst": b}, link.rtt_ms) for (a, b), link in sorted(opt.table.links.items())
+    ]
+    decisions: list[tuple[dict[str, object], float]] = [
+        ({"decision": "rewired"}, float(opt.rewired)),
+        ({"decision": "kept"}, float(opt.kept)),
+        ({"decision": "failed"}, float(opt.failed)),
+    ]
+    return [
+        ("pccl_link_gbps", "gauge", "Estimated rate of each measured p2p link (Gbit/s).", rate),
+        ("pccl_link_rtt_ms", "gauge", "Measured round-trip time of each p2p link (ms).", rtt),
+        (
+            "pccl_topology_optimizations_total",
+            "counter",
+            "optimize_topology() rounds by outcome.",
+            decisions,
+        ),
+        (
+            "pccl_link_probe_rounds_total",
+            "counter",
+            "Link probe rounds completed.",
+            [({}, float(opt.table.probes))],
+        ),
+    ]

@@ -230,6 +230,7 @@ def _group_entry(state: MasterState, gid: int, grp: Any) -> dict[str, Any]:
         "ops_in_flight": ops,
         "next_revision": grp.next_revision,
         "sync": sync,
+        "topology": state.optimizer.status(gid, grp),  # link matrix, last optimisation
     }
 
 

@@ -12,6 +12,7 @@ import itertools
 import time
 
 import pytest
+from pccl.master.optimize import link_samples
 from pccl.master.topology import solve_ring
 from test_master_state import Harness, ring_ids
 
@@ -93,6 +94,10 @@ def test_group_rewires_to_the_solved_order_and_keeps_it_next_time() -> None:
     assert all(x.ok and "already optimal" in x.reason for _, x in kept)  # type: ignore[attr-defined]
     matrix = h.state.optimizer.status(0, h.group_of(a))["links"]
     assert matrix["peers"] == pids and matrix["gbps"][0][1] == SLOW
+    fams = {name: samples for name, _, _, samples in link_samples(h.state.optimizer)}
+    assert len(fams["pccl_link_gbps"]) == 12  # every directed link of 4 peers
+    assert ({"src": a, "dst": b}, SLOW) in fams["pccl_link_gbps"]
+    assert ({"decision": "rewired"}, 1.0) in fams["pccl_topology_optimizations_total"]
 
 
 def test_a_small_gain_keeps_the_order() -> None:
