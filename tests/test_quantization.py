@@ -359,3 +359,46 @@ def test_packed_ring_hop_equals_separate_kernels(mod: ModuleType, nbits: int, ke
         kernels.ring_hop_packed(q, meta, None, acc, qo, mo, nbits, block, keep)
     assert qo.tobytes() == q_want.tobytes() and mo.tobytes() == m_want.tobytes()
     assert acc.tobytes() == want.tobytes()
+
+
+# ---- INT4 / INT2 on the ring: wire sizes checked on receive ------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["INT4", "INT2"])
+def test_ring_accepts_exactly_the_packed_wire_size(quant: str) -> None:
+    """A data frame's payload must be packed codes + 8 bytes per block of PACKED_BLOCK elements
+    (whatever quant_block says): one byte more or less, or UINT8's size, is a ProtocolError,
+    which closes that stream and fails the operation it feeds (peer/rx_stream.py)."""
+    from pccl.errors import ProtocolError
+    from pccl.frame import DataHeader
+    from pccl.types import Quantization
+    from pccl.peer.ring import BufferPool, RingOp, wire_len
+
+    q = Quantization[quant]
+    nbits = {"INT4": 4, "INT2": 2}[quant]
+    n, world, sub = 10_001, 2, 1000  # sub-chunks round to whole packed blocks (1000 -> 896)
+
+    async def check() -> None:
+        x = np.zeros(n, np.float32)
+        ring = RingOp(
+            op_id=1, tag=7, rank=0, world=world, src=x, work=np.zeros(n, np.float32),
+            dtype=DType.FLOAT32, op=ReduceOp.SUM, quant=q, sub=sub, block=4096,
+            send_frame=lambda h, p: None, pool=BufferPool(),
+        )  # fmt: skip
+        assert ring.sub == sub // kernels.PACKED_BLOCK * kernels.PACKED_BLOCK
+        c = 1  # rank 0 receives chunk (0 - 0 - 1) % 2 at reduce-scatter step 0
+        last_k = ring.nsub[c] - 1
+        for k in (0, last_k):
+            count = ring._sublen(c, k)
+            size = kernels.packed_len(count, nbits) + 8 * kernels.num_blocks(count, 128)
+            assert wire_len(count, 4, q, 4096) == size
+            for bad in (size - 1, size + 1, count + 8 * kernels.num_blocks(count, 4096)):
+                with pytest.raises(ProtocolError, match="payload"):
+                    ring.recv_target(DataHeader(1, 7, 0, c, k * ring.sub, count, bad))
+            assert len(ring.recv_target(DataHeader(1, 7, 0, c, k * ring.sub, count, size))) == size
+        ring.close()
+        ring.release()
+
+    import asyncio
+
+    asyncio.run(check())
