@@ -292,6 +292,7 @@ class Communicator:
             group_world_size=self._session.group_world_size,
             stale_frames=self._node.stale_frames,
             p2p=dict(self._node.stats),
+            stream_tx=dict(self._node.stream_tx_bytes),
         )
 
     # ------------------------------------------------------------------ connection

@@ -68,6 +68,8 @@ class Live:
     stale_frames: int = 0
     #: p2p connections by outcome (``P2PNode.stats``: accepted, authenticated, rejected...)
     p2p: Mapping[str, int] = field(default_factory=dict)
+    #: payload bytes sent per stream index to the ring successor (``P2PNode.stream_tx_bytes``)
+    stream_tx: Mapping[int, int] = field(default_factory=dict)
 
 
 class PeerMetrics:
@@ -174,6 +176,8 @@ class PeerMetrics:
         }
         for outcome, n in sorted(dict(live.p2p).items()):
             out[f"p2p_{outcome}"] = n
+        for index, n in sorted(dict(live.stream_tx).items()):
+            out[f"stream_tx_bytes_{index}"] = n
         return out
 
     def collect(self) -> Iterator[Metric]:
@@ -274,6 +278,15 @@ class PeerMetrics:
             if key.startswith("p2p_"):
                 p2p.add_metric([key[4:]], value)
         yield p2p
+        streams = CounterMetricFamily(
+            "pccl_comm_stream_tx_bytes_total",
+            "Payload bytes sent to the ring successor, by stream index (striping balance).",
+            labels=["stream"],
+        )
+        for key, value in snap.items():
+            if key.startswith("stream_tx_bytes_"):
+                streams.add_metric([key[16:]], value)
+        yield streams
 
     def registry(self) -> CollectorRegistry:
         """A new registry holding only this communicator's collector."""

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 from pccl.peer.rx_stream import RxState, RxStream
 from pccl.peer.state_sync import StateServer
+from pccl.peer.tuning import Window, auto_streams, check_window, tune_wan_socket
 
 from pccl import messages as m
 from pccl.auth import prove
@@ -97,17 +98,22 @@ def buffer_bytes(sock: socket.socket, cfg: Config) -> int:
     return cfg.socket_buffer_bytes
 
 
-def tune_socket(sock: socket.socket | None, cfg: Config) -> None:
+def tune_socket(sock: socket.socket | None, cfg: Config) -> Window | None:
+    """Set a p2p socket's options; return its per-stream window for a link to another host
+    (see :mod:`pccl.peer.tuning`), None on loopback or without a socket."""
     if sock is None:
-        return
+        return None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not same_host(sock):
+            return tune_wan_socket(sock, cfg)
         size = buffer_bytes(sock, cfg)
         if size:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     except OSError:  # not fatal: defaults still work
         pass
+    return None
 
 
 class TxState(enum.Enum):
@@ -141,6 +147,7 @@ class TxStream(asyncio.Protocol):
         self.queue: collections.deque[tuple[bytes, memoryview]] = collections.deque()
         self.paused = False
         self.sender: _Sender | None = None
+        self.window: Window | None = None  # read back after tuning (links to other hosts)
         self._handlers: dict[MsgType, Callable[[m.Message], None]] = {
             MsgType.P2P_CHALLENGE: self.on_challenge,
             MsgType.P2P_HELLO_ACK: self.on_hello_ack,
@@ -152,7 +159,7 @@ class TxStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tune_socket(transport.get_extra_info("socket"), self.node.config)
+        self.window = tune_socket(transport.get_extra_info("socket"), self.node.config)
         self.transport.set_write_buffer_limits(high=self.node.config.chunk_bytes * 2)
 
     def _gate(self, mtype: MsgType, length: int) -> None:
@@ -187,6 +194,7 @@ class TxStream(asyncio.Protocol):
         self.acked.set_result(None)
 
     def send(self, header: bytes, payload: memoryview) -> None:
+        self.node.stream_tx_bytes[self.index] += len(payload)  # per-stream counters (metrics)
         sender = self.sender
         if sender is not None:
             sender.put(header, payload)
@@ -373,6 +381,10 @@ class P2PNode:
         self.stats: collections.Counter[str] = collections.Counter()
         self.closing = False
         self.state_server = StateServer()
+        #: payload bytes sent per stream index to the successor (all epochs), for metrics
+        self.stream_tx_bytes: collections.Counter[int] = collections.Counter()
+        #: measured links from this peer: peer id -> (Gbit/s, RTT ms) (pccl.peer.probe)
+        self.links: dict[int, tuple[float, float]] = {}
         self.serving: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -482,9 +494,20 @@ class P2PNode:
             self.rx.setdefault(s.peer_id, set()).add(s)
             s.accept()
 
-    def streams_to(self, host: str) -> int:
-        """Streams to open to a successor at ``host`` (see :func:`streams_for`)."""
-        return streams_for(host, self.nstreams, self.config)
+    def streams_to(self, host: str, peer: int = 0) -> int:
+        """Streams to open to a successor at ``host`` (see :func:`streams_for`); with
+        ``Config.auto_streams``, from the measured bandwidth-delay product of the link to
+        ``peer`` when there is one (:func:`pccl.peer.tuning.auto_streams`)."""
+        cfg = self.config
+        link = self.links.get(peer)
+        if not cfg.auto_streams or link is None or _is_loopback(host):
+            return streams_for(host, self.nstreams, cfg)
+        probe = socket.socket()
+        try:
+            window = tune_wan_socket(probe, cfg).bytes
+        finally:
+            probe.close()
+        return auto_streams(link[0], link[1], window, cfg.max_streams)
 
     async def connect_next(self, next_id: int, host: str, port: int, epoch: int) -> None:
         """Make sure :meth:`streams_to` healthy streams lead to ``next_id``; reuse when unchanged.
@@ -492,7 +515,7 @@ class P2PNode:
         Raises:
             ConnectionError, OSError, TimeoutError: the successor could not be reached.
         """
-        want = self.streams_to(host)
+        want = self.streams_to(host, next_id)
         healthy = all(not s.closed for s in self.tx) and len(self.tx) == want
         same = next_id == self.next_id and (host, port) == self.next_addr
         if same and healthy and not self.tx_broken:
@@ -517,6 +540,9 @@ class P2PNode:
         try:
             async with asyncio.timeout(deadline):
                 self.tx = list(await asyncio.gather(*tasks))
+            link, window = self.links.get(next_id), self.tx[0].window if self.tx else None
+            if link is not None and window is not None:
+                check_window(next_id, window, len(self.tx), link[0], link[1])
         except BaseException:
             for t in tasks:
                 if t.done() and not t.cancelled() and t.exception() is None:

@@ -209,6 +209,7 @@ class Prober:
                 failed.append(f"{pid}: {type(e).__name__}")
                 continue
             self.results[pid] = res
+            self.node.links[pid] = res
             links.append((pid, res[0], res[1]))
         self.rounds += 1
         reason = ("failed: " + ", ".join(failed))[:500] if failed else ""
