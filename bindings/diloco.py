@@ -83,6 +83,7 @@ import numpy as np
 import torch
 import xxhash
 from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
+from pccl.bindings.diloco_sync import NEXT_BUCKET, SyncBoundary
 from pccl.bindings.extra_state import (
     DEFAULT_CAPACITY,
     Slot,
@@ -104,8 +105,9 @@ __all__ = ["DiLoCo", "DiLoCoStats", "OuterStepInfo", "Phase", "RoundRecord", "ne
 
 log = logging.getLogger("pccl.diloco")
 
-#: Default all-reduce bucket: one operation per <= 256 MiB of fp32 pseudo-gradient.
-DEFAULT_BUCKET_BYTES = 256 << 20
+#: Default all-reduce bucket: one operation per <= 32 MiB of fp32 pseudo-gradient. Synchronous
+#: mode keeps two buckets of host scratch (see :mod:`pccl.bindings.diloco_sync`).
+DEFAULT_BUCKET_BYTES = 32 << 20
 #: Default first tag; the count uses it, bucket i uses ``tag + 1 + i``.
 DEFAULT_TAG = 0x0D10C000
 _CHUNK = 1 << 20  # elements per step of the chunked host loops (bounded scratch)
@@ -120,8 +122,9 @@ class Phase(enum.IntEnum):
     FLUSH_RETRY = 3  #: as RETRY, inside :meth:`DiLoCo.flush` (no new round is launched after)
 
 
-# Control vector (int64 shared-state entry "diloco/ctrl").
+# Control vector (int64 shared-state entry "diloco/ctrl"); NEXT_BUCKET (4) is diloco_sync's.
 _BOUNDARY, _APPLIED, _PHASE, _FINGERPRINT = range(4)
+_CTRL_LEN = NEXT_BUCKET + 1
 # Contributor count vector (int64, all-reduced with SUM next to the pseudo-gradient).
 _WEIGHT, _CONTRIBUTORS, _TOKEN_WEIGHTED = range(3)
 #: Inner-optimizer param groups whose hyper-parameters are compared field by field.
@@ -408,12 +411,24 @@ class DiLoCo:
         # Where the current round started: the outer parameters, or in delayed mode the eager
         # start (see _launch_background), or in quorum mode the outer parameters of the round
         # that applied this peer's last contribution (the driver moves theta meanwhile).
+        # Synchronous mode builds, reduces and applies the pseudo-gradient one bucket at a
+        # time (diloco_sync) and needs no full-model send/recv buffers.
         separate = self.delayed or self.quorum
         self._anchor_t, self._anchor = flat() if separate else (self._theta_t, self._theta)
-        self._send_t, self._send = flat()
-        self._recv_t, self._recv = flat()
+        empty = torch.zeros(0, dtype=torch.float32)
+        self._send_t, self._send = flat() if separate else (empty, empty.numpy())
+        self._recv_t, self._recv = flat() if separate else (empty, empty.numpy())
         self._mom = flat()[1] if self.outer_momentum > 0 else None
-        self._residual = flat()[1] if self.error_feedback else None
+        # The error-feedback residual is kept as bfloat16 bits (round to nearest even): its
+        # rounding is 2**-9 of a quantity already below half a quantization step, and it saves
+        # 2 bytes per parameter.
+        self._residual: np.ndarray | None = None
+        if self.error_feedback:
+            self._residual = (
+                torch.zeros(max(self.numel, 1), dtype=torch.int16, pin_memory=pin)
+                .numpy()[: self.numel]
+                .view(np.uint16)
+            )
         self._count = np.zeros(3, dtype=np.int64)
         self._count_out = np.zeros(3, dtype=np.int64)
         self._weight = 0
@@ -423,6 +438,7 @@ class DiLoCo:
         self._mixed_warned = False
         self._scratch = np.empty(min(max(self.numel, 1), _CHUNK), dtype=np.float32)
         if self.error_feedback:
+            self._rscratch = np.empty(self._scratch.shape[0], dtype=np.float32)
             cfg = getattr(getattr(comm, "aio", None), "config", None)
             self._block = int(cfg.quant_block if isinstance(cfg, Config) else Config().quant_block)
             self._q = np.empty(self._scratch.shape[0], dtype=np.uint8)
@@ -435,11 +451,12 @@ class DiLoCo:
         self._tag = tag
         if tag + len(self._buckets) + 1 > 0xFFFF_FFFF:  # (+1: quorum mode's extra state)
             raise ValueError("tag + number of buckets exceeds 2**32 - 2")
+        self._sync_path = None if separate else SyncBoundary(self, pin)
 
         self._hparam_names, hp = self._hyperparameters()
         self._hparams = np.array(hp, dtype=np.float64)
         self._own_hparams = self._hparams.copy()
-        self._ctrl = np.zeros(4, dtype=np.int64)
+        self._ctrl = np.zeros(_CTRL_LEN, dtype=np.int64)
         self._ctrl[_FINGERPRINT] = self._fingerprint()
         entries: dict[str, Any] = {}
         for name, _, off, n, shape in self._params:
@@ -521,9 +538,10 @@ class DiLoCo:
             self._fill_pseudo_grad()
             self._finish_boundary(applied)
         else:
-            self._fill_pseudo_grad()
-            applied = self._reduce(None, Phase.RETRY)
-            self._finish_boundary(applied)
+            assert self._sync_path is not None
+            self._take_weight()
+            applied = self._sync_path.run(Phase.RETRY)
+            self._finish_sync_boundary(applied)
         return self._info(applied, time.perf_counter() - t0)
 
     def _quorum_step(self) -> OuterStepInfo | None:
@@ -664,6 +682,16 @@ class DiLoCo:
             self._copy_anchor_to_local()
             self._contributing = True
             return
+        if self._sync_path is not None:
+            if phase is not Phase.IDLE and phase is not Phase.RETRY:
+                raise ValueError(f"a synchronous run never syncs in phase {phase.name}")
+            if phase is Phase.RETRY:  # zeros, weight 0: we have not trained the pending round
+                self._take_weight()
+                self._finish_sync_boundary(self._sync_path.run(Phase.RETRY))
+            else:
+                self._copy_anchor_to_local()
+            self._contributing = True
+            return
         self._fill_pseudo_grad()  # zeros, weight 0: we have not trained the pending round
         if phase is Phase.RETRY:
             applied = self._reduce(None, Phase.RETRY)
@@ -787,6 +815,20 @@ class DiLoCo:
             self._launch_background()
         self._copy_anchor_to_local()
 
+    def _finish_sync_boundary(self, applied: bool) -> None:
+        """Synchronous mode: count the boundary (its buckets are applied), admit and sync,
+        restart from the outer parameters."""
+        if applied:
+            self.stats.applied += 1
+            self._ctrl[_APPLIED] += 1
+        else:
+            self.stats.dropped += 1
+        self.stats.boundaries += 1
+        self._ctrl[_BOUNDARY] += 1
+        self._ctrl[NEXT_BUCKET] = 0
+        self._admit_and_sync(Phase.IDLE)
+        self._copy_anchor_to_local()
+
     def _finish_flush(self, applied: bool) -> None:
         self._apply(applied)
         self._admit_and_sync(Phase.IDLE)
@@ -805,7 +847,7 @@ class DiLoCo:
         if self._weight:
             self._preview(self._send)
             if self._residual is not None:
-                np.add(self._send, self._residual, out=self._send)
+                self._residual_add(self._send, 0)
             self._weigh(self._weight)
         else:
             np.copyto(self._anchor, self._theta)
@@ -884,6 +926,21 @@ class DiLoCo:
                 info.rx_bytes,
             )
 
+    def _local_range_to(self, dst: torch.Tensor, a: int, b: int) -> None:
+        """``dst = local[a:b]`` (fp32 flat view of the model's elements ``a .. b``)."""
+        with torch.no_grad():
+            for _, p, off, n, _ in self._params:
+                lo, hi = max(a, off), min(b, off + n)
+                if lo < hi:
+                    dst[lo - a : hi - a].copy_(_local(p).reshape(-1)[lo - off : hi - off])
+
+    def _take_weight(self) -> None:
+        """Synchronous mode: this round's weight (0 for a newcomer or a round of no tokens)."""
+        weight = self._tokens if self._token_weighted else 1
+        self._round_token_weighted = self._token_weighted
+        self._tokens, self._token_weighted = 0, False
+        self._weight = weight if self._contributing else 0
+
     def _local_to(self, flat: torch.Tensor) -> None:
         with torch.no_grad():
             for _, p, off, n, _ in self._params:
@@ -912,7 +969,7 @@ class DiLoCo:
         self._weight = weight
         if not self.delayed:
             if self._residual is not None:
-                np.add(self._send, self._residual, out=self._send)
+                self._residual_add(self._send, 0)
             self._weigh(weight)
 
     def _fill_quorum(self) -> tuple[int, bool]:
@@ -927,7 +984,7 @@ class DiLoCo:
         self._local_to(self._send_t)
         np.subtract(self._anchor, self._send, out=self._send)
         if self._residual is not None:
-            np.add(self._send, self._residual, out=self._send)
+            self._residual_add(self._send, 0)
         self._weigh(weight)
         return weight, weighted
 
@@ -944,12 +1001,7 @@ class DiLoCo:
     def _launch(self, src: np.ndarray | None = None) -> list[ReduceFuture]:
         """Start the count and bucket all-reduces (``src`` (default send) -> recv, SUM)."""
         src = self._send if src is None else src
-        self._count[_WEIGHT] = self._weight
-        self._count[_CONTRIBUTORS] = int(self._weight > 0)
-        self._count[_TOKEN_WEIGHTED] = int(self._weight > 0 and self._round_token_weighted)
-        handles = [
-            self.comm.all_reduce_async(self._count, self._count_out, op=ReduceOp.SUM, tag=self._tag)
-        ]
+        handles = [self._launch_count()]
         try:
             for i, (a, b) in enumerate(self._buckets):
                 handles.append(
@@ -965,6 +1017,15 @@ class DiLoCo:
             self._wait_all(handles)
             raise
         return handles
+
+    def _launch_count(self) -> ReduceFuture:
+        """Start the all-reduce (SUM) of the contributor count vector."""
+        self._count[_WEIGHT] = self._weight
+        self._count[_CONTRIBUTORS] = int(self._weight > 0)
+        self._count[_TOKEN_WEIGHTED] = int(self._weight > 0 and self._round_token_weighted)
+        return self.comm.all_reduce_async(
+            self._count, self._count_out, op=ReduceOp.SUM, tag=self._tag
+        )
 
     def _wait_all(self, handles: list[ReduceFuture]) -> BaseException | None:
         error: BaseException | None = None
@@ -1021,6 +1082,17 @@ class DiLoCo:
     def _average(self) -> bool:
         """After a successful all-reduce: ``recv /= total weight``; update the residual.
         Returns False (nothing to apply) when nobody contributed."""
+        if not self._read_count():
+            return False
+        weight = int(self._count_out[_WEIGHT])
+        if weight > 1:
+            np.divide(self._recv, np.float32(weight), out=self._recv)
+        if self._weight and self._residual is not None:
+            self._update_residual()
+        return True
+
+    def _read_count(self) -> bool:
+        """Record the all-reduced count; False when nobody contributed (nothing to apply)."""
         weight = int(self._count_out[_WEIGHT])
         contributors = int(self._count_out[_CONTRIBUTORS])
         weighted = int(self._count_out[_TOKEN_WEIGHTED])
@@ -1035,17 +1107,27 @@ class DiLoCo:
                 weighted,
                 contributors,
             )
-        if weight <= 0 or contributors <= 0:
-            return False
-        if weight > 1:
-            np.divide(self._recv, np.float32(weight), out=self._recv)
-        if self._weight and self._residual is not None:
-            self._update_residual()
-        return True
+        return weight > 0 and contributors > 0
+
+    def _residual_add(self, x: np.ndarray, a: int) -> None:
+        """``x += residual[a : a + len(x)]`` (bf16 bits decoded exactly to fp32)."""
+        assert self._residual is not None
+        step = self._rscratch.shape[0]
+        for i in range(0, x.shape[0], step):
+            j = min(x.shape[0], i + step)
+            tmp = self._rscratch[: j - i]
+            kernels.decode_bf16(self._residual[a + i : a + j], tmp)
+            np.add(x[i:j], tmp, out=x[i:j])
 
     def _update_residual(self) -> None:
         """``residual = send - D(Q(send))``: what the wire encoding lost of our contribution."""
+        self._store_residual(self._send, 0)
+
+    def _store_residual(self, x: np.ndarray, a: int) -> None:
+        """``residual[a : a + len(x)] = bf16((x - D(Q(x))) / weight)``, the quantization
+        blocks aligned to ``x``'s start."""
         assert self._residual is not None
+        numel = x.shape[0]
         step = self._scratch.shape[0]
         bits = {Quantization.INT4: 4, Quantization.INT2: 2}.get(self.quantization, 0)
         block = kernels.PACKED_BLOCK if bits else self._block  # INT4/INT2: the ring's block
@@ -1053,32 +1135,32 @@ class DiLoCo:
             step -= step % block  # whole blocks per chunk: the blocks of a single pass
         if bits and getattr(self, "_packed_meta", None) is None:  # first INT4/INT2 pass
             self._packed_meta = np.empty(2 * kernels.num_blocks(step, block), dtype=np.float32)
-        for a in range(0, self.numel, step):
-            b = min(self.numel, a + step)
-            x, deq = self._send[a:b], self._scratch[: b - a]
+        for i in range(0, numel, step):
+            j = min(numel, i + step)
+            n = j - i
+            xi, deq = x[i:j], self._scratch[:n]
             if self.quantization == Quantization.UINT8:
-                n = b - a
                 meta = self._meta[: 2 * kernels.num_blocks(n, self._block)]
-                kernels.quantize_u8(x, self._q[:n], meta, self._block)
+                kernels.quantize_u8(xi, self._q[:n], meta, self._block)
                 kernels.dequantize_u8(self._q[:n], meta, deq, self._block)
             elif bits:
-                n = b - a
                 q = self._q[: kernels.packed_len(n, bits)]
                 meta = self._packed_meta[: 2 * kernels.num_blocks(n, block)]
-                kernels.quantize_packed(x, q, meta, bits, block)
+                kernels.quantize_packed(xi, q, meta, bits, block)
                 kernels.dequantize_packed(q, meta, deq, bits, block)
             elif self.quantization == Quantization.FP16:
-                kernels.encode_f16(x, self._half[: b - a])
-                kernels.decode_f16(self._half[: b - a], deq)
+                kernels.encode_f16(xi, self._half[:n])
+                kernels.decode_f16(self._half[:n], deq)
             else:
-                kernels.encode_bf16(x, self._half[: b - a])
-                kernels.decode_bf16(self._half[: b - a], deq)
-            r = self._residual[a:b]
+                kernels.encode_bf16(xi, self._half[:n])
+                kernels.decode_bf16(self._half[:n], deq)
+            r = self._rscratch[:n]
             with np.errstate(invalid="ignore", over="ignore"):
-                np.subtract(x, deq, out=r)
+                np.subtract(xi, deq, out=r)
                 if self._weight != 1:  # the residual is kept per unit of weight
                     np.divide(r, np.float32(self._weight), out=r)
             r[~np.isfinite(r)] = 0  # a NaN/inf block must not poison every later step
+            kernels.encode_bf16(r, self._residual[a + i : a + j])
 
     def _info(self, applied: bool, seconds: float) -> OuterStepInfo:
         io = self._io

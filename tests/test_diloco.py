@@ -386,6 +386,26 @@ def _train(model: torch.nn.Module, diloco: DiLoCo, steps: int) -> Any:
     return info, before
 
 
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to bfloat16 (nearest even) and back: how DiLoCo stores its residual."""
+    from pccl import kernels
+
+    bits = np.empty(x.size, np.uint16)
+    out = np.empty(x.size, np.float32)
+    kernels.encode_bf16(np.ascontiguousarray(x, np.float32), bits)
+    kernels.decode_bf16(bits, out)
+    return out
+
+
+def _residual(d: DiLoCo) -> np.ndarray:
+    from pccl import kernels
+
+    assert d._residual is not None
+    out = np.empty(d._residual.size, np.float32)
+    kernels.decode_bf16(d._residual, out)
+    return out
+
+
 def _outer(d: DiLoCo) -> np.ndarray:
     return np.concatenate([t.reshape(-1).numpy() for t in d.outer_parameters().values()])
 
@@ -422,8 +442,8 @@ def test_sync_outer_step_is_the_reference_update(quant: str) -> None:
             meta = np.empty(2 * kernels.num_blocks(g.size, kernels.PACKED_BLOCK), np.float32)
             kernels.quantize_packed(g, qb, meta, bits)
             kernels.dequantize_packed(qb, meta, deq, bits)
-        residual = g - deq
-        assert d._residual is not None and d._residual.tobytes() == residual.tobytes()
+        residual = _bf16(g - deq)  # kept as bfloat16 bits, round to nearest even
+        assert _residual(d).tobytes() == residual.tobytes()
         _, local2 = _train(model, d, 4)
         sent = comm.launches[-1][1]
         assert sent.tobytes() == ((expect - local2) + residual).tobytes()  # added to the next
@@ -593,8 +613,7 @@ def test_token_weighted_mean_is_exact(quant: str) -> None:
         deq = np.empty_like(x)
         kernels.quantize_u8(x, qb, meta, 4096)
         kernels.dequantize_u8(qb, meta, deq, 4096)
-        assert d._residual is not None
-        assert d._residual.tobytes() == ((x - deq) / np.float32(2)).tobytes()
+        assert _residual(d).tobytes() == _bf16((x - deq) / np.float32(2)).tobytes()
 
 
 def test_zero_tokens_contributes_nothing_and_bad_tokens_are_refused() -> None:
