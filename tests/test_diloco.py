@@ -30,6 +30,7 @@ import pytest
 import torch
 from pccl.bindings import torch as bt
 from pccl.bindings.diloco import DiLoCo, Phase, nesterov_step
+from pccl.bindings.diloco_sync import NEXT_BUCKET
 
 import pccl
 from pccl.types import ReduceInfo, SyncInfo
@@ -548,6 +549,98 @@ def test_newcomer_joins_a_retry_with_zero_weight(delayed: bool) -> None:
         assert len(count_sent) == 2 and count_sent[1].tolist() == [0, 0, 0]  # joins the launch
     else:
         assert _flat(model).tobytes() == expect.tobytes()
+
+
+class _FailAt(_GroupComm):
+    """A group whose ``fail``-th launch (0-based, counts included) is aborted."""
+
+    def __init__(self, fail: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fail = fail
+        self.next_at_syncs: list[int] = []
+
+    def sync_shared_state(self, state: pccl.SharedState, strategy: Any = None, *, timeout: Any):
+        self.next_at_syncs.append(int(state.entries["diloco/ctrl"].array[NEXT_BUCKET]))
+        return super().sync_shared_state(state, strategy, timeout=timeout)
+
+    def all_reduce_async(self, send: Any, recv: Any, *, op: Any, quantization: Any = 0, tag: int):
+        done = super().all_reduce_async(send, recv, op=op, quantization=quantization, tag=tag)
+        if len(self.launches) - 1 == self.fail:
+            done._fail = pccl.CollectiveAborted("peer left")
+        return done
+
+
+def test_sync_bucket_abort_retries_from_that_bucket_and_applies_each_once() -> None:
+    """Three buckets; bucket 1's all-reduce is aborted: bucket 0 stays applied (once), the
+    retry syncs in RETRY with ctrl[NEXT_BUCKET] = 1, then recounts and reduces buckets 1 and 2.
+    The others mirror us, so every bucket's mean is our pseudo-gradient: the outer state must be
+    exactly the reference update (a bucket applied twice or skipped would differ)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(50, 50)  # 2550 parameters: buckets of 1024, 1024, 502
+    comm = _FailAt(fail=2, world=2)
+    d = DiLoCo(comm, model, sync_every=2, bucket_bytes=4096, quantization=pccl.Quantization.NONE)
+    assert len(d._buckets) == 3
+    theta0 = _flat(model)
+    info, local = _train(model, d, 2)
+    assert info.applied and info.retries == 1 and d.outer_step == 1
+    tags = [t for t, _ in comm.launches]
+    t = d._tag
+    assert tags == [t, t + 1, t + 2, t, t + 2, t + 3]  # count, b0, b1 (aborted), count, b1, b2
+    assert comm.syncs[1][0] == Phase.RETRY and comm.next_at_syncs[1] == 1
+    assert comm.next_at_syncs[-1] == 0  # reset for the next boundary
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(expect, theta0 - local, mom, 0.7, 0.9, True, np.empty(8, np.float32))
+    assert _outer(d).tobytes() == expect.tobytes()
+    assert _flat(model).tobytes() == expect.tobytes()
+
+
+def test_sync_newcomer_resumes_at_the_next_bucket() -> None:
+    """A newcomer whose first sync says RETRY at bucket 1 takes part (zeros, weight 0) in
+    buckets 1 and 2 only; bucket 0 of the run's outer state is left as received."""
+    torch.manual_seed(1)
+    incumbent = torch.nn.Linear(50, 50)
+    theta_run = _flat(incumbent)
+
+    def receive(state: pccl.SharedState) -> None:
+        off = 0
+        for name, p in incumbent.named_parameters():
+            n = p.numel()
+            state.entries[f"outer/{name}"].array[...] = theta_run[off : off + n]  # flat views
+            off += n
+        ctrl = state.entries["diloco/ctrl"].array
+        ctrl[:3] = [4, 4, Phase.RETRY]
+        ctrl[NEXT_BUCKET] = 1
+        state.revision = 9
+
+    comm = _GroupComm(world=2, on_first_sync=receive)
+    g_other = np.linspace(-1, 1, theta_run.size, dtype=np.float32)
+    comm.others_send = None
+    torch.manual_seed(2)
+    model = torch.nn.Linear(50, 50)
+    comm.others_count = np.array([1, 1, 0])
+    orig = comm.all_reduce_async
+
+    def others(send: Any, recv: Any, *, op: Any, quantization: Any = 0, tag: int) -> Any:
+        if send.dtype == np.float32:  # the other peer's pseudo-gradient over this bucket
+            a = (tag - d_tag - 1) * 1024
+            comm.others_send = g_other[a : a + send.size]
+        return orig(send, recv, op=op, quantization=quantization, tag=tag)
+
+    d_tag = 0x0D10C000
+    comm.all_reduce_async = others  # type: ignore[method-assign]
+    d = DiLoCo(
+        comm, model, sync_every=5, bucket_bytes=4096, quantization=pccl.Quantization.NONE, tag=d_tag
+    )
+    tags = [t for t, _ in comm.launches]
+    assert tags == [d_tag, d_tag + 2, d_tag + 3]  # count, buckets 1 and 2
+    assert not any(s.any() for _, s in comm.launches)  # zeros, weight 0
+    expect, mom = theta_run.copy(), np.zeros_like(theta_run)
+    nesterov_step(
+        expect[1024:], g_other[1024:].copy(), mom[1024:], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()
+    assert d.outer_step == 5 and d.applied_steps == 5 and comm.syncs[1] == (Phase.IDLE, 10)
+    assert _flat(model).tobytes() == expect.tobytes()
 
 
 def test_newcomer_with_other_hyperparameters_is_refused() -> None:
