@@ -433,7 +433,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default="UINT8",
-        choices=["NONE", "FP16", "BF16", "UINT8"],
+        choices=["NONE", "FP16", "BF16", "UINT8", "INT4", "INT2"],
         help="pseudo-gradient wire encoding (default UINT8)",
     )
 
