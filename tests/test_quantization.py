@@ -369,10 +369,11 @@ def test_ring_accepts_exactly_the_packed_wire_size(quant: str) -> None:
     """A data frame's payload must be packed codes + 8 bytes per block of PACKED_BLOCK elements
     (whatever quant_block says): one byte more or less, or UINT8's size, is a ProtocolError,
     which closes that stream and fails the operation it feeds (peer/rx_stream.py)."""
+    from pccl.peer.ring import BufferPool, RingOp, wire_len
+
     from pccl.errors import ProtocolError
     from pccl.frame import DataHeader
     from pccl.types import Quantization
-    from pccl.peer.ring import BufferPool, RingOp, wire_len
 
     q = Quantization[quant]
     nbits = {"INT4": 4, "INT2": 2}[quant]
