@@ -86,14 +86,15 @@ def _canonical(order: Sequence[int]) -> tuple[int, ...]:
 def _undirected(
     peers: Sequence[int], gbps: Weights, rtt_ms: Weights
 ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
-    """Both directions folded into one weight per pair: the slower direction's rate and the
-    mean RTT (links are near-symmetric; the final direction is chosen on the directed ones)."""
+    """Both directions folded into one weight per pair: the mean rate and the mean RTT (links
+    are near-symmetric, and a short probe errs low more often than high, so one low reading
+    must not sink a fast pair; the final direction is chosen on the directed rates)."""
     w: dict[tuple[int, int], float] = {}
     r: dict[tuple[int, int], float] = {}
     for a, b in itertools.combinations(peers, 2):
         ab, ba = gbps.get((a, b)), gbps.get((b, a))
         known = [x for x in (ab, ba) if x is not None]
-        w[(a, b)] = w[(b, a)] = min(known) if known else 0.0
+        w[(a, b)] = w[(b, a)] = sum(known) / len(known) if known else 0.0
         rs = [x for x in (rtt_ms.get((a, b)), rtt_ms.get((b, a))) if x is not None]
         r[(a, b)] = r[(b, a)] = sum(rs) / len(rs) if rs else UNKNOWN_RTT_MS
     return w, r

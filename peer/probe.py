@@ -9,9 +9,10 @@ full-duplex). A probe is one authenticated connection to the partner's p2p liste
   its ``P2P_HELLO_ACK``;
 * transfers: we send ``PROBE_HEADER`` (a byte count ``n``) then ``n`` bytes; the partner answers
   ``PROBE_REPLY`` (nanoseconds between the header's arrival and the last byte, and ``n``).
-  ``n = 0`` is a ping: three of them give the RTT (the smallest). A warm-up transfer of
-  ``WARMUP_BYTES`` opens the congestion window, then one transfer sized to last about the
-  plan's ``seconds`` at the warm-up's rate (at most ``max_bytes``) gives the rate.
+  ``n = 0`` is a ping: three of them give the RTT (the smallest). Transfers then grow from
+  ``WARMUP_BYTES`` (at most 4x each, sized from the previous one's rate, at most ``max_bytes``)
+  until one lasts a quarter of the plan's ``seconds`` or the next would overrun them; the last
+  one's rate is the estimate.
 
 The rate is what the receiver saw, so send-buffer filling does not inflate it. It is a short
 single-stream measurement: on a long-fat link slow start may not finish inside it, so it
@@ -56,7 +57,7 @@ PROBE_HEADER = struct.Struct("!Q")
 PROBE_REPLY = struct.Struct("!QQ")
 #: Largest transfer a responder accepts in one probe.
 MAX_PROBE_BYTES = 256 << 20
-WARMUP_BYTES = 256 << 10
+WARMUP_BYTES = 128 << 10
 _SCRATCH = 1 << 20
 _ZEROS = memoryview(bytes(_SCRATCH))
 PURPOSE = b"pccl-probe"
@@ -146,7 +147,7 @@ async def probe_link(
             await reader.readexactly(PROBE_REPLY.size)
             rtt = min(rtt, time.perf_counter() - t)
 
-        async def transfer(n: int) -> float:
+        async def transfer(n: int) -> tuple[float, float]:
             writer.write(PROBE_HEADER.pack(n))
             left = n
             while left:
@@ -157,12 +158,23 @@ async def probe_link(
             ns, got = PROBE_REPLY.unpack(await reader.readexactly(PROBE_REPLY.size))
             if got != n:
                 raise ProtocolError(f"probe reply for {got} bytes, sent {n}")
-            return n * 8 / max(ns, 1)  # Gbit/s
+            return n * 8 / max(ns, 1), ns / 1e9  # Gbit/s, receiver seconds
 
-        warm = await transfer(min(WARMUP_BYTES, max_bytes))
-        size = int(min(max_bytes, max(WARMUP_BYTES, warm * 1e9 / 8 * seconds)))
-        gbps = await transfer(size)
-        return max(gbps, warm), rtt * 1e3
+        # Growing transfers within ``seconds`` in all: each at most 4x the previous and sized
+        # from its rate; the last (largest) one is the estimate. Small first transfers ride
+        # the path's buffers and bursts; a transfer lasting a quarter of the budget does not.
+        t0 = time.perf_counter()
+        n = min(WARMUP_BYTES, max_bytes)
+        while True:
+            gbps, took = await transfer(n)
+            if took >= seconds / 4 or n >= max_bytes:
+                break
+            rate = max(gbps, 1e-6) * 1e9 / 8  # bytes/s
+            nxt = int(min(max_bytes, max(2 * n, min(4 * n, rate * seconds / 2))))
+            if time.perf_counter() - t0 + 1.5 * nxt / rate > seconds:
+                break
+            n = nxt
+        return gbps, rtt * 1e3
     finally:
         writer.close()
 

@@ -1,0 +1,404 @@
+"""A WAN testbed of network namespaces with heterogeneous point-to-point links (run as root).
+
+Layout (on top of :class:`pccl.tools.netns.Cluster`): node ``m`` (the master) and peers
+``p0 .. pN-1``, each in its own namespace on the cluster's control bridge (10.231.0.x/24). Every
+pair of peers also gets its own veth link (``l<j>`` in peer i's namespace, ``l<i>`` in j's) and
+a /32 route to the other's address over it, so peer-to-peer TCP takes the pair's own link while
+master traffic stays on the bridge. Each direction of a pair link has its own ``tc tbf`` rate,
+so pairs differ (e.g. 20 Mbit/s and 200 Mbit/s); real kernel TCP end to end. This kernel has no
+netem, so a per-pair delay is not emulated here (``pccl bench allreduce --wan-delay-ms`` adds
+delay in user space on loopback).
+
+``python -m pccl.tools.wantestbed topology`` is the ring-order benchmark: links drawn from a seed
+with a planted fast ring, peers admitted in a chosen order (the master's ring is the admission
+order), all-reduce timed in that order, then ``optimize_topology()`` and timed again; the same
+for the brute-force best and worst orders of the configured rates. JSON result with the machine.
+
+Needs root and iproute2 (``tc``); :func:`pccl.tools.netns.available` says why not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import selectors
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pccl.tools import netns
+
+__all__ = ["Testbed", "main", "planted_rates"]
+
+RATE_BURST = "256kb"  # above the MTU-sized (GSO) packets of MTU 65535
+
+
+def _rate_mbit(rate: str) -> float:
+    r = rate.lower()
+    for unit, k in (("gbit", 1000.0), ("mbit", 1.0), ("kbit", 1e-3)):
+        if r.endswith(unit):
+            return float(r[: -len(unit)]) * k
+    raise ValueError(f"rate {rate!r}: use kbit, mbit or gbit")
+
+
+class Testbed:
+    """Master node ``m`` and ``peers`` peer nodes with a link per pair (see the module
+    docstring). ``rates[(i, j)]`` is the tbf rate of i -> j (``"200mbit"``); missing: none."""
+
+    def __init__(self, peers: int, rates: dict[tuple[int, int], str], tag: str | None = None):
+        if not 2 <= peers <= 16:
+            raise ValueError("2..16 peers")
+        self.peers = peers
+        self.rates = dict(rates)
+        self.names = [f"p{i}" for i in range(peers)]
+        self.cluster = netns.Cluster(["m", *self.names], tag=tag)
+
+    def up(self) -> Testbed:
+        c = self.cluster.up()
+        try:
+            for i, j in itertools.combinations(range(self.peers), 2):
+                a, b = c.ns(self.names[i]), c.ns(self.names[j])
+                netns._ip(
+                    "-n", a, "link", "add", f"l{j}", "mtu", str(c.mtu),
+                    "type", "veth", "peer", "name", f"l{i}", "mtu", str(c.mtu), "netns", b,
+                )  # fmt: skip
+                for src, dst, ns in ((i, j, a), (j, i, b)):
+                    dev = f"l{dst}"
+                    netns._ip("-n", ns, "link", "set", dev, "up")
+                    me, other = c.ip(self.names[src]), c.ip(self.names[dst])
+                    netns._ip(
+                        "-n", ns, "route", "add", f"{other}/32", "dev", dev, "src", me
+                    )  # fmt: skip
+                    rate = self.rates.get((src, dst))
+                    if rate:
+                        netns._run(
+                            ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev,
+                             "root", "tbf", "rate", rate, "burst", RATE_BURST, "latency", "50ms"]
+                        )  # fmt: skip
+        except BaseException:
+            c.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        self.cluster.down()
+
+    def __enter__(self) -> Testbed:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def ip(self, node: str) -> str:
+        return self.cluster.ip(node)
+
+    def popen(self, node: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as err:
+            return subprocess.Popen(
+                self.cluster.exec_argv(node, argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+
+
+def planted_rates(
+    peers: int, fast: str, slow: str, seed: int, fast_share: float = 0.3
+) -> dict[tuple[int, int], str]:
+    """Symmetric pair rates: a hidden ring of ``fast`` links (a seeded shuffle), the other
+    pairs ``fast`` with probability ``fast_share``, else ``slow``."""
+    rng = random.Random(seed)
+    ring = list(range(peers))
+    rng.shuffle(ring)
+    fast_pairs = {frozenset((ring[k], ring[(k + 1) % peers])) for k in range(peers)}
+    out: dict[tuple[int, int], str] = {}
+    for i, j in itertools.combinations(range(peers), 2):
+        rate = fast if frozenset((i, j)) in fast_pairs or rng.random() < fast_share else slow
+        out[(i, j)] = out[(j, i)] = rate
+    return out
+
+
+def _bottleneck(order: list[int], rates: dict[tuple[int, int], str]) -> float:
+    n = len(order)
+    return min(_rate_mbit(rates[(order[k], order[(k + 1) % n])]) for k in range(n))
+
+
+def brute_force(peers: int, rates: dict[tuple[int, int], str]) -> tuple[list[int], list[int]]:
+    """The orders (starting at 0) with the fastest and the slowest bottleneck of ``rates``
+    (ties: fewer slowest hops, then the smallest order)."""
+
+    def key(order: list[int]) -> tuple[float, int]:
+        n = len(order)
+        hops = [_rate_mbit(rates[(order[k], order[(k + 1) % n])]) for k in range(n)]
+        low = min(hops)
+        return (low, -sum(1 for h in hops if h == low))
+
+    orders = [[0, *p] for p in itertools.permutations(range(1, peers))]
+    best = max(orders, key=lambda o: (key(o), [-x for x in o]))
+    worst = min(orders, key=lambda o: (key(o), o))
+    return best, worst
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def _events(procs: dict[str, subprocess.Popen[bytes]], deadline: float) -> Any:
+    sel = selectors.DefaultSelector()
+    for name, p in procs.items():
+        assert p.stdout is not None
+        sel.register(p.stdout, selectors.EVENT_READ, name)
+    open_ = set(procs)
+    while open_:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"testbed run: {sorted(open_)} still running")
+        for key, _ in sel.select(min(left, 1.0)):
+            line = key.fileobj.readline()  # type: ignore[union-attr]
+            if not line:
+                sel.unregister(key.fileobj)
+                open_.discard(key.data)
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            yield key.data, ev
+
+
+def run_order(
+    bed: Testbed,
+    order: list[int],
+    args: argparse.Namespace,
+    optimize: bool,
+    tmp: Path,
+) -> dict[str, Any]:
+    """Admit the peers in ``order`` (so the ring is that order), time all-reduces, and with
+    ``optimize`` call ``optimize_topology()`` and time them again."""
+    logs = tmp / f"run{int(time.monotonic() * 1000)}"
+    logs.mkdir()
+    master = bed.popen(
+        "m",
+        [sys.executable, "-m", "pccl.cli", "master", "--host", bed.ip("m"), "--port", "0"],
+        logs / "master.log",
+    )
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        from pccl.tools.proc import master_banner
+
+        addr = master_banner(master, bed.ip("m"), 30.0)[0]
+        n = int(args.mib * (1 << 20)) // 4
+        deadline = time.monotonic() + args.timeout
+        results: dict[str, dict[str, Any]] = {}
+        for k, idx in enumerate(order):
+            params = {
+                "master": addr,
+                "idx": idx,
+                "world": bed.peers,
+                "n": n,
+                "repeats": args.repeats,
+                "streams": args.streams,
+                "optimize": optimize,
+                "min_gain": args.min_gain,
+            }
+            name = f"p{idx}"
+            argv = [sys.executable, "-m", "pccl.tools.wantestbed", "--worker", json.dumps(params)]
+            procs[name] = bed.popen(name, argv, logs / f"{name}.log")
+            if k + 1 < len(order):  # admitted before the next one registers: ring = order
+                for who, ev in _events({name: procs[name]}, deadline):
+                    if ev.get("event") == "error":
+                        raise RuntimeError(f"{who}: {ev}")
+                    if who == name and ev.get("event") == "admitted":
+                        break
+        for who, ev in _events(procs, deadline):
+            if ev.get("event") == "error":
+                raise RuntimeError(f"{who}: {ev}\n{(logs / f'{who}.log').read_text()[-3000:]}")
+            if ev.get("event") == "result":
+                results[who] = ev
+        rows = list(results.values())
+        if len(rows) != bed.peers:
+            raise RuntimeError(f"results from {sorted(results)} only")
+
+        def phase(key: str) -> dict[str, Any]:
+            times = [max(r[key][i] for r in rows) for i in range(args.repeats)]
+            return {
+                "median_s": statistics.median(times),
+                "times": times,
+                "ring": rows[0]["ring_" + key.split("_")[0]],
+            }
+
+        out: dict[str, Any] = {"admission_order": order, "before": phase("before_times")}
+        out["before"]["parity"] = len({r["digest_before"] for r in rows}) == 1
+        if optimize:
+            out["after"] = phase("after_times")
+            out["after"]["parity"] = len({r["digest_after"] for r in rows}) == 1
+            out["optimize_s"] = max(r["optimize_s"] for r in rows)
+            out["rewired"] = rows[0]["rewired"]
+            out["probe_links"] = sum(r["links"] for r in rows)
+            out["probes"] = {
+                r["peer_id"]: {t: [round(g, 4), round(ms, 3)] for t, (g, ms) in r["probes"].items()}
+                for r in rows
+            }
+            out["peer_ids"] = {r["idx"]: r["peer_id"] for r in rows}
+        out["cpu_s"] = sum(r["cpu_s"] for r in rows)
+        return out
+    finally:
+        for p in [*procs.values(), master]:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+
+
+def _worker(params: dict[str, Any]) -> None:
+    import numpy as np
+    import xxhash
+
+    import pccl
+
+    def emit(event: str, **kw: Any) -> None:
+        print(json.dumps({"event": event, **kw}), flush=True)
+
+    try:
+        cfg = pccl.Config.from_env()
+        comm = pccl.Communicator(params["master"], streams=params["streams"], config=cfg)
+        comm.connect(timeout=120)
+        emit("admitted", peer_id=comm.peer_id)
+        comm.wait_for_world(params["world"], timeout=120)
+        x = np.full(params["n"], float(params["idx"] + 1), dtype=np.float32)
+        out = np.empty_like(x)
+        bar = np.zeros(1, dtype=np.float32)
+
+        def timed() -> tuple[list[float], str]:
+            ts = []
+            for _ in range(params["repeats"]):
+                comm.all_reduce(bar, tag=1)
+                t0 = time.perf_counter()
+                comm.all_reduce(x, out)
+                ts.append(time.perf_counter() - t0)
+            return ts, xxhash.xxh3_128_hexdigest(out.view(np.uint8).data)
+
+        def ring() -> list[int]:
+            return [pid for pid, _, _ in comm.aio._session.ring]
+
+        c0 = time.process_time()
+        res: dict[str, Any] = {}
+        res["before_times"], res["digest_before"] = timed()
+        res["ring_before"] = ring()
+        if params["optimize"]:
+            t0 = time.perf_counter()
+            res["rewired"] = comm.optimize_topology(timeout=120, min_gain=params["min_gain"])
+            res["optimize_s"] = time.perf_counter() - t0
+            res["links"] = len(comm.aio._prober.results)
+            res["probes"] = {str(k): v for k, v in comm.aio._prober.results.items()}
+            res["after_times"], res["digest_after"] = timed()
+            res["ring_after"] = ring()
+        res["cpu_s"] = time.process_time() - c0
+        emit("result", peer_id=comm.peer_id, idx=params["idx"], **res)
+        comm.close()
+    except Exception as e:
+        emit("error", error=repr(e))
+        raise
+
+
+def _topology(args: argparse.Namespace) -> int:
+    ok, why = netns.available()
+    if not ok:
+        print(f"wantestbed: network namespaces unavailable: {why}", file=sys.stderr)
+        return 2
+    from pccl.tools.bench_allreduce import _machine
+
+    rates = planted_rates(args.peers, args.fast, args.slow, args.seed, args.fast_share)
+    best, worst = brute_force(args.peers, rates)
+    rng = random.Random(args.seed + 1)
+    start = list(range(args.peers))
+    while _bottleneck(start, rates) == _bottleneck(best, rates):
+        rng.shuffle(start)  # an admission order with a slow hop
+    doc: dict[str, Any] = {
+        "config": {
+            "peers": args.peers,
+            "mib": args.mib,
+            "streams": args.streams,
+            "repeats": args.repeats,
+            "fast": args.fast,
+            "slow": args.slow,
+            "seed": args.seed,
+            "rates": {f"{i}->{j}": r for (i, j), r in sorted(rates.items())},
+            "min_gain": args.min_gain,
+            "machine": _machine(),
+            "timing": "per operation: max over peers of the all-reduce's wall time after a "
+            "barrier; median over repeats",
+        },
+        "brute_force": {
+            "best": best,
+            "best_bottleneck_mbit": _bottleneck(best, rates),
+            "worst": worst,
+            "worst_bottleneck_mbit": _bottleneck(worst, rates),
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="pccl-testbed-") as tmpd, Testbed(args.peers, rates):
+        pass  # a dry run: namespaces and links come up and go away cleanly
+    with tempfile.TemporaryDirectory(prefix="pccl-testbed-") as tmpd:
+        tmp = Path(tmpd)
+        for label, order, opt in (
+            ("start_then_optimized", start, True),
+            ("best", best, False),
+            ("worst", worst, False),
+        ):
+            with Testbed(args.peers, rates) as bed:
+                print(f"wantestbed: {label}: admission order {order}", file=sys.stderr)
+                doc[label] = run_order(bed, order, args, opt, tmp)
+                print(f"wantestbed: {label}: {json.dumps(doc[label])}", file=sys.stderr)
+    opt_s = doc["start_then_optimized"]["after"]["median_s"]
+    doc["summary"] = {
+        "start_s": doc["start_then_optimized"]["before"]["median_s"],
+        "optimized_s": opt_s,
+        "best_s": doc["best"]["before"]["median_s"],
+        "worst_s": doc["worst"]["before"]["median_s"],
+        "optimized_vs_best": opt_s / doc["best"]["before"]["median_s"],
+        "worst_vs_optimized": doc["worst"]["before"]["median_s"] / opt_s,
+        "optimize_s": doc["start_then_optimized"]["optimize_s"],
+    }
+    text = json.dumps(doc, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pccl.tools.wantestbed", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("topology", help="ring order: admission vs optimize_topology vs brute force")
+    t.add_argument("--peers", type=int, default=6)
+    t.add_argument("--mib", type=float, default=8.0)
+    t.add_argument("--streams", type=int, default=1)
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--fast", default="200mbit")
+    t.add_argument("--slow", default="20mbit")
+    t.add_argument("--fast-share", type=float, default=0.3)
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--min-gain", type=float, default=0.1)
+    t.add_argument("--timeout", type=float, default=600.0)
+    t.add_argument("--json", metavar="FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        _worker(json.loads(argv[1]))
+        return 0
+    args = build_parser().parse_args(argv)
+    return _topology(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
