@@ -443,8 +443,9 @@ K int ring_hop_body(const void *q, const void *meta, const void *base, void *acc
 /* Codes are the uint8 ones with 2^bits - 1 levels, packed 8 / bits per byte, least significant
  * first; a short last byte has zero high bits. Blocks are multiples of 8 / bits elements (the
  * binding checks), so each block starts on a byte. Codes go through a stack buffer of
- * CODE_TMP elements (a multiple of 4): the per-element loops stay the uint8 ones. */
-#define CODE_TMP 4096
+ * CODE_TMP elements (a multiple of 4; 1 KiB, so a fused hop stays near the uint8 hop's stack):
+ * the per-element loops stay the uint8 ones. */
+#define CODE_TMP 1024
 
 K size_t packed_bytes(size_t m, int bits) { return bits == 4 ? (m + 1) / 2 : (m + 3) / 4; }
 
