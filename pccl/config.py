@@ -54,7 +54,8 @@ class Config:
         collective_timeout_s: whole-operation budget of one all-reduce, all ring steps included.
         progress_timeout_s: an in-flight all-reduce fails when no byte arrives for this long.
         chunk_bytes: ring sub-chunk size; operations are pipelined and striped at this grain.
-        quant_block: elements per uint8 quantization block (one fp32 min and scale each).
+        quant_block: elements per uint8 quantization block (one fp32 min and scale each);
+            INT4/INT2 always use ``kernels.PACKED_BLOCK`` (128).
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF requested for p2p sockets to another host
             (0 = kernel default and autotuning).
         local_socket_buffer_bytes: the same for p2p sockets whose two ends are on this host
