@@ -1,11 +1,12 @@
 """Peer worker for ``optimize_topology()``: all-reduce, optimise the ring, all-reduce again.
 
 Params: ``idx``, ``world``, ``n`` (elements), ``min_gain`` (negative: any different order is
-taken), ``reprobe``; ``victim``: this peer sends its optimize vote and then exits at once (hard),
-so the others' optimisation meets a departure. Inputs are integer-valued float32, so every sum is
-exact in any ring order: each result is checked against the exact sum and reported by digest.
-Survivors of a victim expect a retryable ``TopologyUpdateFailed``, then ``update_topology()``
-until ``world - 1`` peers and an all-reduce.
+taken), ``reprobe``; ``tries``: call it until it re-orders, at most this often; ``victim``: this
+peer sends its optimize vote and then exits at once (hard), so the others' optimisation meets a
+departure. Inputs are integer-valued float32, so every sum is exact in any ring order: each
+result is checked against the exact sum and reported by digest. Survivors of a victim expect a
+retryable ``TopologyUpdateFailed``, then ``update_topology()`` until ``world - 1`` peers and an
+all-reduce.
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ def main() -> None:
         os._exit(0)
     t0 = time.monotonic()
     try:
-        rewired = comm.optimize_topology(timeout=60, min_gain=p["min_gain"], reprobe=p["reprobe"])
+        # Every peer sees the same outcome, so all make the same number of calls.
+        tries = 0
+        while tries < p.get("tries", 1):
+            tries += 1
+            rewired = comm.optimize_topology(
+                timeout=60, min_gain=p["min_gain"], reprobe=p["reprobe"]
+            )
+            if rewired:
+                break
     except pccl.TopologyUpdateFailed as e:
         emit("optimize_failed", retryable=e.retryable, reason=str(e), s=time.monotonic() - t0)
         survivors = [i for i in everyone if i != p["victim_idx"]]
@@ -73,6 +82,7 @@ def main() -> None:
         "result",
         failed=False,
         rewired=rewired,
+        tries=tries,
         ring=ring(comm),
         digest=after,
         optimize_s=optimize_s,
