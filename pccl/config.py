@@ -94,7 +94,7 @@ class Config:
             when no byte is due to arrive).
         auto_streams: the streams to a ring successor on another host follow the measured
             bandwidth-delay product of that link (probed by ``optimize_topology()``):
-            ``ceil(BDP / per-stream window)`` within ``[1, max_streams]``; the
+            ``ceil(1.25 * BDP / per-stream window)`` within ``[1, max_streams]``; the
             communicator's ``streams`` until the link is measured.
         max_streams: cap of ``auto_streams``.
     """

@@ -70,8 +70,9 @@ def test_auto_streams_follow_the_bandwidth_delay_product() -> None:
     w = 4 << 20
     assert auto_streams(1.0, 0.0, w, 16) == 1  # unmeasured
     assert auto_streams(1.0, 10.0, w, 16) == 1  # 1.25 MB fits one window
-    assert auto_streams(1.0, 100.0, w, 16) == 3  # 12.5 MB
-    assert auto_streams(1.0, 200.0, w, 16) == 6
+    assert auto_streams(1.0, 50.0, w, 16) == 2  # 6.25 MB (x 1.25 headroom: 1.86 windows)
+    assert auto_streams(1.0, 100.0, w, 16) == 4  # 12.5 MB: 3.73 windows
+    assert auto_streams(1.0, 200.0, w, 16) == 8
     assert auto_streams(10.0, 200.0, w, 16) == 16  # capped
     assert Window(100, 50, False, 0).bytes == 50
 

@@ -373,6 +373,104 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _streams(args: argparse.Namespace) -> int:
+    """Streams vs one-way delay on a shaped link: ``pccl bench allreduce`` with 2 peers and its
+    user-space delay proxy (``--wan-delay-ms``, a ``--wan-cap-mib`` window per stream) inside
+    one namespace whose loopback is limited by ``tc tbf`` to ``4 x rate``: each byte crosses
+    loopback twice per direction (peer -> proxy -> peer) and both ring directions share it, so
+    each ring link gets about ``rate``. Adds what ``Config.auto_streams`` picks for that link
+    (:func:`pccl.peer.tuning.auto_streams` with the proxy's window) and how it compares."""
+    ok, why = netns.available()
+    if not ok:
+        print(f"wantestbed: network namespaces unavailable: {why}", file=sys.stderr)
+        return 2
+    from pccl.peer.tuning import auto_streams
+
+    mbit = _rate_mbit(args.rate)
+    cluster = netns.Cluster(["b"]).up()
+    doc: dict[str, Any] = {"rate": args.rate, "delays_ms": args.delays, "runs": {}}
+    try:
+        ns = cluster.ns("b")
+        netns._run(
+            ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "lo", "root", "tbf",
+             "rate", f"{4 * mbit:g}mbit", "burst", "1mb", "latency", "50ms"]
+        )  # fmt: skip
+        for d in args.delays:
+            auto = auto_streams(mbit / 1000, 2 * d, int(args.cap_mib * (1 << 20)), 16)
+            counts = sorted({*args.streams, auto})
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                subprocess.run(
+                    cluster.exec_argv(
+                        "b",
+                        [
+                            sys.executable,
+                            "-m",
+                            "pccl.cli",
+                            "bench",
+                            "allreduce",
+                            "--peers",
+                            "2",
+                            "--mib",
+                            f"{args.mib:g}",
+                            "--streams",
+                            ",".join(map(str, counts)),
+                            "--wan-delay-ms",
+                            f"{d:g}",
+                            "--wan-cap-mib",
+                            f"{args.cap_mib:g}",
+                            "--repeats",
+                            str(args.repeats),
+                            "--warmup",
+                            "1",
+                            "--json",
+                            f.name,
+                        ],
+                    ),
+                    check=True,
+                    timeout=args.timeout,
+                )
+                bench = json.loads(Path(f.name).read_text())
+            times = {r["config"]["streams"]: r["pccl"]["seconds"] for r in bench["runs"]}
+            best = min(times, key=lambda k: times[k])
+            doc["runs"][str(d)] = {
+                "seconds": times,
+                "gbit_s": {k: r["pccl"]["busbw_gbps"] * 8 for k, r in
+                           ((r["config"]["streams"], r) for r in bench["runs"])},
+                "best_streams": best,
+                "auto_streams": auto,
+                "auto_vs_best": times[auto] / times[best],
+                "bench": bench,
+            }  # fmt: skip
+            print(
+                f"wantestbed: {d:g} ms: "
+                + ", ".join(f"{k}: {v:.3f} s" for k, v in sorted(times.items()))
+                + f"; auto {auto} = {times[auto] / times[best]:.2f}x the best ({best})",
+                file=sys.stderr,
+            )
+    finally:
+        cluster.down()
+    text = json.dumps(doc, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.plot:
+        from pccl.tools.plots import _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for d, run in doc["runs"].items():
+            ks = sorted(run["gbit_s"])
+            ax.plot(ks, [run["gbit_s"][k] for k in ks], marker="o", label=f"{d} ms one-way")
+            ax.plot([run["auto_streams"]], [run["gbit_s"][run["auto_streams"]]], "k*", ms=12)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("streams per link (star: auto)")
+        ax.set_ylabel("all-reduce bus bandwidth, Gbit/s")
+        ax.set_title(f"2 peers, {args.rate} link, {args.cap_mib:g} MiB window per stream")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pccl.tools.wantestbed", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -388,6 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-gain", type=float, default=0.1)
     t.add_argument("--timeout", type=float, default=600.0)
     t.add_argument("--json", metavar="FILE")
+    st = sub.add_parser("streams", help="throughput vs streams and delay on a shaped link")
+    st.add_argument("--rate", default="1gbit")
+    st.add_argument(
+        "--delays", type=lambda x: [float(v) for v in x.split(",")], default=[25, 50, 100]
+    )
+    st.add_argument(
+        "--streams", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2, 4, 8, 16]
+    )
+    st.add_argument("--mib", type=float, default=32.0)
+    st.add_argument("--cap-mib", type=float, default=4.0)
+    st.add_argument("--repeats", type=int, default=5)
+    st.add_argument("--timeout", type=float, default=900.0)
+    st.add_argument("--json", metavar="FILE")
+    st.add_argument("--plot", metavar="PNG")
     return p
 
 
@@ -397,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(argv[1]))
         return 0
     args = build_parser().parse_args(argv)
-    return _topology(args)
+    return _topology(args) if args.cmd == "topology" else _streams(args)
 
 
 if __name__ == "__main__":
