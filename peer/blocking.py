@@ -24,6 +24,7 @@ from pccl.peer.communicator import GateHandle, ReduceHandle
 from prometheus_client.registry import CollectorRegistry
 
 from pccl.config import Config
+from pccl.errors import ConnectionLost
 from pccl.shared_state import SharedState
 from pccl.tls import TLSConfig
 from pccl.types import GateResult, Quantization, ReduceInfo, ReduceOp, SyncInfo, SyncStrategy
@@ -93,6 +94,29 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+#: How long close() lets operations still in flight end on their own before cancelling them.
+_SETTLE_S = 2.0
+
+
+async def _settle_tasks(grace_s: float) -> None:
+    """End every other task of this communicator's loop, as ``asyncio.run`` does at exit: an
+    ``all_reduce_async`` still in flight when the application closes fails (the session is gone)
+    and its outcome is retrieved, so nothing is destroyed pending or logged as an unretrieved
+    exception; tasks still running after ``grace_s`` are cancelled and awaited."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=1.0)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: the caller's handle (if any) re-raises it
+
+
 class ReduceFuture:
     """Handle of a blocking ``all_reduce_async``."""
 
@@ -108,8 +132,12 @@ class ReduceFuture:
 
         Raises:
             TimeoutError: ``timeout`` elapsed (the operation keeps running).
+            ConnectionLost: the communicator was closed while the operation was in flight.
         """
-        return self._fut.result(timeout)
+        try:
+            return self._fut.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise ConnectionLost("communicator closed with the operation in flight") from None
 
 
 class GateFuture:
@@ -347,6 +375,7 @@ class Communicator:
             return
         try:
             self._run(self._aio.close(reason), timeout=timeout)
+            self._run(_settle_tasks(_SETTLE_S), timeout=_SETTLE_S + 2.0)
         except (RuntimeError, TimeoutError):
             pass  # the loop is gone or wedged: nothing left to release gracefully
         finally:

@@ -22,7 +22,11 @@ three peers train the character LM of ``examples/charlm.py`` on different shards
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import signal
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -1206,3 +1210,86 @@ def test_quorum_mode_survives_kill_and_late_join(master: Any, workers: Any) -> N
     assert len({r["digest"] for r in results.values()}) == 1
     assert all(r["repairs"] == 0 for r in results.values())
     assert "parity violation" not in master.log.read_text(errors="replace")
+
+
+def _two_comms(master: Any) -> list[pccl.Communicator]:
+    comms = [pccl.Communicator(master.address) for _ in range(2)]
+
+    def up(c: pccl.Communicator) -> None:
+        c.connect(timeout=30)
+        c.wait_for_world(2, timeout=30)
+
+    ts = [threading.Thread(target=up, args=(c,)) for c in comms]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert all(c.world_size == 2 for c in comms)
+    return comms
+
+
+def _in_threads(fns: list[Any]) -> list[Any]:
+    """Run each function in its own thread (peers of one group); return their results."""
+    out: list[Any] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        out[i] = fns[i]()
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return out
+
+
+def _loud_asyncio(caplog: pytest.LogCaptureFixture) -> list[str]:
+    gc.collect()  # a task destroyed pending / an unretrieved exception is logged on collection
+    return [
+        r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR
+    ]
+
+
+def test_close_with_an_all_reduce_in_flight_is_quiet(
+    master: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Peer 0 starts an all-reduce peer 1 never joins, then closes: its handle raises
+    ConnectionLost at once, and asyncio logs no task destroyed pending and no unretrieved
+    exception (the operation's tasks are settled before the loop stops)."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    comms = _two_comms(master)
+    buf = np.ones(1 << 16, np.float32)
+    h = comms[0].all_reduce_async(buf, op=pccl.ReduceOp.SUM, tag=7)
+    t0 = time.monotonic()
+    comms[0].close()
+    with pytest.raises(pccl.PCCLError):
+        h.wait(timeout=10)
+    assert time.monotonic() - t0 < 10
+    comms[1].close()
+    del h
+    comms.clear()
+    assert _loud_asyncio(caplog) == []
+
+
+def test_diloco_close_with_the_exchange_in_flight_is_quiet(
+    master: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Delayed DiLoCo on two peers, a boundary's all-reduce in flight: closing the
+    communicators, then DiLoCo, returns promptly, raises nothing and logs nothing from asyncio."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    comms = _two_comms(master)
+    models = [_model(seed=3), _model(seed=3)]
+    ds = _in_threads(
+        [lambda i=i: DiLoCo(comms[i], models[i], sync_every=1, delayed=True) for i in range(2)]
+    )
+    _in_threads([d.step for d in ds])
+    assert all(d._inflight is not None for d in ds)
+    t0 = time.monotonic()
+    for c in comms:
+        c.close()
+    for d in ds:
+        d.close()
+    assert time.monotonic() - t0 < 15
+    ds.clear()
+    comms.clear()
+    assert _loud_asyncio(caplog) == []
