@@ -36,8 +36,9 @@ from pccl.peer.kv import (
     check_value,
 )
 from pccl.peer.metrics import Live, MetricsServer, PeerMetrics
+from pccl.peer.optimize import optimize_topology
 from pccl.peer.p2p import P2PNode
-from pccl.peer.probe import Prober, optimize_topology
+from pccl.peer.probe import Prober
 from pccl.peer.session import MasterSession, SessionState
 from pccl.peer.sync_runner import SyncRunner
 from prometheus_client.registry import CollectorRegistry
@@ -355,7 +356,7 @@ class Communicator:
         """Measure the group's links and re-order the ring so its slowest hop is fastest.
 
         A barrier like :meth:`update_topology` (every accepted peer calls it). See
-        :func:`pccl.peer.probe.optimize_topology` for what it costs.
+        :func:`pccl.peer.optimize.optimize_topology` for what it costs.
 
         Returns:
             True when the ring was re-ordered (a new epoch), False when the order was kept.
