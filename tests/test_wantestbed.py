@@ -6,6 +6,7 @@ root) the ring-order benchmark: optimize_topology() within 10 % of the best orde
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,6 @@ def test_optimized_ring_is_near_the_best_order_and_far_from_the_worst(tmp_path: 
     args = ["topology", "--peers", "4", "--mib", "2", "--repeats", "2", "--json", str(out)]
     rc = wantestbed.main(args)
     assert rc == 0
-    import json
 
     doc = json.loads(out.read_text())
     s = doc["summary"]
@@ -107,3 +107,17 @@ def test_optimized_ring_is_near_the_best_order_and_far_from_the_worst(tmp_path: 
     assert s["worst_vs_optimized"] >= 2.0
     assert doc["start_then_optimized"]["rewired"] is True
     assert doc["start_then_optimized"]["after"]["parity"] is True
+
+
+def test_bench_allreduce_runs_on_the_testbed(tmp_path: Path) -> None:
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pccl.cli", "bench", "allreduce", "--peers", "3", "--mib", "1"]
+    cmd += ["--streams", "2", "--repeats", "5", "--warmup", "1", "--json", str(out)]
+    cmd += ["--testbed", "200mbit,20mbit,1", "--optimize"]
+    subprocess.run(cmd, check=True, timeout=240, capture_output=True)
+    doc = json.loads(out.read_text())
+    assert doc["config"]["testbed"] == "200mbit,20mbit,1" and doc["config"]["optimize"]
+    assert doc["pccl"]["parity"] is True and doc["pccl"]["exact"] is True

@@ -118,6 +118,16 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-place", action="store_true", help="pccl all-reduces in place")
     p.add_argument("--wan-delay-ms", type=float, help="emulate a WAN: one-way delay per link")
     p.add_argument("--wan-cap-mib", type=float, default=4.0, help="WAN in-flight cap per stream")
+    p.add_argument(
+        "--testbed",
+        metavar="FAST,SLOW,SEED",
+        help="run the pccl peers on the WAN testbed (root; pccl.tools.wantestbed): a namespace "
+        "per peer, a tc tbf link per pair, seeded rates with a planted fast ring, e.g. "
+        "200mbit,20mbit,1",
+    )
+    p.add_argument(
+        "--optimize", action="store_true", help="pccl: optimize_topology() before timing"
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="deadline of each half, seconds")
     p.add_argument("--json", metavar="FILE", help="also write the JSON result here")
     p.add_argument(
@@ -166,6 +176,13 @@ def _cmd(args: argparse.Namespace) -> int:
         problems.append("--wan-delay-ms must be >= 0")
     if not args.wan_cap_mib > 0:
         problems.append("--wan-cap-mib must be > 0")
+    if args.testbed is not None:
+        if args.wan_delay_ms is not None:
+            problems.append("--testbed and --wan-delay-ms exclude each other")
+        if len(args.testbed.split(",")) != 3 or not args.testbed.split(",")[2].isdigit():
+            problems.append("--testbed is FAST,SLOW,SEED (e.g. 200mbit,20mbit,1)")
+        if not 2 <= args.peers <= 16:
+            problems.append("--testbed takes 2 to 16 peers")
     if not args.timeout > 0:
         problems.append("--timeout must be > 0")
     if "gloo" in args.compare and not _have("torch"):
@@ -322,6 +339,8 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
         "compare": args.compare,
         "wan_delay_ms": args.wan_delay_ms,
         "wan_cap_mib": args.wan_cap_mib if args.wan_delay_ms is not None else None,
+        "testbed": getattr(args, "testbed", None),  # (bench matrix builds its own args)
+        "optimize": getattr(args, "optimize", False),
         "chunk_bytes": cfg.chunk_bytes,
         "quant_block": cfg.quant_block,
         "socket_buffer_bytes": cfg.socket_buffer_bytes,
@@ -416,6 +435,7 @@ class _Fleet:
         self.tmpdir = tmpdir
         self.children: list[_Child] = []
         self.proxies: list[Any] = []
+        self.testbed: Any = None  # a pccl.tools.wantestbed.Testbed the pccl half runs on
         self.sel = selectors.DefaultSelector()
 
     def __enter__(self) -> _Fleet:
@@ -508,6 +528,9 @@ class _Fleet:
                 raise BenchError(f"{c.name} exited with rc={rc}\n{self.report()}")
 
     def kill_all(self) -> None:
+        if self.testbed is not None:
+            self.testbed.down()  # kills every process inside its namespaces
+            self.testbed = None
         for p in self.proxies:
             p.stop(grace_s=0.0)
         self.proxies.clear()
@@ -531,13 +554,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_master(fleet: _Fleet) -> int:
+def _start_master(fleet: _Fleet, host: str = "127.0.0.1") -> int:
     from pccl.tools.proc import master_banner
 
-    cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", "127.0.0.1", "--port", "0"]
-    child = fleet.spawn("master", [*cmd, "--log-level", "warning"], events=False)
+    cmd = [sys.executable, "-m", "pccl.cli", "master", "--host", host, "--port", "0"]
+    cmd = [*cmd, "--log-level", "warning"]
+    if fleet.testbed is not None:
+        cmd = fleet.testbed.cluster.exec_argv("m", cmd)
+    child = fleet.spawn("master", cmd, events=False)
     try:
-        addr = master_banner(child.proc, "127.0.0.1", MASTER_START_TIMEOUT_S)[0]
+        addr = master_banner(child.proc, host, MASTER_START_TIMEOUT_S)[0]
     except RuntimeError as e:
         raise BenchError(f"the master did not start: {e}\n{child.tail()}") from None
     return int(addr.rpartition(":")[2])
@@ -603,8 +629,17 @@ def _run_pccl(
     from pccl.tools import wanproxy
 
     deadline = time.monotonic() + args.timeout
-    port = _start_master(fleet)
-    _log(f"  master on 127.0.0.1:{port}")
+    host = "127.0.0.1"
+    if getattr(args, "testbed", None):
+        from pccl.tools import wantestbed
+
+        fast, slow, seed = args.testbed.split(",")
+        rates = wantestbed.planted_rates(args.peers, fast, slow, int(seed))
+        fleet.testbed = wantestbed.Testbed(args.peers, rates).up()
+        host = fleet.testbed.ip("m")
+        _log(f"  testbed: {args.peers} namespaces, pair links {fast}/{slow} (seed {seed})")
+    port = _start_master(fleet, host)
+    _log(f"  master on {host}:{port}")
     names = [f"peer{i}" for i in range(args.peers)]
     for i, name in enumerate(names):
         p2p_port = advertise_port = 0
@@ -624,7 +659,7 @@ def _run_pccl(
             fleet.proxies.append(px)
             advertise_port = px.port
         params = {
-            "master": f"127.0.0.1:{port}",
+            "master": f"{host}:{port}",
             "idx": i,
             "world": args.peers,
             "n": n,
@@ -637,11 +672,12 @@ def _run_pccl(
             "p2p_port": p2p_port,
             "advertise_port": advertise_port,
             "wan": args.wan_delay_ms is not None,
+            "optimize": getattr(args, "optimize", False),
         }
-        fleet.spawn(
-            name,
-            [sys.executable, "-m", "pccl.tools.bench_allreduce", "--worker", json.dumps(params)],
-        )
+        cmd = [sys.executable, "-m", "pccl.tools.bench_allreduce", "--worker", json.dumps(params)]
+        if fleet.testbed is not None:
+            cmd = fleet.testbed.cluster.exec_argv(f"p{i}", cmd)
+        fleet.spawn(name, cmd)
     total = args.warmup + args.repeats
     res = _collect(fleet, names, total, "pccl", nbytes, args.peers, args.warmup, deadline, pbar)
     fleet.wait_exit(names, deadline + 30)
@@ -871,6 +907,8 @@ def _worker(params: dict[str, Any]) -> None:
     if comm.world_size != world:
         raise RuntimeError(f"world size {comm.world_size}, expected {world}")
     _emit("joined", peer_id=comm.peer_id)
+    if params.get("optimize"):
+        comm.optimize_topology(timeout=JOIN_TIMEOUT_S)
 
     send = np.empty(n, dtype=dtype)
     recv = send if params["in_place"] else np.empty(n, dtype=dtype)
