@@ -62,12 +62,21 @@ part in every round and the master decides who contributes; see :mod:`pccl.bindi
 Contributions are weighted by the tokens passed to :meth:`DiLoCo.step` (1 each without), and
 ``extra_state`` puts schedulers, RNGs and counters into the verified outer state.
 
-Memory: outer params, momentum, pseudo-gradient, all-reduce result, residual and (delayed and
-quorum modes) the round's start are each one fp32 copy of the model on the host (pinned when
-the model is on CUDA), plus bounded scratch. Runs on the caller's thread; in delayed mode the
-collective runs on the communicator's event-loop thread concurrently with training, on buffers
-(pseudo-gradient, result, count) the training thread does not touch until it waits for the
-collective.
+Memory (host, per parameter): synchronous mode keeps the outer parameters and momentum (fp32,
+4 + 4 bytes) and the error-feedback residual (bfloat16 bits, 2 bytes), and runs each boundary one
+bucket at a time (:mod:`pccl.bindings.diloco_sync`) with two buckets of scratch (``bucket_bytes``
+each, 32 MiB by default): 10 bytes plus a constant. Measured with
+``python -m pccl.tools.diloco_memory --params 64Mi`` (peak RSS of real peers before and after).
+Delayed and quorum modes also keep the pseudo-gradient, the all-reduce result and the round's
+start as full fp32 copies. Host buffers are pinned when the model is on CUDA. Runs on the
+caller's thread; in delayed mode the collective runs on the communicator's event-loop thread
+concurrently with training, on buffers (pseudo-gradient, result, count) the training thread does
+not touch until it waits for the collective.
+
+Closing with an exchange in flight (delayed mode, or a boundary interrupted by an exception):
+closing the communicator first fails the exchange at once (``ConnectionLost`` from its handle)
+and logs nothing; :meth:`DiLoCo.close` then returns without waiting. Closing DiLoCo first waits
+for the exchange to finish (or fail, within its deadline) and drops its result.
 """
 
 from __future__ import annotations
@@ -82,6 +91,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import xxhash
+from pccl.bindings.diloco_fragments import INNER_POS, Fragments, split_fragments
 from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
 from pccl.bindings.diloco_sync import NEXT_BUCKET, SyncBoundary
 from pccl.bindings.extra_state import (
@@ -124,7 +134,7 @@ class Phase(enum.IntEnum):
 
 # Control vector (int64 shared-state entry "diloco/ctrl"); NEXT_BUCKET (4) is diloco_sync's.
 _BOUNDARY, _APPLIED, _PHASE, _FINGERPRINT = range(4)
-_CTRL_LEN = NEXT_BUCKET + 1
+_CTRL_LEN = max(NEXT_BUCKET, INNER_POS) + 1
 # Contributor count vector (int64, all-reduced with SUM next to the pseudo-gradient).
 _WEIGHT, _CONTRIBUTORS, _TOKEN_WEIGHTED = range(3)
 #: Inner-optimizer param groups whose hyper-parameters are compared field by field.
@@ -163,6 +173,7 @@ class OuterStepInfo:
     revision: int
     retries: int
     seconds: float
+    fragment: int = 0  #: the fragment this boundary synced (streaming DiLoCo; else 0)
 
 
 class _Refused:
@@ -327,6 +338,9 @@ class DiLoCo:
         min_quorum: int | None = None,
         grace_s: float = 0.0,
         trace_hashes: bool = False,
+        fragments: int = 1,
+        overlap: int = 0,
+        mix: float = 0.0,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
@@ -356,6 +370,17 @@ class DiLoCo:
                 raise ValueError(f"min_quorum must be an int >= 1 or None, got {min_quorum!r}")
             if delayed:
                 raise ValueError("min_quorum (quorum mode) cannot be combined with delayed=True")
+        for name, v in (("fragments", fragments), ("overlap", overlap)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if fragments < 1 or sync_every % fragments:
+            raise ValueError(f"fragments must be >= 1 and divide sync_every, got {fragments!r}")
+        if overlap and overlap >= sync_every // fragments:
+            raise ValueError("overlap must be < sync_every / fragments (one exchange in flight)")
+        if not (isinstance(mix, (int, float)) and 0 <= mix <= 1):
+            raise ValueError(f"mix must be a number in [0, 1], got {mix!r}")
+        if (fragments > 1 or overlap) and (delayed or min_quorum is not None):
+            raise ValueError("fragments/overlap (streaming) cannot be combined with delayed/quorum")
         if not (isinstance(grace_s, (int, float)) and 0 <= grace_s <= 3600):
             raise ValueError(f"grace_s must be a number of seconds in [0, 3600], got {grace_s!r}")
         self.comm = comm
@@ -374,6 +399,9 @@ class DiLoCo:
         self.grace_s = float(grace_s)
         self.trace_hashes = bool(trace_hashes)
         self.quorum = min_quorum is not None
+        self.fragments = fragments
+        self.overlap = overlap
+        self.mix = float(mix)
         self.stats = DiLoCoStats()
 
         named = _named_params(model)
@@ -447,11 +475,18 @@ class DiLoCo:
             )
             self._half = np.empty(self._scratch.shape[0], dtype=np.uint16)
         per = max(1, bucket_bytes // 4)
-        self._buckets = [(a, min(self.numel, a + per)) for a in range(0, self.numel, per)]
+        streaming = fragments > 1 or overlap > 0
+        frags = (
+            split_fragments([n for _, _, _, n, _ in self._params], fragments)
+            if streaming
+            else [(0, self.numel)]
+        )
+        self._buckets = [(a, min(fb, a + per)) for fa, fb in frags for a in range(fa, fb, per)]
         self._tag = tag
         if tag + len(self._buckets) + 1 > 0xFFFF_FFFF:  # (+1: quorum mode's extra state)
             raise ValueError("tag + number of buckets exceeds 2**32 - 2")
         self._sync_path = None if separate else SyncBoundary(self, pin)
+        self._fragments = Fragments(self, frags, pin) if streaming else None
 
         self._hparam_names, hp = self._hyperparameters()
         self._hparams = np.array(hp, dtype=np.float64)
@@ -525,6 +560,8 @@ class DiLoCo:
         self._inner += 1
         if self._driver is not None:
             return self._quorum_step()
+        if self._fragments is not None:
+            return self._fragments.step()
         if self._inner < self.sync_every:
             return None
         self._inner = 0
@@ -617,6 +654,8 @@ class DiLoCo:
         Raises:
             As :meth:`step`.
         """
+        if self._fragments is not None:
+            return self._fragments.flush()
         if self._inflight is None:
             return None
         t0 = time.perf_counter()
@@ -655,9 +694,13 @@ class DiLoCo:
 
     def close(self) -> None:
         """Wait for a background all-reduce (delayed mode) and drop its result; stop the round
-        driver (quorum mode: a post not yet applied is dropped). Idempotent."""
+        driver (quorum mode: a post not yet applied is dropped). Idempotent, quiet: an exchange
+        that fails (e.g. because the communicator was closed first, which ends it at once)
+        raises nothing here."""
         if self._driver is not None:
             self._driver.close()
+        if self._fragments is not None:
+            self._fragments.close()
         handles, self._inflight = self._inflight, None
         for h in handles or []:
             try:
@@ -680,6 +723,10 @@ class DiLoCo:
             log.info("joining a boundary in phase %s at outer step %d", phase.name, self.outer_step)
         if self.quorum:  # the drivers of the group enter the next gate after this sync
             self._copy_anchor_to_local()
+            self._contributing = True
+            return
+        if self._fragments is not None:
+            self._fragments.join(phase)
             self._contributing = True
             return
         if self._sync_path is not None:
@@ -727,6 +774,9 @@ class DiLoCo:
             "extra_state_bytes",
             "min_quorum",
             "grace_s",
+            "fragments",
+            "overlap",
+            "mix",
         ]
         values = [
             float(self.sync_every),
@@ -741,6 +791,9 @@ class DiLoCo:
             float(self.extra_state_bytes),
             float(self.min_quorum or 0),
             self.grace_s,
+            float(self.fragments),
+            float(self.overlap),
+            self.mix,
         ]
         groups = self.inner_optimizer.param_groups if self.inner_optimizer is not None else []
         nan = float("nan")
@@ -1162,7 +1215,7 @@ class DiLoCo:
             r[~np.isfinite(r)] = 0  # a NaN/inf block must not poison every later step
             kernels.encode_bf16(r, self._residual[a + i : a + j])
 
-    def _info(self, applied: bool, seconds: float) -> OuterStepInfo:
+    def _info(self, applied: bool, seconds: float, fragment: int = 0) -> OuterStepInfo:
         io = self._io
         return OuterStepInfo(
             outer_step=self.outer_step,
@@ -1177,6 +1230,7 @@ class DiLoCo:
             revision=self.revision,
             retries=io.retries,
             seconds=seconds,
+            fragment=fragment,
         )
 
 

@@ -81,15 +81,15 @@ class SyncBoundary:
             np.multiply(send, np.float32(d._weight), out=send)
         return send
 
-    def run(self, retry_phase: Phase) -> bool:
-        """All buckets from ``ctrl[NEXT_BUCKET]`` on; True if any bucket was applied.
+    def run(self, retry_phase: Phase, hi: int | None = None) -> bool:
+        """Buckets ``ctrl[NEXT_BUCKET] .. hi`` (default: all); True if any bucket was applied.
 
         Raises:
             pccl errors other than ``CollectiveAborted``/``TooFewPeers`` (handled).
         """
         d = self.d
         applied = False
-        n = len(d._buckets)
+        n = len(d._buckets) if hi is None else hi
         while int(d._ctrl[NEXT_BUCKET]) < n:
             first = int(d._ctrl[NEXT_BUCKET])
             error: BaseException | None = None

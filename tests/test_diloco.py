@@ -941,19 +941,31 @@ def test_diloco_int4_error_feedback_converges(master: Any, workers: Any) -> None
 @pytest.mark.e2e
 @pytest.mark.chaos
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("delayed", [False, True], ids=["sync", "delayed"])
-def test_diloco_survives_kill_and_late_join(master: Any, workers: Any, delayed: bool) -> None:
+@pytest.mark.parametrize("mode", ["sync", "delayed", "streaming"])
+def test_diloco_survives_kill_and_late_join(master: Any, workers: Any, mode: str) -> None:
+    """SIGKILL of a peer, then a late join; parity after every (fragment) boundary. Streaming:
+    P = 4 fragments, tau = 1, H = 8 (a fragment boundary every 2 inner steps, each fragment's
+    exchange landing one inner step after it starts), so the faults hit fragment boundaries."""
+    delayed = mode == "delayed"
     steps, kill_at, join_at = 24, 6, 9
-    ddp_loss(steps)
+    extra: dict[str, Any] = {}
+    if mode == "streaming":
+        steps, kill_at, join_at = 48, 12, 18
+        extra = {"fragments": 4, "overlap": 1, "mix": 0.5, "sync_every": 8}
+    else:
+        ddp_loss(steps)
     # 20 ms per inner step: 0.2 s per outer step, so the faults land mid-run, not after it
     ws = [
         workers.spawn(
-            WORKER, master, params(i, steps, delayed, wait_world=3, step_ms=20), name=f"peer{i}"
+            WORKER,
+            master,
+            params(i, steps, delayed, wait_world=3, step_ms=20, **extra),
+            name=f"peer{i}",
         )
         for i in range(3)
     ]
     late = workers.spawn(
-        WORKER, master, params(2, steps, delayed, gate=True, step_ms=20), name="late"
+        WORKER, master, params(2, steps, delayed, gate=True, step_ms=20, **extra), name="late"
     )
     workers.wait_event(lambda w, e: w is late and e["event"] == "gated", 60, "newcomer ready")
 
@@ -986,6 +998,14 @@ def test_diloco_survives_kill_and_late_join(master: Any, workers: Any, delayed: 
     contrib = [e["contributors"] for e in outer_events(late)]
     # delayed: the first boundary after joining applies the round the newcomer did not train
     assert contrib == ([2] if delayed else []) + [3] * (len(contrib) - delayed), contrib
+    if mode == "streaming":  # every fragment in turn, each boundary sending ~1/4 of the model
+        frags = [e["fragment"] for e in outer_events(ws[0])]
+        assert frags == [(e["step"] - 1) % 4 for e in outer_events(ws[0])]
+        assert len(set(frags)) == 4
+        assert {r["digest"] for r in results.values()} and len(
+            {r["digest"] for r in results.values()}
+        ) == 1
+        return
     check_results(results, steps)
 
 
@@ -1293,3 +1313,138 @@ def test_diloco_close_with_the_exchange_in_flight_is_quiet(
     ds.clear()
     comms.clear()
     assert _loud_asyncio(caplog) == []
+
+
+# ====================================================================== streaming (fragments)
+
+
+def test_split_fragments_is_balanced_and_deterministic() -> None:
+    from pccl.bindings.diloco_fragments import split_fragments
+
+    sizes = [10, 1, 30, 5, 5, 40, 9]
+    total = sum(sizes)
+    for parts in range(1, 12):
+        r = split_fragments(sizes, parts)
+        assert r == split_fragments(list(sizes), parts) and len(r) == parts
+        assert r[0][0] == 0 and r[-1][1] == total
+        assert all(a < b for a, b in r) and all(r[i][1] == r[i + 1][0] for i in range(parts - 1))
+        assert max(b - a for a, b in r) <= 1.04 * total / parts + 1  # balanced
+    # whole parameters where a boundary is close enough; inside the big one otherwise
+    assert split_fragments([25] * 8, 4) == [(0, 50), (50, 100), (100, 150), (150, 200)]
+    assert split_fragments([49, 51, 100], 2) == [(0, 100), (100, 200)]
+    assert split_fragments([10, 190], 2) == [(0, 100), (100, 200)]
+    with pytest.raises(ValueError, match="at least 3"):
+        split_fragments([1, 1], 3)
+
+
+def _fragment_ranges(d: DiLoCo) -> list[tuple[int, int]]:
+    assert d._fragments is not None
+    return d._fragments.ranges
+
+
+def test_fragments_sync_on_a_staggered_schedule_each_its_own_reference_update() -> None:
+    """P = 2, H = 4, tau = 0: fragment 0 syncs at inner step 2, fragment 1 at step 4, each with
+    the reference update of its own elements; the other fragment's outer state and local
+    parameters are untouched."""
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(comm, model, sync_every=4, fragments=2, quantization=pccl.Quantization.NONE)
+    (a0, b0), (a1, b1) = _fragment_ranges(d)
+    theta0 = _flat(model)
+    assert _train(model, d, 1)[0] is None
+    info, local = _train(model, d, 1)
+    assert info.fragment == 0 and info.applied and d.outer_step == 1
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    g = theta0 - local
+    nesterov_step(
+        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()  # fragment 1's outer state untouched
+    now = _flat(model)
+    assert now[a0:b0].tobytes() == expect[a0:b0].tobytes()  # fragment 0: local <- outer
+    assert now[a1:b1].tobytes() == local[a1:b1].tobytes()  # fragment 1 keeps training
+    assert comm.syncs[-1] == (Phase.IDLE, 1)
+    assert _train(model, d, 1)[0] is None
+    info, local = _train(model, d, 1)
+    assert info.fragment == 1 and d.outer_step == 2
+    g = expect - local
+    nesterov_step(
+        expect[a1:b1], g[a1:b1].copy(), mom[a1:b1], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()
+    assert _flat(model)[a1:b1].tobytes() == expect[a1:b1].tobytes()
+
+
+def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
+    """P = 2, H = 4, tau = 1, mix = 0.5: fragment 0's exchange starts at step 2 from the local
+    parameters then, lands at step 3 (outer step + sync) and the local fragment becomes
+    0.5 * local + 0.5 * outer."""
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(
+        comm,
+        model,
+        sync_every=4,
+        fragments=2,
+        overlap=1,
+        mix=0.5,
+        quantization=pccl.Quantization.NONE,
+    )
+    (a0, b0), _ = _fragment_ranges(d)
+    theta0 = _flat(model)
+    assert _train(model, d, 1)[0] is None
+    launched = None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.05)
+    launched = _flat(model)
+    assert d.step() is None  # launched, in flight
+    assert d._fragments is not None and d._fragments.inflight is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.03)
+    before = _flat(model)
+    info = d.step()
+    assert info is not None and info.fragment == 0 and info.applied
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    g = theta0 - launched
+    nesterov_step(
+        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()
+    mixed = torch.tensor(before[a0:b0]).mul_(0.5).add_(torch.tensor(expect[a0:b0]), alpha=0.5)
+    assert _flat(model)[a0:b0].tobytes() == mixed.numpy().tobytes()
+    assert comm.syncs[-1] == (Phase.IDLE, 1)
+
+
+def test_fragmented_newcomer_takes_the_schedule_phase() -> None:
+    """A newcomer whose first sync shows 3 fragment boundaries done and the run at inner step 1
+    of the period syncs fragment 1 (3 mod 2) after one more inner step."""
+    from pccl.bindings.diloco_fragments import INNER_POS
+
+    def receive(state: pccl.SharedState) -> None:
+        ctrl = state.entries["diloco/ctrl"].array
+        ctrl[:3] = [3, 3, Phase.IDLE]
+        ctrl[INNER_POS] = 1
+        state.revision = 5
+
+    comm = _GroupComm(world=2, on_first_sync=receive)
+    model = _model()
+    d = DiLoCo(comm, model, sync_every=4, fragments=2, overlap=1)
+    assert d._inner == 1
+    info = d.step()
+    assert info is None and d._fragments is not None and d._fragments.inflight is not None
+    assert d._fragments.inflight[0] == 1
+    info = d.step()
+    assert info is not None and info.fragment == 1 and d.outer_step == 4
+
+
+def test_streaming_arguments_are_checked_before_io() -> None:
+    for kw, match in (
+        ({"fragments": 3}, "divide sync_every"),
+        ({"fragments": 2, "overlap": 2}, "overlap must be"),
+        ({"fragments": 2, "mix": 1.5}, "mix"),
+        ({"fragments": 2, "delayed": True}, "cannot be combined"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DiLoCo(_GroupComm(), _model(), sync_every=4, **kw)

@@ -61,7 +61,9 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     ``streams``, ``config`` (pccl.Config overrides), ``slow`` (this peer's inner steps take
     ``slow`` times as long: a straggler), ``min_quorum``/``grace_s`` (quorum mode),
     ``weighted`` (pass the tokens of each inner step to ``step()``), ``lr_schedule``
-    (``"cosine"``: a cosine LR schedule over the run, shared through ``extra_state``).
+    (``"cosine"``: a cosine LR schedule over the run, shared through ``extra_state``),
+    ``fragments``/``overlap``/``mix`` (streaming DiLoCo; ``outer_steps`` then counts fragment
+    boundaries, one every ``sync_every / fragments`` inner steps).
     Events: ``gated``, ``joined``, ``outer`` (every boundary, with the held-out loss of the outer
     parameters and their digest), ``round`` (quorum mode: every round of the group, with its
     contributors and digest), ``result``; ``too_late`` (then it exits) when a late joiner
@@ -122,7 +124,11 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         min_quorum=None if min_quorum is None else int(min_quorum),
         grace_s=float(p.get("grace_s", 0.0)),
         trace_hashes=min_quorum is not None,
+        fragments=int(p.get("fragments", 1)),
+        overlap=int(p.get("overlap", 0)),
+        mix=float(p.get("mix", 0.0)),
     )
+    period = H // int(p.get("fragments", 1))  # inner steps between (fragment) boundaries
     emit(
         "joined",
         peer_id=comm.peer_id,
@@ -164,7 +170,7 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     target = int(p["outer_steps"])
     tokens = cfg.batch * cfg.context if p.get("weighted") else None
     while diloco.outer_step < target:
-        step = diloco.outer_step * H + len(losses)  # global inner step: a newcomer lines up
+        step = diloco.outer_step * period + len(losses)  # global inner step: a newcomer lines up
         t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = T.loss_fn(model, *T.batch(cfg, ids, shard, step))
@@ -185,6 +191,8 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         emit(
             "outer",
             step=info.outer_step,
+            fragment=info.fragment,
+            boundary_tx=info.tx_bytes,  # this boundary's all-reduce bytes (retries included)
             applied=info.applied,
             world=info.world_size,
             contributors=info.contributors,

@@ -1,0 +1,330 @@
+"""Streaming DiLoCo: the model synced in fragments on a staggered schedule, optionally overlapped.
+
+``DiLoCo(..., fragments=P, overlap=tau, mix=alpha)`` splits the parameters into P fragments
+(:func:`split_fragments`: contiguous element ranges in model order, cut between parameters
+where that keeps them balanced within 2 %, else inside one; the same on every peer) and runs a
+*fragment boundary* every ``H / P`` inner steps, for fragment ``k mod P`` at the k-th one: every
+fragment is synced every H inner steps, fragment p offset by ``p * H / P``.
+
+* ``overlap = 0``: the boundary is blocking and runs bucket by bucket over the fragment
+  (:class:`pccl.bindings.diloco_sync.SyncBoundary`), then admits, syncs and merges.
+* ``overlap = tau >= 1`` (``tau < H / P``): the fragment's pseudo-gradient is built and its
+  all-reduces started at the boundary; training goes on for tau inner steps; the exchange then
+  *lands*: it is awaited (retried, blocking, after a departure, from the pseudo-gradient built
+  at launch), applied to the fragment's outer parameters and momentum, the run admits and syncs,
+  and the fragment's local parameters are merged.
+
+Merging: ``local = mix * local + (1 - mix) * outer`` over the fragment (``mix = 0``: replaced by
+the outer parameters, as unfragmented DiLoCo does). The pseudo-gradient of a fragment is always
+``outer - local`` for its own outer parameters, so local progress kept by ``mix`` is sent at the
+fragment's next boundary.
+
+Shared state: every fragment's outer parameters and momentum are entries of the same
+hash-verified :class:`SharedState` as before, synced at every fragment boundary (the sync that
+ends it), so parity holds after every fragment boundary. The control vector holds the number of
+fragment boundaries completed (which fragment is next), the bucket a retry resumes at, and the
+inner step the run is at when it syncs (``INNER_POS``), so a newcomer admitted at any fragment
+boundary takes the schedule's phase: it joins a retry (zeros, weight 0) or starts training at the
+incumbents' inner step.
+
+Host memory: ``overlap = 0`` adds two buckets of scratch; ``overlap >= 1`` one fragment's
+pseudo-gradient and result (8 bytes per parameter of the largest fragment), so the bytes in
+flight and the scratch of a boundary are about 1/P of unfragmented DiLoCo's.
+
+Runs on the caller's (training) thread; the overlapped all-reduces run on the communicator's
+event-loop thread, on buffers the training thread does not touch until the exchange lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pccl.errors import CollectiveAborted, TooFewPeers
+from pccl.types import ReduceOp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pccl.bindings.diloco import DiLoCo, OuterStepInfo
+
+__all__ = ["INNER_POS", "Fragments", "split_fragments"]
+
+log = logging.getLogger("pccl.diloco")
+
+#: Index, in the control vector ``diloco/ctrl``, of the run's inner step within the fragment
+#: period at its last sync (a newcomer resumes the schedule there).
+INNER_POS = 5
+
+
+def split_fragments(sizes: list[int], parts: int, tolerance: float = 0.02) -> list[tuple[int, int]]:
+    """Element ranges ``[(a, b), ...]`` of ``parts`` fragments of the flat parameter vector.
+
+    Fragment p ends at the parameter boundary nearest to ``(p + 1) / parts`` of the elements when
+    that boundary is within ``tolerance`` of a fragment's size from it (whole modules), else
+    exactly there (inside a parameter), so no fragment exceeds ``(1 + 2 * tolerance) / parts``
+    of the model. Deterministic: every peer computes the same ranges.
+
+    Raises:
+        ValueError: more fragments than elements.
+    """
+    total = sum(sizes)
+    if not 1 <= parts <= total:
+        raise ValueError(f"fragments={parts} needs at least {parts} parameter elements")
+    edges = np.cumsum([0, *sizes]).tolist()
+    slack = tolerance * total / parts
+    out: list[tuple[int, int]] = []
+    start = 0
+    for p in range(parts - 1):
+        target = total * (p + 1) / parts
+        inside = [e for e in edges if start < e <= total - (parts - 1 - p)]
+        near = min(inside, key=lambda e: (abs(e - target), e)) if inside else None
+        end = near if near is not None and abs(near - target) <= slack else round(target)
+        end = min(max(end, start + 1), total - (parts - 1 - p))
+        out.append((start, end))
+        start = end
+    out.append((start, total))
+    return out
+
+
+class Fragments:
+    """Schedule and exchanges of streaming DiLoCo (see the module docstring)."""
+
+    def __init__(self, d: DiLoCo, ranges: list[tuple[int, int]], pin: bool) -> None:
+        self.d = d
+        self.ranges = ranges
+        self.parts = len(ranges)
+        self.period = d.sync_every // self.parts
+        self.tau = d.overlap
+        self.mix = d.mix
+        #: per fragment, its buckets ``[lo, hi)`` (indexes into ``d._buckets``)
+        self.buckets: list[tuple[int, int]] = []
+        for a, b in ranges:
+            ks = [k for k, (x, _) in enumerate(d._buckets) if a <= x < b]
+            self.buckets.append((ks[0], ks[-1] + 1))
+        size = max(b - a for a, b in ranges) if self.tau else 0
+        self._send_t = torch.zeros(size, dtype=torch.float32, pin_memory=pin and size > 0)
+        self._recv_t = torch.zeros(size, dtype=torch.float32, pin_memory=pin and size > 0)
+        self._send: np.ndarray = self._send_t.numpy()
+        self._recv: np.ndarray = self._recv_t.numpy()
+        self.inflight: tuple[int, list[Any]] | None = None
+
+    @property
+    def scratch_bytes(self) -> int:
+        return int(self._send.nbytes + self._recv.nbytes)
+
+    def next_fragment(self) -> int:
+        from pccl.bindings.diloco import _BOUNDARY
+
+        return int(self.d._ctrl[_BOUNDARY]) % self.parts
+
+    # ------------------------------------------------------------------ schedule
+
+    def step(self) -> OuterStepInfo | None:
+        """After ``d._inner`` was incremented: launch, land or run a fragment boundary."""
+        d = self.d
+        if self.inflight is not None and d._inner == self.tau:
+            return self._land()
+        if d._inner < self.period:
+            return None
+        d._inner = 0
+        if self.tau:
+            self._launch(self.next_fragment())
+            return None
+        return self._blocking(self.next_fragment())
+
+    def _blocking(self, f: int) -> OuterStepInfo:
+        from pccl.bindings.diloco import Phase, _BoundaryIO
+        from pccl.bindings.diloco_sync import NEXT_BUCKET
+
+        d = self.d
+        t0 = time.perf_counter()
+        d._io = _BoundaryIO()
+        d._take_weight()
+        lo, hi = self.buckets[f]
+        if int(d._ctrl[NEXT_BUCKET]) < lo:
+            d._ctrl[NEXT_BUCKET] = lo
+        assert d._sync_path is not None
+        applied = d._sync_path.run(Phase.RETRY, hi)
+        self._finish(f, applied, inner_pos=0)
+        return d._info(applied, time.perf_counter() - t0, fragment=f)
+
+    # ------------------------------------------------------------------ overlapped exchange
+
+    def _fill(self, f: int) -> None:
+        d = self.d
+        a, b = self.ranges[f]
+        send = self._send[: b - a]
+        if not d._weight:
+            send.fill(0)
+            return
+        d._local_range_to(self._send_t[: b - a], a, b)
+        np.subtract(d._theta[a:b], send, out=send)
+        if d._residual is not None:
+            d._residual_add(send, a)
+        if d._weight != 1:
+            np.multiply(send, np.float32(d._weight), out=send)
+
+    def _start(self, f: int) -> list[Any]:
+        """Start the count and the fragment's bucket all-reduces from the built send."""
+        from pccl.bindings.diloco import _Refused
+
+        d = self.d
+        base = self.ranges[f][0]
+        try:
+            handles: list[Any] = [d._launch_count()]
+        except CollectiveAborted as e:
+            return [_Refused(e)]
+        lo, hi = self.buckets[f]
+        try:
+            for k in range(lo, hi):
+                a, b = d._buckets[k]
+                handles.append(
+                    d.comm.all_reduce_async(
+                        self._send[a - base : b - base],
+                        self._recv[a - base : b - base],
+                        op=ReduceOp.SUM,
+                        quantization=d.quantization,
+                        tag=d._tag + 1 + k,
+                    )
+                )
+        except BaseException:
+            d._wait_all(handles)
+            raise
+        return handles
+
+    def _launch(self, f: int) -> None:
+        d = self.d
+        d._take_weight()
+        self._fill(f)
+        try:
+            self.inflight = (f, self._start(f))
+        except TooFewPeers:
+            log.info("fragment %d: fewer than 2 peers, boundary dropped", f)
+            self.inflight = (f, [])
+
+    def _land(self) -> OuterStepInfo:
+        """Wait for the fragment's exchange (retrying after departures), apply it, sync."""
+        from pccl.bindings.diloco import Phase, _BoundaryIO, nesterov_step
+
+        d = self.d
+        assert self.inflight is not None
+        f, handles = self.inflight
+        self.inflight = None
+        t0 = time.perf_counter()
+        d._io = _BoundaryIO()
+        applied = False
+        while handles:
+            error = d._wait_all(handles)
+            handles = []
+            if error is None:
+                applied = d._read_count()
+                break
+            if not isinstance(error, CollectiveAborted):
+                raise error
+            d.stats.retries += 1
+            d._io.retries += 1
+            log.info("fragment %d: all-reduce aborted (%s); re-forming and retrying", f, error)
+            d._ctrl[INNER_POS] = self.tau
+            d._admit_and_sync(Phase.RETRY)
+            try:
+                handles = self._start(f)
+            except TooFewPeers:
+                log.info("fragment %d: fewer than 2 peers, boundary dropped", f)
+        if applied:
+            weight = int(d._count_out[0])
+            base = self.ranges[f][0]
+            lo, hi = self.buckets[f]
+            for k in range(lo, hi):
+                a, b = d._buckets[k]
+                recv = self._recv[a - base : b - base]
+                if weight > 1:
+                    np.divide(recv, np.float32(weight), out=recv)
+                if d._weight and d._residual is not None:
+                    d._store_residual(self._send[a - base : b - base], a)
+                nesterov_step(
+                    d._theta[a:b],
+                    recv,
+                    None if d._mom is None else d._mom[a:b],
+                    d.outer_lr,
+                    d.outer_momentum,
+                    d.nesterov,
+                    d._scratch,
+                )
+        self._finish(f, applied, inner_pos=self.tau)
+        return d._info(applied, time.perf_counter() - t0, fragment=f)
+
+    # ------------------------------------------------------------------ boundary end, joining
+
+    def _finish(self, f: int, applied: bool, inner_pos: int) -> None:
+        from pccl.bindings.diloco import _APPLIED, _BOUNDARY, Phase
+        from pccl.bindings.diloco_sync import NEXT_BUCKET
+
+        d = self.d
+        if applied:
+            d.stats.applied += 1
+            d._ctrl[_APPLIED] += 1
+        else:
+            d.stats.dropped += 1
+        d.stats.boundaries += 1
+        d._ctrl[_BOUNDARY] += 1
+        d._ctrl[NEXT_BUCKET] = 0
+        d._ctrl[INNER_POS] = inner_pos
+        d._admit_and_sync(Phase.IDLE)
+        self._merge(*self.ranges[f])
+
+    def _merge(self, a: int, b: int) -> None:
+        """``local = mix * local + (1 - mix) * outer`` over the elements ``[a, b)``."""
+        from pccl.bindings.diloco import _local
+
+        d = self.d
+        with torch.no_grad():
+            for _, p, off, n, _ in d._params:
+                lo, hi = max(a, off), min(b, off + n)
+                if lo >= hi:
+                    continue
+                outer = d._theta_t[lo:hi]
+                loc = _local(p).reshape(-1)[lo - off : hi - off]
+                if self.mix == 0:
+                    loc.copy_(outer)
+                else:
+                    loc.mul_(self.mix).add_(outer.to(loc.device, loc.dtype), alpha=1 - self.mix)
+
+    def join(self, phase: Any) -> None:
+        """A newcomer after its first sync: join a retry, then take the run's inner step."""
+        from pccl.bindings.diloco import Phase
+
+        d = self.d
+        if phase is Phase.RETRY:
+            d._take_weight()  # zeros, weight 0: we have not trained this round
+            f = self.next_fragment()
+            if self.tau:
+                self._fill(f)
+                try:
+                    self.inflight = (f, self._start(f))
+                except TooFewPeers:
+                    self.inflight = (f, [])
+                self._land()
+            else:
+                self._blocking(f)
+        elif phase is not Phase.IDLE:
+            raise ValueError(f"a fragmented run never syncs in phase {phase.name}")
+        d._copy_anchor_to_local()
+        d._inner = int(d._ctrl[INNER_POS])
+
+    def flush(self) -> OuterStepInfo | None:
+        """Land the exchange in flight now (every peer at the same inner step)."""
+        return self._land() if self.inflight is not None else None
+
+    def close(self) -> None:
+        if self.inflight is None:
+            return
+        _, handles = self.inflight
+        self.inflight = None
+        for h in handles:
+            try:
+                h.wait()
+            except Exception:
+                pass
