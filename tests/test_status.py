@@ -1406,6 +1406,10 @@ def test_sliced_renders_equal_the_whole_documents_and_serve_the_loop_between_sli
     c.sample(st)
     now = time.monotonic()
 
+    # The render itself notes its slices as loop steps (the master's step gauges): freeze the
+    # meter so the one-piece documents, computed after, see the same values.
+    master.steps.note = lambda value, now: None
+
     async def render() -> tuple[bytes, bytes, int]:
         ticks = 0
 
@@ -1424,7 +1428,10 @@ def test_sliced_renders_equal_the_whole_documents_and_serve_the_loop_between_sli
         return body, text, ticks - start
 
     body, text, ticks = asyncio.run(render())
-    assert json.loads(body) == json.loads(json.dumps(status_document(master, c, now)))
+    got, want = json.loads(body), json.loads(json.dumps(status_document(master, c, now)))
+    for doc in (got, want):  # the interpreter's own counter may move between the two
+        doc["master"].pop("gc_full_passes")
+    assert got == want
     assert len(json.loads(body)["peers"]) == n
     assert text.decode() == metrics_text(master, c, now)
     fam = parse_prometheus(text.decode())  # strict: HELP/TYPE once per family, no repeats
