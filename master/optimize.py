@@ -165,7 +165,8 @@ class Optimizer:
             return
         rnd.phase = OptPhase.PROBING
         rnd.probe_started = time.monotonic()
-        per_round = 3 * cfg.probe_time_s + min(cfg.connect_timeout_s, 2.0) + 1.0
+        # a probe, and a parallel re-probe of a window-bound link (pccl.peer.probe)
+        per_round = 2 * (3 * cfg.probe_time_s + cfg.handshake_timeout_s) + 1.0
         rnd.deadline = rnd.probe_started + len(rounds) * per_round + cfg.heartbeat_timeout_s
         plans: dict[int, list[tuple[int, str, int]]] = {q: [] for q in members}
         for r in rounds:

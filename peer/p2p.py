@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 from pccl.peer.rx_stream import RxState, RxStream
 from pccl.peer.state_sync import StateServer
-from pccl.peer.tuning import Window, auto_streams, check_window, tune_wan_socket
+from pccl.peer.tuning import Window, auto_streams, check_window, stream_window, tune_wan_socket
 
 from pccl import messages as m
 from pccl.auth import prove
@@ -502,12 +502,7 @@ class P2PNode:
         link = self.links.get(peer)
         if not cfg.auto_streams or link is None or _is_loopback(host):
             return streams_for(host, self.nstreams, cfg)
-        probe = socket.socket()
-        try:
-            window = tune_wan_socket(probe, cfg).bytes
-        finally:
-            probe.close()
-        return auto_streams(link[0], link[1], window, cfg.max_streams)
+        return auto_streams(link[0], link[1], stream_window(cfg), cfg.max_streams)
 
     async def connect_next(self, next_id: int, host: str, port: int, epoch: int) -> None:
         """Make sure :meth:`streams_to` healthy streams lead to ``next_id``; reuse when unchanged.

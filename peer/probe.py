@@ -12,7 +12,9 @@ full-duplex). A probe is one authenticated connection to the partner's p2p liste
   ``n = 0`` is a ping: three of them give the RTT (the smallest). Transfers then grow from
   ``WARMUP_BYTES`` (at most 4x each, sized from the previous one's rate, at most ``max_bytes``)
   until one lasts a quarter of the plan's ``seconds`` or the next would overrun them; the last
-  one's rate is the estimate.
+  one's rate is the estimate. A single stream that kept at least half its window in flight
+  may be window-bound, not link-bound: such a link is probed again over ``PARALLEL_PROBES``
+  connections at once and their summed rate kept when higher.
 
 The rate is what the receiver saw, so send-buffer filling does not inflate it. It is a short
 single-stream measurement: on a long-fat link slow start may not finish inside it, so it
@@ -33,8 +35,11 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from pccl.peer.tuning import stream_window
+
 from pccl import messages as m
 from pccl.auth import prove
+from pccl.config import Config
 from pccl.errors import ProtocolError
 from pccl.frame import HEADER, PRE_AUTH_MAX_BODY, MsgType, parse_header
 
@@ -61,6 +66,16 @@ WARMUP_BYTES = 128 << 10
 _SCRATCH = 1 << 20
 _ZEROS = memoryview(bytes(_SCRATCH))
 PURPOSE = b"pccl-probe"
+#: Connections of the second probe of a link whose single stream looked window-bound.
+PARALLEL_PROBES = 8
+
+
+def window_bound(res: tuple[float, float], cfg: Config) -> bool:
+    """Whether a single-stream probe result may be limited by the stream's window rather than
+    the link: it kept at least half a window in flight (rate x RTT). (On a plain loopback or
+    LAN link the RTT is far too short for that.)"""
+    gbps, rtt_ms = res
+    return gbps * 1e9 / 8 * rtt_ms / 1e3 >= 0.5 * stream_window(cfg)
 
 
 class ProbeResponder:
@@ -205,7 +220,8 @@ class Prober:
         links: list[tuple[int, float, float]] = []
         failed: list[str] = []
         seconds = max(0.01, min(plan.seconds, 10.0))
-        limit = 3 * seconds + min(self.node.config.connect_timeout_s, 2.0) + 0.5
+        limit = 3 * seconds + self.node.config.handshake_timeout_s  # a probe's connection lives
+        # at most handshake_timeout_s at the acceptor; the transfers take about ``seconds``
         for pid, host, port in plan.targets:
             if not pid:
                 continue
@@ -214,6 +230,9 @@ class Prober:
                     res = await probe_link(
                         self.node, host, port, plan.round_id, plan.max_bytes, seconds
                     )
+                if window_bound(res, self.node.config):
+                    async with asyncio.timeout(limit):
+                        res = await self._parallel(host, port, plan, seconds, res)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed probe: the link stays unmeasured
@@ -226,6 +245,19 @@ class Prober:
         self.rounds += 1
         reason = ("failed: " + ", ".join(failed))[:500] if failed else ""
         self.session.send(m.ProbeReport(plan.round_id, links, not failed, reason))
+
+    async def _parallel(
+        self, host: str, port: int, plan: m.ProbePlan, seconds: float, one: tuple[float, float]
+    ) -> tuple[float, float]:
+        """Probe again over ``PARALLEL_PROBES`` connections at once; their summed rate, when
+        above the single stream's (a window-bound stream hides the link's capacity)."""
+        k = min(PARALLEL_PROBES, self.node.config.max_streams)
+        each = max(plan.max_bytes // k, 1 << 16)
+        got = await asyncio.gather(
+            *(probe_link(self.node, host, port, plan.round_id, each, seconds) for _ in range(k))
+        )
+        total = sum(g for g, _ in got)
+        return (total, min(one[1], *(r for _, r in got))) if total > one[0] else one
 
     def close(self) -> None:
         if self.task is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "auto_streams",
     "check_window",
     "kernel_limits",
+    "stream_window",
     "tune_wan_socket",
 ]
 
@@ -123,6 +124,13 @@ def read_window(sock: socket.socket, requested: int) -> Window:
     send = int(int(lim["tcp_wmem_max"]) * _PAYLOAD_SHARE) or int(snd * _PAYLOAD_SHARE)
     recv = int(int(lim["tcp_rmem_max"]) * _PAYLOAD_SHARE) or int(rcv * _PAYLOAD_SHARE)
     return Window(send, recv, False, 0)
+
+
+def stream_window(cfg: Config) -> int:
+    """The window (bytes) one p2p stream to another host gets under ``cfg`` (a fresh socket,
+    tuned and read back)."""
+    with socket.socket() as s:
+        return tune_wan_socket(s, cfg).bytes
 
 
 _warned: set[tuple[int, bool]] = set()

@@ -631,11 +631,11 @@ def _run_pccl(
     deadline = time.monotonic() + args.timeout
     host = "127.0.0.1"
     if getattr(args, "testbed", None):
-        from pccl.tools import wantestbed
+        from pccl.tools import testbed
 
         fast, slow, seed = args.testbed.split(",")
-        rates = wantestbed.planted_rates(args.peers, fast, slow, int(seed))
-        fleet.testbed = wantestbed.Testbed(args.peers, rates).up()
+        rates = testbed.planted_rates(args.peers, fast, slow, int(seed))
+        fleet.testbed = testbed.Testbed(args.peers, rates).up()
         host = fleet.testbed.ip("m")
         _log(f"  testbed: {args.peers} namespaces, pair links {fast}/{slow} (seed {seed})")
     port = _start_master(fleet, host)
