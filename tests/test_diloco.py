@@ -1448,3 +1448,21 @@ def test_streaming_arguments_are_checked_before_io() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             DiLoCo(_GroupComm(), _model(), sync_every=4, **kw)
+
+
+def test_sync_mode_keeps_no_full_model_scratch() -> None:
+    """Host memory of synchronous DiLoCo: outer parameters and momentum (fp32), the residual
+    (bf16 bits) and two buckets of scratch; no full-model pseudo-gradient or result buffer.
+    Streaming with overlap keeps one fragment of each instead."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])  # 16,640 params
+    n = sum(p.numel() for p in model.parameters())
+    d = DiLoCo(_GroupComm(), model, sync_every=4, bucket_bytes=4096)
+    assert d._send.size == 0 and d._recv.size == 0 and d._anchor is d._theta
+    assert d._residual is not None and d._residual.dtype == np.uint16 and d._residual.size == n
+    assert d._sync_path is not None and d._sync_path.scratch_bytes == 2 * 4096
+    s = DiLoCo(_GroupComm(), model, sync_every=8, fragments=4, overlap=1)
+    assert s._fragments is not None
+    assert s._fragments.scratch_bytes <= 2 * 4 * (1.04 * n / 4 + 1)  # one fragment each
+    delayed = DiLoCo(_GroupComm(), model, sync_every=4, delayed=True)
+    assert delayed._send.size == n and delayed._recv.size == n  # (delayed keeps full copies)

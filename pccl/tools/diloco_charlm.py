@@ -16,6 +16,10 @@ survivors retry, the newcomer receives the outer state by a verified shared-stat
 holds throughout. At the end the launcher trains the fp32 DDP baseline on the same data and
 compares.
 
+``--compare`` runs :mod:`pccl.tools.diloco_compare` (streaming vs synchronous DiLoCo vs fp32 DDP:
+held-out loss, bytes, peak bytes per boundary, time); ``--memory`` runs
+:mod:`pccl.tools.diloco_memory` (peak host memory added by ``DiLoCo``).
+
 ``python -m pccl.tools.diloco_charlm --worker ADDR JSON`` is one peer (what the launcher spawns); it
 prints one JSON event per line. :func:`run_worker` is reused by the test suite.
 
@@ -475,6 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "--peer":
         return peer_from_env(argv[1:])
+    if argv and argv[0] == "--compare":  # streaming vs sync DiLoCo vs fp32 DDP (a table)
+        from pccl.tools.diloco_compare import main as compare
+
+        return compare(argv[1:])
+    if argv and argv[0] == "--memory":  # peak RSS added by DiLoCo (64 Mi parameters)
+        from pccl.tools.diloco_memory import main as memory
+
+        return memory(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)

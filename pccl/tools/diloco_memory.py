@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -106,21 +104,10 @@ def run_worker(addr: str, p: dict[str, Any]) -> None:
     )
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
 def launch(args: argparse.Namespace) -> dict[str, Any]:
     """Start the master and the peers, collect their reports."""
+    from pccl.tools.bench_allreduce import _machine
+
     master, addr = spawn_master()
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -154,6 +141,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
         "max_added_bytes_per_param": max(x["added_bytes_per_param"] for x in peers),
         "parity": len({x["outer_digest"] for x in peers}) == 1,
         "machine": _machine(),
+        "command": "python -m pccl.tools.diloco_memory " + " ".join(sys.argv[1:]),
     }
 
 
