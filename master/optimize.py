@@ -290,9 +290,12 @@ class Optimizer:
     # ------------------------------------------------------------------ events
 
     def on_departure(self, gid: int, pid: int) -> None:
-        """A peer left: a round it votes or probes in fails (retryable)."""
+        """A peer left: a round it votes or probes in, or of the ring it was in, fails
+        (retryable: the ring is broken, the group calls update_topology() first)."""
         rnd = self.rounds.get(gid)
-        if rnd is not None and (pid in rnd.voters or pid in rnd.members):
+        grp = self.state.groups.get(gid)
+        in_ring = grp is not None and pid in grp.ring
+        if rnd is not None and (pid in rnd.voters or pid in rnd.members or in_ring):
             self._abort(gid, f"peer {pid} left during the optimisation")
         self.table.forget(pid)
 

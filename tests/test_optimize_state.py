@@ -130,6 +130,17 @@ def test_a_departure_while_probing_fails_the_vote_retryably() -> None:
     assert ring_ids(h.take(m.Topology)[0][1]) == [pids[0], pids[1], pids[3]]  # type: ignore[arg-type]
 
 
+def test_a_departure_of_a_peer_yet_to_vote_fails_the_vote_at_once() -> None:
+    h = Harness()
+    pids = h.admit(3)
+    optimize(h, pids[:2])
+    h.drop(pids[2])  # it never voted: the ring is broken, the voters must not wait it out
+    done = h.take(m.TopologyDone)
+    assert sorted(p for p, _ in done) == pids[:2]
+    assert all(not x.ok and "left" in x.reason for _, x in done)  # type: ignore[attr-defined]
+    assert not h.state.optimizer.rounds
+
+
 def test_votes_are_refused_with_collectives_outstanding_or_before_admission() -> None:
     h = Harness()
     pids = h.admit(2)
