@@ -281,7 +281,7 @@ class Optimizer:
         grp = s.groups.get(gid)
         log.warning("group %d: optimize_topology failed: %s", gid, why)
         done = m.TopologyDone(grp.epoch if grp else 0, False, f"optimize_topology: {why}; retry")
-        for q in sorted(rnd.voters | set(rnd.members)):
+        for q in sorted(rnd.voters):  # (pending members of an auto round did not vote)
             if q in s.peers:
                 s._send(q, done)
         if rnd.auto and grp is not None:
