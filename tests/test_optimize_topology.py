@@ -56,3 +56,29 @@ def test_a_departure_during_the_vote_is_a_retryable_error_not_a_hang(master, wor
     assert all(ev["s"] < 30 for ev in failed)
     assert all(r["failed"] for r in res.values())
     assert len({r["digest"] for r in res.values()}) == 1
+
+
+def test_auto_optimize_orders_the_ring_while_admitting(master_factory, workers) -> None:
+    master = master_factory(PCCL_AUTO_OPTIMIZE_TOPOLOGY="1")
+    world = 3
+    ws = [
+        workers.spawn(
+            "optimize.py",
+            master,
+            {
+                "idx": i,
+                "world": world,
+                "n": 100_000,
+                "min_gain": 0.1,
+                "reprobe": False,
+                "auto": True,
+            },
+        )
+        for i in range(world)
+    ]
+    res = workers.wait_exit(ws, timeout=100)
+    assert len({tuple(r["ring"]) for r in res.values()}) == 1
+    assert len({r["digest"] for r in res.values()}) == 1
+    # The update that admitted the third peer probed every pair first (3 links, 3 rounds).
+    assert "probing 3 links of 3 peers in 3 rounds" in master.log_tail()
+    assert all(r["probed"] >= 1 and r["links"] == world - 1 for r in res.values())
