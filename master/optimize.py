@@ -301,10 +301,12 @@ class Optimizer:
 
     def on_complete(self, pid: int, gbps: float) -> None:
         """A peer sent at ``gbps`` to its successor in a completed operation (ring feedback)."""
+        if not self.table.links:
+            return  # nothing measured: O(1) on the master's hot path
         rec = self.state.peers.get(pid)
         grp = self.state.groups.get(rec.group) if rec else None
-        if grp is None or pid not in grp.ring or len(grp.ring) < 2:
-            return
+        if grp is None or not 2 <= len(grp.ring) <= MAX_OPTIMIZE_PEERS or pid not in grp.ring:
+            return  # (the ring lookups below are O(group), bounded by MAX_OPTIMIZE_PEERS)
         i = grp.ring.index(pid)
         self.table.record_ring(pid, grp.ring[(i + 1) % len(grp.ring)], gbps * 8)
 
