@@ -485,7 +485,8 @@ class DiLoCo:
         self._tag = tag
         if tag + len(self._buckets) + 1 > 0xFFFF_FFFF:  # (+1: quorum mode's extra state)
             raise ValueError("tag + number of buckets exceeds 2**32 - 2")
-        self._sync_path = None if separate else SyncBoundary(self, pin)
+        # (the overlapped streaming path keeps one fragment of scratch instead)
+        self._sync_path = None if separate or overlap else SyncBoundary(self, pin)
         self._fragments = Fragments(self, frags, pin) if streaming else None
 
         self._hparam_names, hp = self._hyperparameters()

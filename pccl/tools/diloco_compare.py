@@ -11,8 +11,10 @@ number of inner steps (``--rounds * --sync-every``) on the same shards:
 * ``ddp-fp32``: fp32 data parallelism (the gradients of every shard averaged every step; computed
   in one process, bytes are what an fp32 ring all-reduce sends per peer);
 * ``sync-uint8``: DiLoCo, the whole model every H steps, uint8 + error feedback;
-* ``stream-{uint8,int4,int2}``: streaming DiLoCo, P = 4 fragments, overlap tau = 1, mix 0.5,
-  error feedback.
+* ``stream-{uint8,int4,int2}``: streaming DiLoCo, P = 4 fragments, overlap tau = 1, mix 0
+  (the fragment is replaced by the outer parameters when its exchange lands), error feedback;
+* ``stream-uint8-mix0.5``, ``stream-{uint8,int4}-tau0``: the mixing factor and the overlap on
+  their own.
 
 Reported per configuration: final held-out loss of the outer parameters, all-reduce bytes sent
 per peer (plus shared-state sync bytes), the peak all-reduce bytes of one boundary (what is in
@@ -37,10 +39,15 @@ from pccl.tools.proc import spawn_master, stop
 #: name -> worker parameters (``fragments``/``overlap``/``mix``/``quantization``)
 CONFIGS: dict[str, dict[str, Any]] = {
     "sync-uint8": {"quantization": "UINT8"},
-    "stream-uint8": {"quantization": "UINT8", "fragments": 4, "overlap": 1, "mix": 0.5},
-    "stream-int4": {"quantization": "INT4", "fragments": 4, "overlap": 1, "mix": 0.5},
-    "stream-int2": {"quantization": "INT2", "fragments": 4, "overlap": 1, "mix": 0.5},
+    "stream-uint8": {"quantization": "UINT8", "fragments": 4, "overlap": 1, "mix": 0.0},
+    "stream-int4": {"quantization": "INT4", "fragments": 4, "overlap": 1, "mix": 0.0},
+    "stream-int2": {"quantization": "INT2", "fragments": 4, "overlap": 1, "mix": 0.0},
+    # the mixing factor and the overlap on their own
+    "stream-uint8-mix0.5": {"quantization": "UINT8", "fragments": 4, "overlap": 1, "mix": 0.5},
+    "stream-uint8-tau0": {"quantization": "UINT8", "fragments": 4, "overlap": 0, "mix": 0.0},
+    "stream-int4-tau0": {"quantization": "INT4", "fragments": 4, "overlap": 0, "mix": 0.0},
 }
+DEFAULT = tuple(CONFIGS)
 
 
 _WORKER = [sys.executable, "-m", "pccl.tools.diloco_charlm", "--worker"]
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--rounds", type=int, default=30, help="outer rounds of H steps (default 30)")
     p.add_argument("--sync-every", type=int, default=8, help="H (a multiple of 4; default 8)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--configs", default=",".join(DEFAULT), help="comma-separated subset")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", help="directory for compare.json / .md / .png")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -4,6 +4,7 @@ Run it (torch installed)::
 
     python -m pccl.tools.diloco_memory --params 64Mi            # sync DiLoCo, uint8 + EF
     python -m pccl.tools.diloco_memory --params 64Mi --delayed  # one-step-delayed
+    python -m pccl.tools.diloco_memory --params 64Mi --fragments 4 --overlap 1  # streaming
     python -m pccl.tools.diloco_charlm --memory --params 64Mi   # the same, from the example
 
 It starts a real ``pccl master`` and ``--peers`` peer processes on loopback. Each builds a model
@@ -67,17 +68,21 @@ def run_worker(addr: str, p: dict[str, Any]) -> None:
     comm.connect(timeout=60)
     comm.wait_for_world(int(p["peers"]), timeout=120)
     before = _peak_rss()  # model, gradients and a connected communicator
+    parts, tau = int(p.get("fragments", 1)), int(p.get("overlap", 0))
+    period = tau + 1  # one (fragment) boundary every period inner steps
     diloco = DiLoCo(
         comm,
         model,
-        sync_every=1,
+        sync_every=parts * period,
+        fragments=parts,
+        overlap=tau,
         quantization=pccl.Quantization[p["quantization"]],
         delayed=bool(p["delayed"]),
         error_feedback=True,
     )
     constructed = _peak_rss()
     t0 = time.perf_counter()
-    for i in range(int(p["boundaries"])):
+    for i in range(int(p["boundaries"]) * period):
         with torch.no_grad():
             for prm in model.parameters():
                 prm.add_(1e-3 * (i + 1))
@@ -118,6 +123,8 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
             "boundaries": args.boundaries,
             "delayed": args.delayed,
             "quantization": args.quantization,
+            "fragments": args.fragments,
+            "overlap": args.overlap,
         }
         doc = json.dumps(params)
         for _ in range(args.peers):
@@ -135,6 +142,8 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
         stop(master, grace_s=2.0)
     return {
         "mode": "delayed" if args.delayed else "sync",
+        "fragments": args.fragments,
+        "overlap": args.overlap,
         "quantization": args.quantization,
         "error_feedback": True,
         "peers": peers,
@@ -151,6 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", type=int, default=2, help="peer processes (default 2)")
     p.add_argument("--boundaries", type=int, default=2, help="outer boundaries (default 2)")
     p.add_argument("--delayed", action="store_true", help="one-step-delayed DiLoCo")
+    p.add_argument("--fragments", type=int, default=1, help="streaming: fragments P")
+    p.add_argument("--overlap", type=int, default=0, help="streaming: overlap tau (H = P(tau+1))")
     p.add_argument("--quantization", default="UINT8", help="wire encoding (default UINT8)")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per peer report (s)")
     p.add_argument("--out", help="also write the JSON document here")
