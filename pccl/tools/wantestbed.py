@@ -156,10 +156,22 @@ def _worker(params: dict[str, Any]) -> None:
 
     try:
         cfg = pccl.Config.from_env()
-        comm = pccl.Communicator(params["master"], streams=params["streams"], config=cfg)
+        auto = params.get("auto", False)
+        if auto:
+            cfg = cfg.replace(auto_streams=True, max_streams=16)
+        comm = pccl.Communicator(
+            params["master"],
+            streams=params["streams"],
+            config=cfg,
+            p2p_port=params.get("p2p_port", 0),
+            advertise_port=params.get("advertise_port", 0),
+        )
         comm.connect(timeout=120)
         emit("admitted", peer_id=comm.peer_id)
         comm.wait_for_world(params["world"], timeout=120)
+        if auto:  # measure the link, then re-wire: the streams follow its BDP
+            comm.optimize_topology(timeout=120, reprobe=True)
+            comm.update_topology(timeout=120)
         x = np.full(params["n"], float(params["idx"] + 1), dtype=np.float32)
         out = np.empty_like(x)
         bar = np.zeros(1, dtype=np.float32)
@@ -189,6 +201,8 @@ def _worker(params: dict[str, Any]) -> None:
             res["after_times"], res["digest_after"] = timed()
             res["ring_after"] = ring()
         res["cpu_s"] = time.process_time() - c0
+        res["streams_open"] = len(comm.aio._node.tx)
+        res["link"] = {str(k): v for k, v in comm.aio._node.links.items()}
         emit("result", peer_id=comm.peer_id, idx=params["idx"], **res)
         comm.close()
     except Exception as e:
@@ -359,6 +373,130 @@ def _streams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _streams_live(args: argparse.Namespace) -> int:
+    """Streams vs delay on the testbed itself: 2 peers, one pair link of ``--rate`` (tbf), a
+    delay proxy (:mod:`pccl.tools.wanproxy`, ``--cap-mib`` in flight per connection) in front
+    of each peer's listener in its own namespace; fixed stream counts and ``auto``
+    (``Config.auto_streams``: the peers probe with ``optimize_topology()`` and re-wire)."""
+    ok, why = netns.available()
+    if not ok:
+        print(f"wantestbed: network namespaces unavailable: {why}", file=sys.stderr)
+        return 2
+    from pccl.tools.bench_allreduce import _machine
+    from pccl.tools.proc import master_banner, read_line
+
+    rates = {(0, 1): args.rate, (1, 0): args.rate}
+    n = int(args.mib * (1 << 20)) // 4
+    doc: dict[str, Any] = {
+        "config": {
+            "rate": args.rate,
+            "mib": args.mib,
+            "cap_mib": args.cap_mib,
+            "repeats": args.repeats,
+            "machine": _machine(),
+            "timing": "per operation: max over the 2 peers of the all-reduce's wall time after "
+            "a barrier; median over repeats",
+        },
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="pccl-testbed-") as tmpd:
+        tmp = Path(tmpd)
+        for d in args.delays:
+            runs: dict[str, Any] = {}
+            for streams in [*args.streams, "auto"]:
+                with Testbed(2, rates) as bed:
+                    procs: list[subprocess.Popen[bytes]] = []
+                    try:
+                        m = bed.popen(
+                            "m",
+                            [sys.executable, "-m", "pccl.cli", "master", "--host", bed.ip("m"),
+                             "--port", "0", "--log-level", "warning"],
+                            tmp / "master.log",
+                        )  # fmt: skip
+                        procs.append(m)
+                        addr = master_banner(m, bed.ip("m"), 30.0)[0]
+                        for i in range(2):
+                            ip = bed.ip(f"p{i}")
+                            px = bed.popen(
+                                f"p{i}",
+                                [sys.executable, "-m", "pccl.tools.wanproxy", "--listen",
+                                 f"{ip}:47001", "--upstream", f"{ip}:47000", "--delay-ms",
+                                 f"{d:g}", "--cap-mib", f"{args.cap_mib:g}"],
+                                tmp / f"proxy{i}.log",
+                            )  # fmt: skip
+                            procs.append(px)
+                            read_line(px, 30.0)  # its banner: listening
+                        workers = []
+                        for i in range(2):
+                            params = {
+                                "master": addr,
+                                "idx": i,
+                                "world": 2,
+                                "n": n,
+                                "repeats": args.repeats,
+                                "streams": 1 if streams == "auto" else streams,
+                                "auto": streams == "auto",
+                                "optimize": False,
+                                "min_gain": 0.1,
+                                "p2p_port": 47000,
+                                "advertise_port": 47001,
+                            }
+                            argv = [sys.executable, "-m", "pccl.tools.wantestbed", "--worker",
+                                    json.dumps(params)]  # fmt: skip
+                            w = bed.popen(f"p{i}", argv, tmp / f"w{i}.log")
+                            procs.append(w)
+                            workers.append(w)
+                        rows = []
+                        deadline = time.monotonic() + args.timeout
+                        for who, ev in _events(
+                            {str(k): w for k, w in enumerate(workers)}, deadline
+                        ):
+                            if ev.get("event") == "error":
+                                log = (tmp / f"w{who}.log").read_text()[-3000:]
+                                raise RuntimeError(f"worker {who}: {ev}\n{log}")
+                            if ev.get("event") == "result":
+                                rows.append(ev)
+                        times = [
+                            max(r["before_times"][k] for r in rows) for k in range(args.repeats)
+                        ]
+                        med = statistics.median(times)
+                        runs[str(streams)] = {
+                            "median_s": med,
+                            "gbit_s": args.mib * (1 << 20) * 8 / med / 1e9,
+                            "streams_open": [r["streams_open"] for r in rows],
+                            "links": [r["link"] for r in rows],
+                            "parity": len({r["digest_before"] for r in rows}) == 1,
+                            "times": times,
+                        }
+                        print(
+                            f"wantestbed: {d:g} ms, {streams}: {runs[str(streams)]}",
+                            file=sys.stderr,
+                        )
+                    finally:
+                        for p in procs:
+                            if p.poll() is None:
+                                p.kill()
+                            p.wait(10)
+            fixed = {k: v for k, v in runs.items() if k != "auto"}
+            best = min(fixed, key=lambda k: fixed[k]["median_s"])
+            runs["best_fixed"] = best
+            runs["auto_vs_best"] = runs["auto"]["median_s"] / fixed[best]["median_s"]
+            doc["runs"][f"{d:g}"] = runs
+    text = json.dumps(doc, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pccl.tools.wantestbed", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -376,18 +514,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", metavar="FILE")
     st = sub.add_parser("streams", help="throughput vs streams and delay on a shaped link")
     st.add_argument("--rate", default="1gbit")
-    st.add_argument(
-        "--delays", type=lambda x: [float(v) for v in x.split(",")], default=[25, 50, 100]
-    )
-    st.add_argument(
-        "--streams", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2, 4, 8, 16]
-    )
+    st.add_argument("--delays", type=_floats, default=[25.0, 50.0, 100.0], help="one-way, ms")
+    st.add_argument("--streams", type=_ints, default=[1, 2, 4, 8, 16])
     st.add_argument("--mib", type=float, default=32.0)
     st.add_argument("--cap-mib", type=float, default=4.0)
     st.add_argument("--repeats", type=int, default=5)
     st.add_argument("--timeout", type=float, default=900.0)
     st.add_argument("--json", metavar="FILE")
     st.add_argument("--plot", metavar="PNG")
+    sl = sub.add_parser("streams-live", help="streams vs delay on the testbed, auto included")
+    sl.add_argument("--rate", default="1gbit")
+    sl.add_argument("--delays", type=_floats, default=[25.0, 50.0, 100.0], help="one-way, ms")
+    sl.add_argument("--streams", type=_ints, default=[1, 2, 4, 8, 16])
+    sl.add_argument("--mib", type=float, default=32.0)
+    sl.add_argument("--cap-mib", type=float, default=4.0)
+    sl.add_argument("--repeats", type=int, default=5)
+    sl.add_argument("--timeout", type=float, default=300.0)
+    sl.add_argument("--json", metavar="FILE")
     return p
 
 
@@ -397,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(argv[1]))
         return 0
     args = build_parser().parse_args(argv)
+    if args.cmd == "streams-live":
+        return _streams_live(args)
     return _topology(args) if args.cmd == "topology" else _streams(args)
 
 
