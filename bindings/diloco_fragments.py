@@ -190,6 +190,9 @@ class Fragments:
                         tag=d._tag + 1 + k,
                     )
                 )
+        except CollectiveAborted as e:  # refused before any I/O: retried when it lands
+            d._wait_all(handles)
+            return [_Refused(e)]
         except BaseException:
             d._wait_all(handles)
             raise

@@ -1487,3 +1487,36 @@ def test_compare_tool_streaming_sends_a_quarter_per_boundary(tmp_path: Any) -> N
     assert stream["peak_boundary_tx_bytes"] <= 1.05 * sync["peak_boundary_tx_bytes"] / 4
     assert stream["tx_bytes_per_peer"] <= 1.01 * sync["tx_bytes_per_peer"]
     assert (tmp_path / "compare.md").exists()
+
+
+def test_overlapped_fragment_retry_resends_the_launch_pseudo_gradient() -> None:
+    """P = 2, tau = 1: fragment 0's all-reduce is aborted; when it lands the run re-forms, syncs
+    in RETRY and reduces again the pseudo-gradient built at launch (not the local parameters
+    that moved since): the outer state is the reference update of the launch-time pseudo-grad."""
+    model = _model()
+    comm = _FailAt(fail=1, world=2)  # launch 0: the count, launch 1: fragment 0's bucket
+    d = DiLoCo(
+        comm, model, sync_every=4, fragments=2, overlap=1, quantization=pccl.Quantization.NONE
+    )
+    (a0, b0), _ = _fragment_ranges(d)
+    theta0 = _flat(model)
+    _train(model, d, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.05)
+    launched = _flat(model)
+    assert d.step() is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.03)
+    info = d.step()
+    assert info is not None and info.applied and info.retries == 1 and info.fragment == 0
+    assert comm.syncs[1][0] == Phase.RETRY and comm.syncs[-1] == (Phase.IDLE, 2)
+    sent = [s for t, s in comm.launches if t != d._tag]
+    assert len(sent) == 2 and sent[0].tobytes() == sent[1].tobytes()  # the same bytes resent
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    g = theta0 - launched
+    nesterov_step(
+        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()
