@@ -121,3 +121,21 @@ def test_bench_allreduce_runs_on_the_testbed(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["config"]["testbed"] == "200mbit,20mbit,1" and doc["config"]["optimize"]
     assert doc["pccl"]["parity"] is True and doc["pccl"]["exact"] is True
+
+
+def test_auto_streams_follow_a_delayed_links_bdp_on_the_testbed(tmp_path: Path) -> None:
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    out = tmp_path / "live.json"
+    args = ["streams-live", "--delays", "25", "--streams", "1", "--mib", "4", "--repeats", "2"]
+    assert wantestbed.main([*args, "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["25"]
+    assert run["1"]["streams_open"] == [1, 1] and run["1"]["parity"]
+    # 1 Gbit/s x 50 ms RTT is ~6 MB in flight: more than one 4 MiB window, so auto opens more
+    # than one stream, sized from what the peers measured over the delayed path.
+    auto = run["auto"]
+    assert auto["parity"] and all(2 <= k <= 16 for k in auto["streams_open"])
+    for links in auto["links"]:
+        ((gbps, rtt_ms),) = links.values()
+        assert 40 < rtt_ms < 200 and gbps > 0.3
