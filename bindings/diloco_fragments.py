@@ -43,20 +43,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from pccl.bindings.diloco_common import (
+    _APPLIED,
+    _BOUNDARY,
+    INNER_POS,
+    NEXT_BUCKET,
+    OuterStepInfo,
+    Phase,
+    _BoundaryIO,
+    _local,
+    _Refused,
+    nesterov_step,
+)
 
 from pccl.errors import CollectiveAborted, TooFewPeers
 from pccl.types import ReduceOp
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pccl.bindings.diloco import DiLoCo, OuterStepInfo
+    from pccl.bindings.diloco import DiLoCo
 
 __all__ = ["INNER_POS", "Fragments", "split_fragments"]
 
 log = logging.getLogger("pccl.diloco")
-
-#: Index, in the control vector ``diloco/ctrl``, of the run's inner step within the fragment
-#: period at its last sync (a newcomer resumes the schedule there).
-INNER_POS = 5
 
 
 def split_fragments(sizes: list[int], parts: int, tolerance: float = 0.02) -> list[tuple[int, int]]:
@@ -116,8 +124,6 @@ class Fragments:
         return int(self._send.nbytes + self._recv.nbytes)
 
     def next_fragment(self) -> int:
-        from pccl.bindings.diloco import _BOUNDARY
-
         return int(self.d._ctrl[_BOUNDARY]) % self.parts
 
     # ------------------------------------------------------------------ schedule
@@ -136,9 +142,6 @@ class Fragments:
         return self._blocking(self.next_fragment())
 
     def _blocking(self, f: int) -> OuterStepInfo:
-        from pccl.bindings.diloco import Phase, _BoundaryIO
-        from pccl.bindings.diloco_sync import NEXT_BUCKET
-
         d = self.d
         t0 = time.perf_counter()
         d._io = _BoundaryIO()
@@ -169,8 +172,6 @@ class Fragments:
 
     def _start(self, f: int) -> list[Any]:
         """Start the count and the fragment's bucket all-reduces from the built send."""
-        from pccl.bindings.diloco import _Refused
-
         d = self.d
         base = self.ranges[f][0]
         try:
@@ -210,8 +211,6 @@ class Fragments:
 
     def _land(self) -> OuterStepInfo:
         """Wait for the fragment's exchange (retrying after departures), apply it, sync."""
-        from pccl.bindings.diloco import Phase, _BoundaryIO, nesterov_step
-
         d = self.d
         assert self.inflight is not None
         f, handles = self.inflight
@@ -262,9 +261,6 @@ class Fragments:
     # ------------------------------------------------------------------ boundary end, joining
 
     def _finish(self, f: int, applied: bool, inner_pos: int) -> None:
-        from pccl.bindings.diloco import _APPLIED, _BOUNDARY, Phase
-        from pccl.bindings.diloco_sync import NEXT_BUCKET
-
         d = self.d
         if applied:
             d.stats.applied += 1
@@ -280,8 +276,6 @@ class Fragments:
 
     def _merge(self, a: int, b: int) -> None:
         """``local = mix * local + (1 - mix) * outer`` over the elements ``[a, b)``."""
-        from pccl.bindings.diloco import _local
-
         d = self.d
         with torch.no_grad():
             for _, p, off, n, _ in d._params:
@@ -297,8 +291,6 @@ class Fragments:
 
     def join(self, phase: Any) -> None:
         """A newcomer after its first sync: join a retry, then take the run's inner step."""
-        from pccl.bindings.diloco import Phase
-
         d = self.d
         if phase is Phase.RETRY:
             d._take_weight()  # zeros, weight 0: we have not trained this round

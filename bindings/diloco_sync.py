@@ -30,19 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from pccl.bindings.diloco_common import NEXT_BUCKET, Phase, nesterov_step
 
 from pccl.errors import CollectiveAborted, TooFewPeers
 from pccl.types import ReduceOp
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pccl.bindings.diloco import DiLoCo, Phase
+    from pccl.bindings.diloco import DiLoCo
 
 __all__ = ["NEXT_BUCKET", "SyncBoundary"]
 
 log = logging.getLogger("pccl.diloco")
-
-#: Index, in the control vector ``diloco/ctrl``, of the first bucket not applied yet.
-NEXT_BUCKET = 4
 
 
 class SyncBoundary:
@@ -148,8 +146,6 @@ class SyncBoundary:
 
     def _apply(self, a: int, b: int, send: np.ndarray, recv: np.ndarray) -> None:
         """Average ``recv`` (the bucket's SUM), outer step on ``[a, b)``, store the residual."""
-        from pccl.bindings.diloco import nesterov_step
-
         d = self.d
         weight = int(d._count_out[0])
         if weight > 1:
