@@ -17,21 +17,33 @@ What it costs: probing sends at most ``max_bytes`` per directed pair and lasts a
 ``probe_time_s`` per round; ``n - 1`` rounds for ``n`` peers (``n`` when odd), only for pairs
 not cached. Re-wiring is one epoch set-up: every peer closes its streams to the old successor
 and dials the new one (one connect and hello per stream, a few RTTs), during which collectives
-are refused. The solve itself runs on the master's loop (exact up to 9 peers: <= 20,160 orders;
-heuristic above, bounded by a move budget); groups above ``MAX_OPTIMIZE_PEERS`` are refused.
+are refused. The solve is exact up to 9 peers (<= 20,160 orders, ~0.06 s) and runs on the
+master's loop; above, the heuristic (bounded by a move budget: ~0.5 s at 32 peers, ~1 s at 256)
+runs in a worker thread (phase ``SOLVING``) so the loop keeps serving every other group; a
+departure meanwhile abandons the round and its result is dropped. Groups above
+``MAX_OPTIMIZE_PEERS`` are refused.
 
 Runs on the master's event-loop thread; owned by :class:`pccl.master.state.MasterState`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pccl.master.topology import LinkTable, RingPlan, evaluate, probe_rounds, solve_ring
+from pccl.master.topology import (
+    EXACT_MAX,
+    LinkTable,
+    RingPlan,
+    evaluate,
+    probe_rounds,
+    solve_ring,
+)
 
 from pccl import messages as m
 
@@ -51,6 +63,7 @@ class OptPhase(enum.Enum):
 
     VOTING = "voting"  #: accepted peers are voting optimize_topology()
     PROBING = "probing"  #: plans sent; waiting for the members' reports
+    SOLVING = "solving"  #: the heuristic runs in a worker thread (groups above EXACT_MAX)
 
 
 @dataclass
@@ -88,9 +101,9 @@ class Optimizer:
         return self.state.config
 
     def busy(self, gid: int) -> bool:
-        """Whether ``gid`` is probing (its epoch waits for the reports)."""
+        """Whether ``gid`` is probing or solving (its epoch waits for the decision)."""
         rnd = self.rounds.get(gid)
-        return rnd is not None and rnd.phase is OptPhase.PROBING
+        return rnd is not None and rnd.phase in (OptPhase.PROBING, OptPhase.SOLVING)
 
     # ------------------------------------------------------------------ votes
 
@@ -221,12 +234,41 @@ class Optimizer:
         return solve_ring(members, g, r)
 
     def _decide(self, gid: int, rnd: OptRound) -> None:
+        """Solve the round's ring: at once for small groups (or without a running loop, as in
+        the pure state-machine tests), else in a worker thread (see the module docstring)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or len(rnd.members) <= EXACT_MAX:
+            t0 = time.process_time()
+            plan = self._solve(rnd.members)
+            self._apply(gid, rnd, plan, time.process_time() - t0)
+            return
+        rnd.phase = OptPhase.SOLVING
+        g, r = self.table.weights(rnd.members)  # fresh maps: the thread shares nothing
+        t0 = time.monotonic()
+        fut = loop.run_in_executor(None, functools.partial(solve_ring, rnd.members, g, r))
+
+        def solved(f: asyncio.Future[RingPlan]) -> None:
+            if f.cancelled():
+                return
+            err = f.exception()
+            if self.rounds.get(gid) is not rnd or rnd.phase is not OptPhase.SOLVING:
+                return  # abandoned meanwhile (a departure): nobody waits for this order
+            if err is not None:
+                self._abort(gid, f"the ring solver failed: {err!r}")
+                return
+            self._apply(gid, rnd, f.result(), time.monotonic() - t0)
+
+        fut.add_done_callback(solved)
+
+    def _apply(self, gid: int, rnd: OptRound, plan: RingPlan, solve_s: float) -> None:
         s = self.state
-        grp = s.groups[gid]
-        del self.rounds[gid]
-        t0 = time.process_time()
-        plan = self._solve(rnd.members)
-        solve_s = time.process_time() - t0
+        grp = s.groups.get(gid)
+        self.rounds.pop(gid, None)
+        if grp is None:
+            return
         g, r = self.table.weights(rnd.members)
         current = [q for q in grp.ring if q in set(rnd.members)]
         now_low, _ = evaluate(current, g, r) if len(current) == len(rnd.members) else (0, 0)

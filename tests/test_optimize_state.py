@@ -196,3 +196,43 @@ def test_auto_optimize_probes_newcomers_before_their_epoch_incrementally() -> No
     assert probed == {frozenset((q, e)) for q in everyone}
     (_, topo), *_ = h.take(m.Topology)
     assert sorted(ring_ids(topo)) == [*everyone, e]  # type: ignore[arg-type]
+
+
+def test_a_large_group_is_solved_off_the_loop_and_a_departure_drops_the_result() -> None:
+    """Above EXACT_MAX peers the heuristic runs in a worker thread (phase SOLVING) while the
+    loop keeps running; the group stays busy until the decision, which then re-wires it. A
+    departure while solving fails the round retryably and its late result changes nothing."""
+    import asyncio
+
+    from pccl.master.optimize import OptPhase
+    from pccl.master.topology import EXACT_MAX
+
+    async def scenario() -> None:
+        for leave in (False, True):
+            h = Harness()
+            pids = h.admit(EXACT_MAX + 3)
+            slow = {frozenset((p, q)) for p, q in itertools.pairwise(pids)}
+            optimize(h, pids)
+            answer_plans(h, rates(slow, pids))
+            rnd = h.state.optimizer.rounds[0]
+            assert rnd.phase is OptPhase.SOLVING and h.state.optimizer.busy(0)
+            assert not h.take(m.Topology)  # nothing decided on the loop's step
+            if leave:
+                h.drop(pids[-1], "gone")
+                failed = h.take(m.TopologyDone)
+                assert failed and all(not x.ok for _, x in failed)  # type: ignore[attr-defined]
+            ticks = 0
+            for _ in range(2000):  # the loop runs while the thread solves
+                await asyncio.sleep(0.005)
+                ticks += 1
+                if 0 not in h.state.optimizer.rounds:
+                    break
+            await asyncio.sleep(0.05)
+            topo = h.take(m.Topology)
+            if leave:
+                assert not topo and 0 not in h.state.optimizer.rounds
+            else:
+                assert topo and h.state.optimizer.last[0]["decision"] == "rewired"
+                assert ticks >= 1
+
+    asyncio.run(scenario())
