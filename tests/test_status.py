@@ -116,6 +116,10 @@ class StatusMaster:
     def log_text(self) -> str:
         return self.log.read_text("utf-8", "replace")
 
+    def log_tail(self, limit: int = 4000) -> str:
+        """The end of the master's log (``Workers.report`` prints it on a failure)."""
+        return self.log_text()[-limit:]
+
 
 @pytest.fixture
 def status_master(tmp_path: Path) -> Iterator[StatusMaster]:
