@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -133,6 +134,13 @@ class Worker:
         return _tail(self.stderr)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started as a background
+    job of a non-interactive shell (``make test &``, nohup) inherits SIGINT ignored, and a
+    worker that ignores it cannot show how a peer reacts to Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Workers:
     """Spawns worker scripts and waits for their events; see the module docstring."""
 
@@ -167,6 +175,7 @@ class Workers:
                 stderr=err,
                 env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=_default_sigint,
             )
         w = Worker(name, proc, log)
         self.all.append(w)
