@@ -27,10 +27,9 @@ the next value after one it has seen. Runs on the master's event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from pccl.master.store import StoreError
+from pccl.master.store import StoreError, write_atomic
 
 from pccl import messages as m
 from pccl.config import MAX_KV_KEY, MAX_KV_VALUE
@@ -174,17 +173,7 @@ class KvStore:
 
     def _write(self, data: bytes) -> None:
         assert self.path is not None
-        fd, tmp = tempfile.mkstemp(prefix=".pccl-kv-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, data)
 
     def _changed(self, replies: list[tuple[int, m.KvReply]]) -> None:
         """A change was made: send ``replies`` (the changer's acknowledgement first, then the
@@ -362,9 +351,9 @@ class KvStore:
         """The ``kv`` section of ``/status`` (keys, sizes, versions; values only as a short
         UTF-8 preview)."""
         keys = []
-        for (gid, key), e in sorted(self.entries.items(), key=lambda kv: (kv[0][0], kv[0][1]))[
-            :limit
-        ]:
+        # The first ``limit`` keys in order without sorting the whole store (up to ~130,000
+        # small entries fit in the default bound).
+        for (gid, key), e in heapq.nsmallest(limit, self.entries.items(), key=lambda kv: kv[0]):
             keys.append(
                 {
                     "scope": "run" if gid < 0 else "group",

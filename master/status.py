@@ -603,8 +603,13 @@ class StatusServer:
         if pending is None:
             pending = asyncio.ensure_future(self._render_now(path, now))
             self._rendering[path] = pending
-            pending.add_done_callback(lambda _f: self._rendering.pop(path, None))
+            pending.add_done_callback(lambda f: self._render_done(path, f))
         return await asyncio.shield(pending)
+
+    def _render_done(self, path: str, fut: asyncio.Future[bytes]) -> None:
+        self._rendering.pop(path, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: every client that waited got it; none may be left
 
     async def _render_now(self, path: str, now: float) -> bytes:
         cpu0 = time.thread_time()

@@ -16,6 +16,7 @@ change, never per message).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger("pccl.master")
 
-__all__ = ["ID_BLOCK", "RunRecord", "RunStore", "StoreError"]
+__all__ = ["ID_BLOCK", "RunRecord", "RunStore", "StoreError", "write_atomic"]
 
 #: Peer ids reserved per write of the store.
 ID_BLOCK = 256
@@ -98,17 +99,24 @@ class RunStore:
             "members": sorted(rec.members),
             "epoch": rec.epoch,
         }
-        data = json.dumps(doc, separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".pccl-master-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old file or the new one, never a
+    mix: write a temporary file beside it, fsync, rename over it.
+
+    Raises:
+        OSError: the directory is not writable (nothing is left behind).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

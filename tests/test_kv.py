@@ -341,22 +341,19 @@ def test_kv_store_file_is_checked_at_start(tmp_path: Path) -> None:
     import sys
 
     state = tmp_path / "s.json"
-    Path(f"{state}.kv").write_bytes(msgpack.packb({"format": 1, "version": 1, "entries": [[1]]}))
-    r = subprocess.run(
-        [sys.executable, "-m", "pccl.master", "--port", "0", "--state-file", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert r.returncode == 2 and "key-value store" in r.stderr, r.stderr
-    Path(f"{state}.kv").write_bytes(struct.pack("<I", 7) * 3)
-    r = subprocess.run(
-        [sys.executable, "-m", "pccl.master", "--port", "0", "--state-file", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert r.returncode == 2 and "not valid" in r.stderr, r.stderr
+    for corrupt in (
+        msgpack.packb({"format": 1, "version": 1, "entries": [[1]]}),  # an entry cut short
+        struct.pack("<I", 7) * 3,  # not msgpack of a store at all
+    ):
+        Path(f"{state}.kv").write_bytes(corrupt)
+        r = subprocess.run(
+            [sys.executable, "-m", "pccl.master", "--port", "0", "--state-file", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 2, r.stderr
+        assert "key-value store" in r.stderr and "not valid" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- the store alone

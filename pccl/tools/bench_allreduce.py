@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from pccl import progress
 from pccl._doc import plain
+from pccl.tools import machine
 from pccl.tools.proc import PREEXEC as _PREEXEC
 
 if TYPE_CHECKING:
@@ -249,46 +250,6 @@ def _ratios(
     }
 
 
-def _machine() -> dict[str, Any]:
-    """What the figures depend on: CPU model, caches, cores, kernel, Python, SIMD level."""
-    import platform
-
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    caches: dict[str, str] = {}
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for idx in sorted(base.glob("index*")) if base.exists() else ():
-        with contextlib.suppress(OSError):
-            level = (idx / "level").read_text().strip()
-            kind = (idx / "type").read_text().strip()
-            tag = f"L{level}" + ("d" if kind == "Data" else "i" if kind == "Instruction" else "")
-            caches[tag] = (idx / "size").read_text().strip()
-    import pccl
-
-    return {
-        "cpu_model": model or platform.processor(),
-        "caches": caches,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "backend": pccl.BACKEND,
-        "simd": _simd() if pccl.BACKEND == "native" else None,
-    }
-
-
-def _simd() -> str | None:
-    """Instruction set the native kernels dispatched to (None for the numpy backend)."""
-    try:
-        from pccl import _native
-    except ImportError:
-        return None
-    return getattr(_native, "SIMD", None)
-
-
 def _have(module: str) -> bool:
     import importlib.util
 
@@ -350,10 +311,10 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
             "127.0.0.1", args.streams, _peer_config(cfg, args.wan_delay_ms is not None)
         ),
         "backend": pccl.BACKEND,
-        "simd": _simd() if pccl.BACKEND == "native" else None,
+        "simd": machine.simd() if pccl.BACKEND == "native" else None,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
-        "machine": _machine(),
+        "machine": machine.describe(),
         "timing": "per iteration: max over peers of the op's wall time after a barrier; "
         "reported: median over iterations",
     }
@@ -708,93 +669,66 @@ def _run_pccl(
     return out
 
 
-def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet, pbar: Any = None) -> dict[str, Any]:
+def _run_ranks(
+    args: argparse.Namespace,
+    fleet: _Fleet,
+    label: str,
+    params: list[dict[str, Any]],
+    nbytes: int,
+    pbar: Any,
+    env: dict[str, str] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one reference worker (``--<label>-worker``) per entry of ``params``; return their
+    result events and the summary (per iteration the slowest rank, median over iterations)."""
     deadline = time.monotonic() + args.timeout
-    port = _free_port()
-    names = [f"gloo{i}" for i in range(args.peers)]
-    for i, name in enumerate(names):
-        params = {
-            "init": f"tcp://127.0.0.1:{port}",
-            "rank": i,
-            "world": args.peers,
-            "n": n,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "timeout": args.timeout,
-        }
-        fleet.spawn(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "pccl.tools.bench_allreduce",
-                "--gloo-worker",
-                json.dumps(params),
-            ],
-            env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
-        )
+    names = [f"{label}{i}" for i in range(len(params))]
+    for name, p in zip(names, params, strict=True):
+        argv = [sys.executable, "-m", "pccl.tools.bench_allreduce", f"--{label}-worker"]
+        fleet.spawn(name, [*argv, json.dumps(p)], env=env)
     total = args.warmup + args.repeats
-    nbytes = n * 4
-    res = _collect(fleet, names, total, "gloo", nbytes, args.peers, args.warmup, deadline, pbar)
+    res = _collect(fleet, names, total, label, nbytes, args.peers, args.warmup, deadline, pbar)
     fleet.wait_exit(names, deadline + 30)
     rows = [res[name] for name in names]
     times = [max(r["times"][i] for r in rows) for i in range(args.warmup, total)]
-    hashes = [r["hashes"] for r in rows]
     out = _summary(times, nbytes, args.peers)
+    out["cpu_s_per_op"] = [r["cpu_s_per_op"] for r in rows]
+    return rows, out
+
+
+def _log_half(label: str, out: dict[str, Any]) -> None:
+    _log(
+        f"{label}: median {out['seconds']:.4f} s (min {out['min_s']:.4f}, "
+        f"max {out['max_s']:.4f}), busbw {out['busbw_gbps']:.3f} GB/s"
+    )
+
+
+def _run_gloo(args: argparse.Namespace, n: int, fleet: _Fleet, pbar: Any = None) -> dict[str, Any]:
+    port = _free_port()
+    common = {"init": f"tcp://127.0.0.1:{port}", "world": args.peers, "n": n}
+    common.update(warmup=args.warmup, repeats=args.repeats, timeout=args.timeout)
+    params = [{**common, "rank": i} for i in range(args.peers)]
+    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    rows, out = _run_ranks(args, fleet, "gloo", params, n * 4, pbar, env)
+    hashes = [r["hashes"] for r in rows]
     out.update(
         parity=all(h == hashes[0] for h in hashes),
         exact=all(r["exact"] for r in rows),
         rank0_seconds=statistics.median(rows[0]["times"][args.warmup :]),
-        cpu_s_per_op=[r["cpu_s_per_op"] for r in rows],
     )
-    _log(
-        f"gloo: median {out['seconds']:.4f} s (min {out['min_s']:.4f}, max {out['max_s']:.4f}), "
-        f"busbw {out['busbw_gbps']:.3f} GB/s"
-    )
+    _log_half("gloo", out)
     return out
 
 
 def _run_floor(
     args: argparse.Namespace, nbytes: int, fleet: _Fleet, pbar: Any = None
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + args.timeout
     ports = [_free_port() for _ in range(args.peers)]
-    names = [f"floor{i}" for i in range(args.peers)]
-    for i, name in enumerate(names):
-        params = {
-            "rank": i,
-            "world": args.peers,
-            "nbytes": nbytes,
-            "ports": ports,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "timeout": args.timeout,
-        }
-        fleet.spawn(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "pccl.tools.bench_allreduce",
-                "--floor-worker",
-                json.dumps(params),
-            ],
-        )
-    total = args.warmup + args.repeats
-    res = _collect(fleet, names, total, "floor", nbytes, args.peers, args.warmup, deadline, pbar)
-    fleet.wait_exit(names, deadline + 30)
-    rows = [res[name] for name in names]
-    times = [max(r["times"][i] for r in rows) for i in range(args.warmup, total)]
-    out = _summary(times, nbytes, args.peers)
-    out.update(
-        bytes_per_peer=rows[0]["bytes_per_op"],
-        slice_bytes=FLOOR_SLICE,
-        cpu_s_per_op=[r["cpu_s_per_op"] for r in rows],
-    )
-    _log(
-        f"floor: median {out['seconds']:.4f} s (min {out['min_s']:.4f}, max {out['max_s']:.4f}), "
-        f"busbw {out['busbw_gbps']:.3f} GB/s"
-    )
+    common = {"world": args.peers, "nbytes": nbytes, "ports": ports}
+    common.update(warmup=args.warmup, repeats=args.repeats, timeout=args.timeout)
+    params = [{**common, "rank": i} for i in range(args.peers)]
+    rows, out = _run_ranks(args, fleet, "floor", params, nbytes, pbar)
+    out.update(bytes_per_peer=rows[0]["bytes_per_op"], slice_bytes=FLOOR_SLICE)
+    _log_half("floor", out)
     return out
 
 

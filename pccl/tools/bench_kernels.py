@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from pccl import _reference, kernels
-from pccl.tools.bench_allreduce import _machine
+from pccl.tools.machine import describe as _machine
 from pccl.types import DType, ReduceOp
 
 __all__ = ["run"]

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pccl._doc import plain
+from pccl.tools import machine
 from pccl.tools.proc import PREEXEC
 
 __all__ = ["add_arguments", "main", "run"]
@@ -274,28 +275,13 @@ def _spawn_master(
 
 
 def _machine() -> dict[str, Any]:
-    import platform
-
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     try:
         import uvloop  # noqa: F401
 
         loop = "uvloop"
     except ImportError:  # pragma: no cover
         loop = "asyncio"
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "event_loop": loop,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
+    return {**machine.describe(), "event_loop": loop}
 
 
 def run(params: BenchParams) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from pccl import progress
 from pccl.tools import bench_allreduce as ar
+from pccl.tools import machine
 
 __all__ = ["add_arguments", "run_matrix"]
 
@@ -153,7 +154,7 @@ def run_matrix(
                 refs[key] = {"gloo": doc["gloo"], "floor": doc["floor"]}
             doc["row"] = {"mib": mib, "peers": peers, "kind": kind, "in_place": in_place}
             out.append(doc)
-    return {"benchmark": "matrix", "machine": ar._machine(), "rows": out}
+    return {"benchmark": "matrix", "machine": machine.describe(), "rows": out}
 
 
 def _cpu(half: dict[str, Any] | None) -> float | None:

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", help="directory for compare.json / .md / .png")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from pccl.tools.bench_allreduce import _machine
+    from pccl.tools.machine import describe as _machine
 
     rows = [run_ddp(args)]
     for name in args.configs.split(","):

@@ -111,7 +111,7 @@ def run_worker(addr: str, p: dict[str, Any]) -> None:
 
 def launch(args: argparse.Namespace) -> dict[str, Any]:
     """Start the master and the peers, collect their reports."""
-    from pccl.tools.bench_allreduce import _machine
+    from pccl.tools.machine import describe as _machine
 
     master, addr = spawn_master()
     procs: list[subprocess.Popen[str]] = []

@@ -28,7 +28,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import secrets
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from typing import Any
 
 from pccl.frame import MsgType
 from pccl.master.daemon import raise_fd_limit
+from pccl.tools import machine
 from pccl.tools.proc import PREEXEC as _PREEXEC
 from pccl.tools.stranger import KINDS, Attacker, Target
 
@@ -539,7 +539,7 @@ def _verdict(d: Driver) -> dict[str, Any]:
         "ok": not failures,
         "failures": failures,
         "notes": d.notes,
-        "machine": _machine(),
+        "machine": machine.describe(),
         "config": {
             **asdict(d.o),
             **{"peers": PEERS, "streams": STREAMS, "warmup_s": WARMUP_S},
@@ -574,25 +574,6 @@ def _rss_mib(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import pccl
-
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "backend": pccl.BACKEND,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # =============================================================================== peer

@@ -215,7 +215,7 @@ def _topology(args: argparse.Namespace) -> int:
     if not ok:
         print(f"wantestbed: network namespaces unavailable: {why}", file=sys.stderr)
         return 2
-    from pccl.tools.bench_allreduce import _machine
+    from pccl.tools.machine import describe as _machine
 
     rates = planted_rates(args.peers, args.fast, args.slow, args.seed, args.fast_share)
     best, worst = brute_force(args.peers, rates)
@@ -382,7 +382,7 @@ def _streams_live(args: argparse.Namespace) -> int:
     if not ok:
         print(f"wantestbed: network namespaces unavailable: {why}", file=sys.stderr)
         return 2
-    from pccl.tools.bench_allreduce import _machine
+    from pccl.tools.machine import describe as _machine
     from pccl.tools.proc import master_banner, read_line
 
     rates = {(0, 1): args.rate, (1, 0): args.rate}
