@@ -106,6 +106,25 @@ class DiLoCoStats:
     sync_rx_bytes: int = 0
 
 
+def apply_outer(d: Any, a: int, b: int, send: np.ndarray, recv: np.ndarray, weight: int) -> None:
+    """One span ``[a, b)`` of an outer step, shared by sync and streaming DiLoCo: average
+    ``recv`` (the SUM over ``weight`` contributions) in place, store the error-feedback
+    residual of what this peer sent, and take the Nesterov step on ``d``'s outer state."""
+    if weight > 1:
+        np.divide(recv, np.float32(weight), out=recv)
+    if d._weight and d._residual is not None:
+        d._store_residual(send, a)
+    nesterov_step(
+        d._theta[a:b],
+        recv,
+        None if d._mom is None else d._mom[a:b],
+        d.outer_lr,
+        d.outer_momentum,
+        d.nesterov,
+        d._scratch,
+    )
+
+
 def nesterov_step(
     theta: np.ndarray,
     grad: np.ndarray,

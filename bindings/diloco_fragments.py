@@ -53,7 +53,7 @@ from pccl.bindings.diloco_common import (
     _BoundaryIO,
     _local,
     _Refused,
-    nesterov_step,
+    apply_outer,
 )
 
 from pccl.errors import CollectiveAborted, TooFewPeers
@@ -241,20 +241,8 @@ class Fragments:
             lo, hi = self.buckets[f]
             for k in range(lo, hi):
                 a, b = d._buckets[k]
-                recv = self._recv[a - base : b - base]
-                if weight > 1:
-                    np.divide(recv, np.float32(weight), out=recv)
-                if d._weight and d._residual is not None:
-                    d._store_residual(self._send[a - base : b - base], a)
-                nesterov_step(
-                    d._theta[a:b],
-                    recv,
-                    None if d._mom is None else d._mom[a:b],
-                    d.outer_lr,
-                    d.outer_momentum,
-                    d.nesterov,
-                    d._scratch,
-                )
+                send = self._send[a - base : b - base]
+                apply_outer(d, a, b, send, self._recv[a - base : b - base], weight)
         self._finish(f, applied, inner_pos=self.tau)
         return d._info(applied, time.perf_counter() - t0, fragment=f)
 

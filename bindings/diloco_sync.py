@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pccl.bindings.diloco_common import NEXT_BUCKET, Phase, nesterov_step
+from pccl.bindings.diloco_common import NEXT_BUCKET, Phase, apply_outer
 
 from pccl.errors import CollectiveAborted, TooFewPeers
 from pccl.types import ReduceOp
@@ -146,18 +146,4 @@ class SyncBoundary:
 
     def _apply(self, a: int, b: int, send: np.ndarray, recv: np.ndarray) -> None:
         """Average ``recv`` (the bucket's SUM), outer step on ``[a, b)``, store the residual."""
-        d = self.d
-        weight = int(d._count_out[0])
-        if weight > 1:
-            np.divide(recv, np.float32(weight), out=recv)
-        if d._weight and d._residual is not None:
-            d._store_residual(send, a)
-        nesterov_step(
-            d._theta[a:b],
-            recv,
-            None if d._mom is None else d._mom[a:b],
-            d.outer_lr,
-            d.outer_momentum,
-            d.nesterov,
-            d._scratch,
-        )
+        apply_outer(self.d, a, b, send, recv, int(self.d._count_out[0]))
