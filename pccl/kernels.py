@@ -364,15 +364,7 @@ def ring_hop_u8(
     _check_dequant(q, meta, "acc", acc, b)
     n = q.shape[0]
     _check_quant_out("q", n, q_out, meta_out, b)
-    named = [("q", q), ("meta", meta), ("acc", acc), ("q_out", q_out), ("meta_out", meta_out)]
-    if base is not None:
-        _same_length("base", _array("base", base, _F32), "q", n)
-        named.append(("base", base))
-    for i, (na, a) in enumerate(named):
-        for nb_, b_ in named[i + 1 :]:
-            if na in ("q", "meta") and nb_ in ("q", "meta", "base"):
-                continue  # inputs may share memory with each other
-            _disjoint(na, a, nb_, b_)
+    _check_hop_memory(q, meta, base, acc, q_out, meta_out, "q", n)
     if _native is not None:
         _native.ring_hop_u8(q, meta, base, acc, q_out, meta_out, b, HOP_KEEP[keep])
     else:
@@ -563,19 +555,34 @@ def ring_hop_packed(
     nbits, b = _packed_dequant_args(q, meta, "acc", acc, bits, block)
     n = acc.shape[0]
     _check_packed("n", n, "q_out", q_out, "meta_out", meta_out, nbits, b, out=True)
+    _check_hop_memory(q, meta, base, acc, q_out, meta_out, "acc", n)
+    if _native is not None:
+        _native.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
+    else:
+        _reference.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
+
+
+def _check_hop_memory(
+    q: np.ndarray,
+    meta: np.ndarray,
+    base: np.ndarray | None,
+    acc: np.ndarray,
+    q_out: np.ndarray,
+    meta_out: np.ndarray,
+    length_of: str,
+    n: int,
+) -> None:
+    """A fused hop's ``base`` (if any) has ``n`` elements like ``length_of``, and no two of its
+    arrays overlap, except the inputs ``q``, ``meta`` and ``base`` among themselves."""
     named = [("q", q), ("meta", meta), ("acc", acc), ("q_out", q_out), ("meta_out", meta_out)]
     if base is not None:
-        _same_length("base", _array("base", base, _F32), "acc", n)
+        _same_length("base", _array("base", base, _F32), length_of, n)
         named.append(("base", base))
     for i, (na, a) in enumerate(named):
         for nb_, b_ in named[i + 1 :]:
             if na in ("q", "meta") and nb_ in ("q", "meta", "base"):
                 continue  # inputs may share memory with each other
             _disjoint(na, a, nb_, b_)
-    if _native is not None:
-        _native.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
-    else:
-        _reference.ring_hop_packed(q, meta, base, acc, q_out, meta_out, nbits, b, HOP_KEEP[keep])
 
 
 def _add16(
