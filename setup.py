@@ -1,4 +1,4 @@
-"""Builds the ``pccl._native`` C extension; all metadata lives in pyproject.toml."""
+"""Builds the ``pccl._native`` and ``pccl._shm`` C extensions; all metadata lives in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -17,4 +17,14 @@ native = Extension(
     py_limited_api=True,
 )
 
-setup(ext_modules=[native], options={"bdist_wheel": {"py_limited_api": "cp311"}})
+# Futex signalling of same-host shared-memory links (pccl.peer.shm_link): separate from the
+# kernels so either builds and loads without the other.
+shm = Extension(
+    "pccl._shm",
+    sources=["native/shm.c"],
+    extra_compile_args=["-O2", "-std=gnu11"],
+    define_macros=[("Py_LIMITED_API", "0x030B0000")],
+    py_limited_api=True,
+)
+
+setup(ext_modules=[native, shm], options={"bdist_wheel": {"py_limited_api": "cp311"}})

@@ -68,6 +68,10 @@ class Config:
             (tests and WAN emulation through a local proxy use that).
         send_threads: each plain-TCP send stream writes from its own thread (GIL released in
             the copy), beside the event loop that receives and reduces. False: the loop writes.
+        shm_link_bytes: ring capacity of the shared-memory segment offered to a ring successor
+            on this host (:mod:`pccl.peer.shm_link`): payloads then skip the kernel's TCP path
+            and headers stay on the stream (at least twice ``chunk_bytes`` is used). 0 = plain
+            TCP. Needs ``send_threads``, Linux and /dev/shm, and is never used with TLS.
         reconnect_timeout_s: how long a peer keeps reconnecting to a lost master (restart)
             before giving up with ``ConnectionLost``.
         restart_grace_s: a restarted master waits this long for its previous peers to
@@ -111,6 +115,7 @@ class Config:
     local_socket_buffer_bytes: int = 256 << 10
     local_streams: int = 1
     send_threads: bool = True
+    shm_link_bytes: int = 16 << 20
     reconnect_timeout_s: float = 60.0
     restart_grace_s: float = 3.0
     start_timeout_s: float = 60.0
@@ -156,6 +161,8 @@ class Config:
             raise ValueError("max_streams must be within [1, 64]")
         if not (0 <= self.local_streams <= 64):
             raise ValueError("local_streams must be within [0, 64]")
+        if self.shm_link_bytes and not ((1 << 20) <= self.shm_link_bytes <= (1 << 30)):
+            raise ValueError("shm_link_bytes must be 0 or within [1 MiB, 1 GiB]")
 
     @classmethod
     def from_env(cls, **overrides: float | bool) -> Config:

@@ -789,12 +789,18 @@ class P2PHello(Message):
     epoch: int = spec(u(U63))
     stream: int = spec(u(U16))
     auth: bytes = spec(y(64), default=b"")
+    #: offered same-host shared-memory segment (pccl.peer.shm_link): its name under /dev/shm
+    #: and ring capacity; empty / 0 when the dialler offers none. Covered by ``auth``.
+    shm: str = spec(s(64), default="")
+    shm_bytes: int = spec(u(U63), default=0)
 
 
 @message(MsgType.P2P_HELLO_ACK)
 class P2PHelloAck(Message):
     ok: bool = spec(B)
     reason: str = spec(s(512), default="")
+    #: the acceptor mapped the offered segment: payloads of this stream go through it
+    shm: bool = spec(B, default=False)
 
 
 @message(MsgType.P2P_STATE_HELLO)

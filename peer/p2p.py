@@ -32,7 +32,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from pccl.peer import shm_link
 from pccl.peer.rx_stream import RxState, RxStream
+from pccl.peer.shm_link import ShmWriter
 from pccl.peer.state_sync import StateServer
 from pccl.peer.tuning import Window, auto_streams, check_window, stream_window, tune_wan_socket
 
@@ -147,6 +149,8 @@ class TxStream(asyncio.Protocol):
         self.queue: collections.deque[tuple[bytes, memoryview]] = collections.deque()
         self.paused = False
         self.sender: _Sender | None = None
+        self.offer: ShmWriter | None = None  # segment named in our hello, until the ack
+        self.shm: ShmWriter | None = None  # accepted: payloads go through it
         self.window: Window | None = None  # read back after tuning (links to other hosts)
         self._handlers: dict[MsgType, Callable[[m.Message], None]] = {
             MsgType.P2P_CHALLENGE: self.on_challenge,
@@ -180,12 +184,38 @@ class TxStream(asyncio.Protocol):
     def on_challenge(self, msg: m.Message) -> None:
         assert isinstance(msg, m.P2PChallenge) and self.transport is not None
         node = self.node
-        proof = prove(node.token, b"pccl-p2p", msg.nonce, node.my_id, self.epoch, self.index)
+        self.offer = self._offer_shm()
+        name, cap = (self.offer.name, self.offer.seg.cap) if self.offer else ("", 0)
+        proof = prove(
+            node.token, b"pccl-p2p", msg.nonce, node.my_id, self.epoch, self.index,
+            name.encode(), cap,
+        )  # fmt: skip
         self.state = TxState.HELLO_SENT
-        self.transport.write(m.P2PHello(node.my_id, self.epoch, self.index, proof).encode())
+        hello = m.P2PHello(node.my_id, self.epoch, self.index, proof, name, cap)
+        self.transport.write(hello.encode())
+
+    def _offer_shm(self) -> ShmWriter | None:
+        """A segment for a successor on this host (see :mod:`pccl.peer.shm_link`), or None."""
+        cfg = self.node.config
+        if not (cfg.shm_link_bytes and cfg.send_threads and shm_link.AVAILABLE):
+            return None
+        if self.node.tls or self.transport is None:
+            return None
+        if not same_host(self.transport.get_extra_info("socket")):
+            return None
+        try:
+            return ShmWriter(max(cfg.shm_link_bytes, 2 * cfg.chunk_bytes))
+        except (OSError, ValueError) as e:  # not fatal: TCP carries the payloads
+            log.info("no shared-memory link to peer %d: %s", self.peer_id, e)
+            return None
 
     def on_hello_ack(self, msg: m.Message) -> None:
         assert isinstance(msg, m.P2PHelloAck)
+        offer, self.offer = self.offer, None
+        if offer is not None:
+            offer.unlink()  # the acceptor has mapped it (and unlinked it) or never will
+            if msg.ok and msg.shm:
+                self.shm = offer
         if not msg.ok:
             self.acked.set_exception(ConnectionRefusedError(msg.reason))
             self.close()
@@ -211,7 +241,7 @@ class TxStream(asyncio.Protocol):
         if sock is None or self.transport.get_extra_info("sslcontext") is not None:
             return
         try:
-            self.sender = _Sender(sock.fileno(), self._sender_failed)
+            self.sender = _Sender(sock.fileno(), self._sender_failed, self.shm)
         except OSError as e:  # not fatal: the transport path still works
             log.debug("no sender thread for the stream to peer %d: %s", self.peer_id, e)
 
@@ -247,6 +277,9 @@ class TxStream(asyncio.Protocol):
         self.queue.clear()
         if self.sender is not None:
             self.sender.stop()
+        if self.offer is not None:
+            self.offer.unlink()
+            self.offer = None
         if not self.acked.done():
             self.acked.set_exception(ConnectionError(f"closed before hello ack: {why}"))
         if why is not None and was is not TxState.CLOSED and not self.node.closing:
@@ -269,14 +302,19 @@ class _Sender:
 
     It writes to a duplicate of the stream's descriptor (same socket, still non-blocking: the
     transport's reads are unaffected) with the GIL released in each ``sendmsg`` and waits for
-    room with ``poll``; frames leave in :meth:`put` order. The transport writes nothing after
-    the hello, so the two never interleave. :meth:`stop` makes the thread close its descriptor
-    within ``_POLL_MS``; a write error is reported once through ``on_error`` on the loop.
+    room with ``poll``; frames leave in :meth:`put` order. On a shared-memory link (``shm``) it
+    copies each payload into the segment (waiting for room there) before sending the header.
+    The transport writes nothing after the hello, so the two never interleave. :meth:`stop`
+    makes the thread close its descriptor within ``_POLL_MS``; a write error is reported once
+    through ``on_error`` on the loop.
     """
 
     _POLL_MS = 100
 
-    def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
+    def __init__(
+        self, fd: int, on_error: Callable[[OSError], None], shm: ShmWriter | None = None
+    ) -> None:
+        self._shm = shm
         self._sock = socket.socket(fileno=os.dup(fd))
         self._loop = asyncio.get_running_loop()
         self._on_error = on_error
@@ -290,6 +328,9 @@ class _Sender:
         with self._cv:
             self._q.append((header, payload))
             self._cv.notify()
+
+    def _is_stopped(self) -> bool:
+        return self._stopped
 
     def stop(self) -> None:
         with self._cv:
@@ -309,7 +350,15 @@ class _Sender:
                     if self._stopped:
                         return
                     header, payload = self._q.popleft()
-                bufs = [memoryview(header), payload]
+                if self._shm is not None and len(payload):
+                    try:
+                        if not self._shm.write(payload, self._is_stopped):
+                            return
+                    except (ValueError, TypeError, OverflowError) as e:  # a broken invariant
+                        raise OSError(f"shared-memory link: {e}") from e
+                    bufs = [memoryview(header)]
+                else:
+                    bufs = [memoryview(header), payload]
                 while bufs:
                     try:
                         sent = sock.sendmsg(bufs)
@@ -341,7 +390,8 @@ class P2PNode:
     ``evicted_per_address`` / ``evicted_total`` (an older stranger closed for a newcomer),
     ``timed_out`` (no valid hello within ``handshake_timeout_s``), ``stalled`` (a state
     requester drained nothing for ``progress_timeout_s``), ``served`` / ``refused`` (state
-    requests answered with every range, or with ``P2P_STATE_ERROR``).
+    requests answered with every range, or with ``P2P_STATE_ERROR``), ``shm_links`` (accepted
+    ring streams whose payloads come through a shared-memory segment).
     """
 
     def __init__(
@@ -353,6 +403,7 @@ class P2PNode:
     ) -> None:
         self.config = config
         self.token = token
+        self.tls = tls is not None
         self._server_ssl = tls.server_context(require_client_cert=True) if tls else None
         self._client_ssl = tls.client_context() if tls else None
         self.nstreams = streams
@@ -529,6 +580,9 @@ class P2PNode:
             await proto.acked
             if self.config.send_threads:
                 proto.start_sender()  # not on TLS links: the transport writes those
+            if proto.shm is not None and proto.sender is None:
+                proto.close()
+                raise ConnectionError(f"no sender thread for the shared-memory link to {next_id}")
             return proto
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(want)]

@@ -38,8 +38,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from pccl.peer import shm_link
 from pccl.peer.probe import PURPOSE as PROBE_PURPOSE
 from pccl.peer.probe import ProbeResponder
+from pccl.peer.shm_link import ShmReader
 
 from pccl import messages as m
 from pccl.auth import new_nonce, verify
@@ -146,6 +148,8 @@ class RxStream(asyncio.BufferedProtocol):
         self.state_hello: m.StateHello | None = None
         self.probe: ProbeResponder | None = None
         self.op: RingOp | None = None  # set only in PAYLOAD
+        self.shm_offer: tuple[str, int] = ("", 0)  # segment named by a verified ring hello
+        self.shm: ShmReader | None = None  # mapped: payloads come through it, not the socket
         self.header: DataHeader = _NO_HEADER
         self.opened = time.monotonic()
         self.parked_since = 0.0
@@ -239,10 +243,11 @@ class RxStream(asyncio.BufferedProtocol):
 
     def _on_ring_hello(self, msg: m.P2PHello) -> None:
         self.peer_id, self.epoch = msg.peer_id, msg.epoch
-        parts = (self.nonce, msg.peer_id, msg.epoch, msg.stream)
+        parts = (self.nonce, msg.peer_id, msg.epoch, msg.stream, msg.shm.encode(), msg.shm_bytes)
         if not verify(self.node.token, msg.auth, b"pccl-p2p", *parts):
             self.reject("hello failed authentication")
             return
+        self.shm_offer = (msg.shm, msg.shm_bytes)
         self.node.authenticated(self)
         self.node.judge_hello(self)
 
@@ -310,6 +315,19 @@ class RxStream(asyncio.BufferedProtocol):
         h = self.header
         node = self.node
         op = node.ops.get(h.op_id)
+        shm = self.shm
+        if shm is not None and (op is not None or h.op_id <= node.max_op_id):
+            # Shared-memory link: the payload is already in the ring; nothing to read.
+            src = shm.take(h.payload)
+            if op is not None and not op.finished:
+                shm.copy_out(op.recv_target(h), src)
+            else:
+                node.stale_frames += 1
+            shm.release()
+            self._to(RxState.FRAME_HDR, self._hdr)
+            if op is not None and not op.finished:
+                op.on_frame(h)
+            return
         if op is not None and not op.finished:
             self._to(RxState.PAYLOAD, op.recv_target(h))
             self.op = op
@@ -375,8 +393,24 @@ class RxStream(asyncio.BufferedProtocol):
         self._to(RxState.FRAME_HDR, self._hdr)
         self._stop_deadline()
         self.node.tune(self.transport)
-        self.transport.write(m.P2PHelloAck(True).encode())
+        self.shm = self._map_offer()
+        if self.shm is not None:
+            self.node.stats["shm_links"] += 1
+        self.transport.write(m.P2PHelloAck(True, shm=self.shm is not None).encode())
         self.transport.resume_reading()
+
+    def _map_offer(self) -> ShmReader | None:
+        """Map the segment the verified hello offered, when it can be ours (same host, plain
+        TCP, enabled); any failure leaves the stream on TCP (see :mod:`pccl.peer.shm_link`)."""
+        name, cap = self.shm_offer
+        node = self.node
+        if not name or not node.config.shm_link_bytes or node.tls or not shm_link.AVAILABLE:
+            return None
+        try:
+            return ShmReader.attach(name, cap)
+        except (OSError, ValueError) as e:
+            log.info("shared-memory link from peer %d refused: %s", self.peer_id, e)
+            return None
 
     def park_hello(self) -> None:
         """Wait (reading paused) for the announcement of the epoch this hello names."""
@@ -409,6 +443,7 @@ class RxStream(asyncio.BufferedProtocol):
         was = self.state
         self._to(RxState.CLOSED, self._hdr)
         self.op = None
+        self.shm = None  # unmapped once no view of it is left
         self.node.forget(self)
         if stat:
             self.node.stats[stat] += 1

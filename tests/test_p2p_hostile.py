@@ -283,7 +283,7 @@ HOSTILE: dict[str, Callable[[bytes], bytes]] = {
     ),
     "hello_with_a_replayed_proof": lambda nonce: (
         m.P2PHello(
-            B_ID, EPOCH, 0, prove(TOKEN, b"pccl-p2p", os.urandom(32), B_ID, EPOCH, 0)
+            B_ID, EPOCH, 0, prove(TOKEN, b"pccl-p2p", os.urandom(32), B_ID, EPOCH, 0, b"", 0)
         ).encode()
         + _data_frame(OP_ID)
     ),
@@ -293,12 +293,12 @@ HOSTILE: dict[str, Callable[[bytes], bytes]] = {
     # Token holders, but not our predecessor for this epoch: refused, nothing failed either.
     "stale_epoch_hello": lambda nonce: (
         m.P2PHello(
-            B_ID, EPOCH - 1, 0, prove(TOKEN, b"pccl-p2p", nonce, B_ID, EPOCH - 1, 0)
+            B_ID, EPOCH - 1, 0, prove(TOKEN, b"pccl-p2p", nonce, B_ID, EPOCH - 1, 0, b"", 0)
         ).encode()
         + _data_frame(OP_ID)
     ),
     "hello_from_a_non_predecessor": lambda nonce: (
-        m.P2PHello(99, EPOCH, 0, prove(TOKEN, b"pccl-p2p", nonce, 99, EPOCH, 0)).encode()
+        m.P2PHello(99, EPOCH, 0, prove(TOKEN, b"pccl-p2p", nonce, 99, EPOCH, 0, b"", 0)).encode()
         + _data_frame(OP_ID)
     ),
     "truncated_header_then_silence": lambda nonce: b"PC",
