@@ -75,9 +75,19 @@ def _check_half(res: dict[str, Any], nbytes: int, world: int, repeats: int) -> N
 @pytest.mark.e2e
 @pytest.mark.timeout(90)
 def test_bench_allreduce_json(tmp_path: Path) -> None:
-    extra = ["--compare", "gloo,floor" if HAVE_TORCH else "floor"]
+    extra = ["--compare", "gloo,floor,tcp" if HAVE_TORCH else "floor,tcp"]
     doc = _run_bench(tmp_path, *extra, timeout=80)
-    assert set(doc) == {"pccl", "gloo", "floor", "speedup", "floor_ratio", "config"}
+    assert set(doc) == {
+        "pccl",
+        "gloo",
+        "floor",
+        "pccl_tcp",
+        "speedup",
+        "floor_ratio",
+        "tcp_speedup",
+        "tcp_floor_ratio",
+        "config",
+    }
     cfg = doc["config"]
     mach = cfg["machine"]
     assert mach["cores"] >= 1 and mach["kernel"] and mach["python"] and "backend" in mach
@@ -96,6 +106,12 @@ def test_bench_allreduce_json(tmp_path: Path) -> None:
     # The floor: the plain TCP ring moved what a ring all-reduce moves per peer, in the same run.
     f = doc["floor"]
     assert 0 < f["min_s"] <= f["seconds"] <= f["max_s"] and len(f["times_s"]) == 5
+    # Loopback peers: payloads through shared memory; the tcp half proves it can be turned off.
+    assert cfg["shm_link_bytes"] > 0 and p["shm_links"] == [1, 1]
+    t = doc["pccl_tcp"]
+    _check_half(t, nbytes, 2, 5)
+    assert t["shm_links"] == [0, 0] and t["hash"] == p["hash"]
+    assert doc["tcp_floor_ratio"] == pytest.approx(t["seconds"] / f["seconds"])
     assert f["bytes_per_peer"] == nbytes  # 2 (N-1)/N of the buffer with N = 2
     assert len(f["cpu_s_per_op"]) == 2 and all(c > 0 for c in f["cpu_s_per_op"])
     assert doc["floor_ratio"] == pytest.approx(p["seconds"] / f["seconds"])

@@ -40,6 +40,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
     assert wheel.name.startswith(f"pccl_ft-{pccl.__version__}-cp311-abi3-"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("pccl/_native.abi3") for n in names), names
+    assert any(n.startswith("pccl/_shm.abi3") for n in names), names
     assert not any(n.startswith(("tests/", "examples/", "native/")) for n in names)
     venv = tmp_path / "venv"
     out = _run([sys.executable, "-m", "venv", str(venv)], tmp_path)

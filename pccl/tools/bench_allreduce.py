@@ -111,8 +111,8 @@ def add_arguments(bsub: argparse._SubParsersAction) -> None:
         "--compare",
         type=_compare_list,
         default=(),
-        help="also run torch.distributed gloo and/or the raw TCP ring floor: gloo, floor or "
-        "gloo,floor",
+        help="also run torch.distributed gloo, the raw TCP ring floor, and/or pccl with its "
+        "same-host shared-memory links off (tcp): a comma list, e.g. gloo,floor,tcp",
     )
     p.add_argument("--repeats", type=int, default=7, help="timed operations (>= 5, default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed operations first (default 2)")
@@ -146,9 +146,11 @@ def _float_list(text: str) -> list[float]:
 
 def _compare_list(text: str) -> tuple[str, ...]:
     got = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in got if x not in ("gloo", "floor")]
+    bad = [x for x in got if x not in ("gloo", "floor", "tcp")]
     if bad or not got:
-        raise argparse.ArgumentTypeError(f"--compare takes gloo, floor or gloo,floor: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--compare takes a comma list of gloo, floor and tcp: {text!r}"
+        )
     return got
 
 
@@ -211,7 +213,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 if mib in refs_of:
                     doc = _with_refs(doc, refs_of[mib])
                 else:
-                    refs_of[mib] = {"gloo": doc["gloo"], "floor": doc["floor"]}
+                    refs_of[mib] = {k: doc[k] for k in ("gloo", "floor", "pccl_tcp")}
                 docs.append(doc)
     except BenchError as e:
         print(f"pccl bench allreduce: FAILED: {e}", file=sys.stderr)
@@ -236,17 +238,23 @@ def _with_refs(doc: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
     """``doc`` (a run without references) with gloo and the floor measured for its size
     earlier in the same invocation."""
     out = {**doc, **refs, "config": {**doc["config"], "references_reused": True}}
-    return {**out, **_ratios(out["pccl"], out["gloo"], out["floor"])}
+    return {**out, **_ratios(out["pccl"], out["gloo"], out["floor"], out["pccl_tcp"])}
 
 
 def _ratios(
-    pccl_res: dict[str, Any], gloo: dict[str, Any] | None, floor: dict[str, Any] | None
+    pccl_res: dict[str, Any],
+    gloo: dict[str, Any] | None,
+    floor: dict[str, Any] | None,
+    tcp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``speedup`` (gloo / pccl, > 1: pccl faster) and ``floor_ratio`` (pccl / floor, >= 1:
-    how far pccl is from moving the bytes alone), from the medians."""
+    how far pccl is from moving the bytes alone), from the medians; ``tcp_floor_ratio`` and
+    ``tcp_speedup`` the same for pccl with its shared-memory links off (``--compare tcp``)."""
     return {
         "speedup": gloo["seconds"] / pccl_res["seconds"] if gloo else None,
         "floor_ratio": pccl_res["seconds"] / floor["seconds"] if floor else None,
+        "tcp_speedup": gloo["seconds"] / tcp["seconds"] if gloo and tcp else None,
+        "tcp_floor_ratio": tcp["seconds"] / floor["seconds"] if floor and tcp else None,
     }
 
 
@@ -307,6 +315,7 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
         "socket_buffer_bytes": cfg.socket_buffer_bytes,
         "local_socket_buffer_bytes": cfg.local_socket_buffer_bytes,
         "local_streams": cfg.local_streams,
+        "shm_link_bytes": _peer_config(cfg, args.wan_delay_ms is not None).shm_link_bytes,
         "streams_used": streams_for(
             "127.0.0.1", args.streams, _peer_config(cfg, args.wan_delay_ms is not None)
         ),
@@ -320,6 +329,7 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
     }
     gloo: dict[str, Any] | None = None
     floor: dict[str, Any] | None = None
+    tcp: dict[str, Any] | None = None
     with _handle_sigterm(), tempfile.TemporaryDirectory(prefix="pccl-bench-") as tmp:
         tmpdir = Path(tmp)
         _log(
@@ -347,12 +357,25 @@ def run(args: argparse.Namespace, pbar: Any = None) -> dict[str, Any]:
             _log(f"floor: {args.peers} processes, plain TCP ring, {args.mib:g} MiB")
             with _Fleet(tmpdir) as fleet:
                 floor = _run_floor(args, nbytes, fleet, pbar)
-    ratios = _ratios(pccl_res, gloo, floor)
+        if "tcp" in args.compare:
+            _log("pccl over TCP only: the same run with Config.shm_link_bytes = 0")
+            with _Fleet(tmpdir) as fleet:
+                tcp = _run_pccl(args, n, nbytes, fleet, pbar, shm=False)
+    ratios = _ratios(pccl_res, gloo, floor, tcp)
     if ratios["speedup"] is not None:
         _log(f"speedup (gloo / pccl median): {ratios['speedup']:.2f}x")
     if ratios["floor_ratio"] is not None:
         _log(f"floor ratio (pccl / floor median): {ratios['floor_ratio']:.2f}x")
-    return {"pccl": pccl_res, "gloo": gloo, "floor": floor, **ratios, "config": config}
+    if ratios["tcp_floor_ratio"] is not None:
+        _log(f"floor ratio of pccl over TCP only: {ratios['tcp_floor_ratio']:.2f}x")
+    return {
+        "pccl": pccl_res,
+        "gloo": gloo,
+        "floor": floor,
+        "pccl_tcp": tcp,
+        **ratios,
+        "config": config,
+    }
 
 
 @contextlib.contextmanager
@@ -585,7 +608,12 @@ def _collect(
 
 
 def _run_pccl(
-    args: argparse.Namespace, n: int, nbytes: int, fleet: _Fleet, pbar: Any = None
+    args: argparse.Namespace,
+    n: int,
+    nbytes: int,
+    fleet: _Fleet,
+    pbar: Any = None,
+    shm: bool = True,
 ) -> dict[str, Any]:
     from pccl.tools import wanproxy
 
@@ -634,6 +662,7 @@ def _run_pccl(
             "advertise_port": advertise_port,
             "wan": args.wan_delay_ms is not None,
             "optimize": getattr(args, "optimize", False),
+            "shm": shm,
         }
         cmd = [sys.executable, "-m", "pccl.tools.bench_allreduce", "--worker", json.dumps(params)]
         if fleet.testbed is not None:
@@ -658,6 +687,8 @@ def _run_pccl(
             max(r["info_seconds"][i] for r in rows) for i in range(args.warmup, total)
         ),
         cpu_s_per_op=[r["cpu_s_per_op"] for r in rows],
+        # ring streams each peer received through a same-host shared-memory segment
+        shm_links=[r.get("shm_links", 0) for r in rows],
         peer_ids=[r["peer_id"] for r in rows],
     )
     _log(
@@ -814,8 +845,11 @@ def _np_dtype(name: str) -> Any:
 
 def _peer_config(cfg: Config, wan: bool) -> Config:
     """The peers' config. With WAN emulation the delay proxies sit on loopback but stand for
-    remote hosts: use the network settings (every stream, large buffers), not the loopback ones."""
-    return cfg.replace(local_streams=0, local_socket_buffer_bytes=0) if wan else cfg
+    remote hosts: use the network settings (every stream, large buffers, no shared-memory
+    links, which would carry the payloads past the proxies), not the loopback ones."""
+    if wan:
+        return cfg.replace(local_streams=0, local_socket_buffer_bytes=0, shm_link_bytes=0)
+    return cfg
 
 
 def _worker(params: dict[str, Any]) -> None:
@@ -829,6 +863,8 @@ def _worker(params: dict[str, Any]) -> None:
     dtype = _np_dtype(params["dtype"])
     quant = pccl.Quantization[params["quantization"].upper()]
     config = _peer_config(pccl.Config.from_env(), params["wan"])
+    if not params.get("shm", True):
+        config = config.replace(shm_link_bytes=0)
     comm = pccl.Communicator(
         params["master"],
         streams=params["streams"],
@@ -887,6 +923,7 @@ def _worker(params: dict[str, Any]) -> None:
         exact=exact_out,
         max_abs_err=err,
         cpu_s_per_op=cpu / params["repeats"],
+        shm_links=int(comm.metrics().get("p2p_shm_links", 0)),
     )
     comm.close()
 

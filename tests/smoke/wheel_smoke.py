@@ -43,7 +43,9 @@ def peer() -> None:
         info = diloco.step(tokens=16) or info
     assert info is not None and info.applied and info.contributors == 2
     digest = "".join(v for _, v in sorted(diloco.hashes().items()))
-    print(json.dumps({"sum_ok": ok_sum, "outer_step": diloco.outer_step, "digest": digest}))
+    shm = int(comm.metrics().get("p2p_shm_links", 0))  # the installed pccl._shm works
+    out = {"sum_ok": ok_sum, "outer_step": diloco.outer_step, "digest": digest, "shm_links": shm}
+    print(json.dumps(out))
     diloco.close()
     comm.close()
 
@@ -75,6 +77,7 @@ def main() -> int:
     for r in res:
         print(json.dumps(r))
     assert all(r["sum_ok"] for r in res), res
+    assert all(r["shm_links"] >= 1 for r in res), res  # loopback payloads went through /dev/shm
     assert res[0]["digest"] == res[1]["digest"] and res[0]["outer_step"] == 2, res
     print(f"smoke ok: pccl {pccl.__version__} from {os.path.dirname(pccl.__file__)}")
     return 0
