@@ -111,7 +111,7 @@ from pccl.bindings.diloco_common import (
     _Refused,
     nesterov_step,
 )
-from pccl.bindings.diloco_fragments import Fragments, split_fragments
+from pccl.bindings.diloco_fragments import MERGES, Fragments, split_fragments
 from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
 from pccl.bindings.diloco_sync import SyncBoundary
 from pccl.bindings.extra_state import (
@@ -173,6 +173,18 @@ class DiLoCo:
         grace_s: quorum mode: how long a round waits for more peers once the quorum is ready.
         trace_hashes: quorum mode: record a digest of the outer state after every round
             (:meth:`rounds`), to check parity (costs one hash pass per round).
+        fragments: streaming DiLoCo (:mod:`pccl.bindings.diloco_fragments`): P fragments,
+            one synced every ``sync_every / P`` inner steps. 1 (default): the whole model.
+        overlap: streaming: inner steps tau a fragment's exchange runs in the background
+            before it lands (0: blocking).
+        mix: streaming: share of the local fragment kept when its exchange lands (0: the
+            fragment takes the outer parameters).
+        merge: streaming with ``overlap >= 1``, how a landed fragment joins the local
+            parameters: ``"eager"`` (default; the local fragment takes this peer's own
+            estimate of the outer step at launch, corrected when the exchange lands),
+            ``"carry"`` (the overlapped inner steps are kept on top of the new outer
+            parameters) or ``"replace"`` (they are discarded; the Streaming DiLoCo paper's).
+            ``mix`` applies on top; see :mod:`pccl.bindings.diloco_fragments`.
 
     Raises:
         TypeError/ValueError: bad arguments (before any I/O).
@@ -205,6 +217,7 @@ class DiLoCo:
         fragments: int = 1,
         overlap: int = 0,
         mix: float = 0.0,
+        merge: str = "eager",
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
@@ -243,6 +256,8 @@ class DiLoCo:
             raise ValueError("overlap must be < sync_every / fragments (one exchange in flight)")
         if not (isinstance(mix, (int, float)) and 0 <= mix <= 1):
             raise ValueError(f"mix must be a number in [0, 1], got {mix!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if (fragments > 1 or overlap) and (delayed or min_quorum is not None):
             raise ValueError("fragments/overlap (streaming) cannot be combined with delayed/quorum")
         if not (isinstance(grace_s, (int, float)) and 0 <= grace_s <= 3600):
@@ -266,6 +281,7 @@ class DiLoCo:
         self.fragments = fragments
         self.overlap = overlap
         self.mix = float(mix)
+        self.merge = merge
         self.stats = DiLoCoStats()
 
         named = _named_params(model)
@@ -642,6 +658,7 @@ class DiLoCo:
             "fragments",
             "overlap",
             "mix",
+            "merge",
         ]
         values = [
             float(self.sync_every),
@@ -659,6 +676,7 @@ class DiLoCo:
             float(self.fragments),
             float(self.overlap),
             self.mix,
+            float(MERGES.index(self.merge)),
         ]
         groups = self.inner_optimizer.param_groups if self.inner_optimizer is not None else []
         nan = float("nan")
@@ -1042,8 +1060,24 @@ class DiLoCo:
         self._store_residual(self._send, 0)
 
     def _store_residual(self, x: np.ndarray, a: int) -> None:
-        """``residual[a : a + len(x)] = bf16((x - D(Q(x))) / weight)``, the quantization
-        blocks aligned to ``x``'s start."""
+        """``residual[a : a + len(x)] = bf16((x - D(Q(x))) / weight)`` for one all-reduced
+        buffer ``x``, with the blocks the ring quantized it in: the ring cuts it into one chunk
+        per peer (``n // world`` elements, the first ``n % world`` one more; RingOp.start) and
+        a chunk's blocks start at the chunk's start. Blocks aligned to ``x``'s start instead
+        would give most elements the error of a block partition the wire never used."""
+        world = max(1, int(getattr(self.comm, "group_world_size", 1) or 1))
+        blockwise = self.quantization in (Quantization.UINT8, Quantization.INT4, Quantization.INT2)
+        n = x.shape[0]
+        if not blockwise or world < 2 or n < world:
+            self._store_residual_span(x, a)
+            return
+        base, rem = divmod(n, world)
+        for c in range(world):
+            lo, hi = c * base + min(c, rem), (c + 1) * base + min(c + 1, rem)
+            self._store_residual_span(x[lo:hi], a + lo)
+
+    def _store_residual_span(self, x: np.ndarray, a: int) -> None:
+        """:meth:`_store_residual` over one span, the quantization blocks aligned to its start."""
         assert self._residual is not None
         numel = x.shape[0]
         step = self._scratch.shape[0]

@@ -14,10 +14,30 @@ fragment is synced every H inner steps, fragment p offset by ``p * H / P``.
   at launch), applied to the fragment's outer parameters and momentum, the run admits and syncs,
   and the fragment's local parameters are merged.
 
-Merging: ``local = mix * local + (1 - mix) * outer`` over the fragment (``mix = 0``: replaced by
-the outer parameters, as unfragmented DiLoCo does). The pseudo-gradient of a fragment is always
-``outer - local`` for its own outer parameters, so local progress kept by ``mix`` is sent at the
-fragment's next boundary.
+Merging, over the fragment, with ``start`` where the local fragment stood when its exchange
+launched (``merge`` only matters with ``overlap >= 1``; one fragment of fp32 scratch holds it):
+
+* ``merge="eager"`` (default): at launch the local fragment jumps to this peer's own estimate of
+  the outer step, ``start = outer - lr * d(own pseudo-gradient)`` with the fragment's outer
+  momentum (not updated), so the tau overlapped inner steps run from about where the outer
+  step will land; when the exchange lands the estimate is replaced by the real outer
+  parameters: ``local = local - (1 - mix) * (start - outer)``. (The "eager update" of Kale et
+  al., 2025, arXiv 2502.12996, applied to the fragment's overlap.)
+* ``merge="carry"``: the same without the jump, ``start`` = the local fragment at launch: the
+  tau inner steps are carried onto the outer parameters, ``local = outer + (local - start)``
+  (``mix = 0``), but were taken from the pre-update point.
+* ``merge="replace"``: ``local = mix * local + (1 - mix) * outer`` (the Streaming DiLoCo
+  paper's; ``mix = 0`` replaces the fragment by the outer parameters, as unfragmented DiLoCo
+  does, discarding the tau overlapped inner steps).
+
+Measured on the char-LM at H = 8 (``docs/bench/2026-12-04/streaming``): with outer Nesterov
+momentum the outer step moves the fragment well past the local models, and the inner steps
+taken meanwhile from the old point cost more than the progress they carry; "eager" recovers
+the loss of ``overlap = 0``.
+
+With ``overlap = 0`` (``local == start``) both are the same. The pseudo-gradient of a fragment
+is always ``outer - local`` for its own outer parameters, so local progress kept by a merge is
+sent at the fragment's next boundary.
 
 Shared state: every fragment's outer parameters and momentum are entries of the same
 hash-verified :class:`SharedState` as before, synced at every fragment boundary (the sync that
@@ -28,7 +48,8 @@ boundary takes the schedule's phase: it joins a retry (zeros, weight 0) or start
 incumbents' inner step.
 
 Host memory: ``overlap = 0`` adds two buckets of scratch; ``overlap >= 1`` one fragment's
-pseudo-gradient and result (8 bytes per parameter of the largest fragment), so the bytes in
+pseudo-gradient and result, and for "eager"/"carry" its start (12 bytes per parameter of the
+largest fragment; 8 with "replace"), so the bytes in
 flight and the scratch of a boundary are about 1/P of unfragmented DiLoCo's.
 
 Runs on the caller's (training) thread; the overlapped all-reduces run on the communicator's
@@ -62,7 +83,10 @@ from pccl.types import ReduceOp
 if TYPE_CHECKING:  # pragma: no cover
     from pccl.bindings.diloco import DiLoCo
 
-__all__ = ["INNER_POS", "Fragments", "split_fragments"]
+__all__ = ["INNER_POS", "MERGES", "Fragments", "split_fragments"]
+
+#: Ways a landed fragment is merged into the local parameters (see the module docstring).
+MERGES = ("eager", "carry", "replace")
 
 log = logging.getLogger("pccl.diloco")
 
@@ -117,11 +141,14 @@ class Fragments:
         self._recv_t = torch.zeros(size, dtype=torch.float32, pin_memory=pin and size > 0)
         self._send: np.ndarray = self._send_t.numpy()
         self._recv: np.ndarray = self._recv_t.numpy()
+        #: merge "eager"/"carry": where the local fragment stood at launch (fp32, host)
+        carry = size if d.merge != "replace" else 0
+        self._start_t = torch.zeros(carry, dtype=torch.float32, pin_memory=pin and carry > 0)
         self.inflight: tuple[int, list[Any]] | None = None
 
     @property
     def scratch_bytes(self) -> int:
-        return int(self._send.nbytes + self._recv.nbytes)
+        return int(self._send.nbytes + self._recv.nbytes + self._start_t.numel() * 4)
 
     def next_fragment(self) -> int:
         return int(self.d._ctrl[_BOUNDARY]) % self.parts
@@ -160,11 +187,19 @@ class Fragments:
         d = self.d
         a, b = self.ranges[f]
         send = self._send[: b - a]
+        carry = self._start_t.numel() > 0
+        if carry:
+            d._local_range_to(self._start_t[: b - a], a, b)
         if not d._weight:
             send.fill(0)
             return
-        d._local_range_to(self._send_t[: b - a], a, b)
-        np.subtract(d._theta[a:b], send, out=send)
+        if carry:
+            np.subtract(d._theta[a:b], self._start_t[: b - a].numpy(), out=send)
+        else:
+            d._local_range_to(self._send_t[: b - a], a, b)
+            np.subtract(d._theta[a:b], send, out=send)
+        if d.merge == "eager":
+            self._eager(a, b, send)
         if d._residual is not None:
             d._residual_add(send, a)
         if d._weight != 1:
@@ -262,16 +297,50 @@ class Fragments:
         d._admit_and_sync(Phase.IDLE)
         self._merge(*self.ranges[f])
 
-    def _merge(self, a: int, b: int) -> None:
-        """``local = mix * local + (1 - mix) * outer`` over the elements ``[a, b)``."""
+    def _eager(self, a: int, b: int, grad: np.ndarray) -> None:
+        """``start = outer - lr * d(grad)`` (this peer's estimate of the outer step, the outer
+        state untouched) over ``[a, b)``, and the local fragment moved there."""
         d = self.d
+        start = self._start_t[: b - a].numpy()
+        lr32, mu32 = np.float32(d.outer_lr), np.float32(d.outer_momentum)
+        step = d._scratch.shape[0]
+        for i in range(0, b - a, step):
+            j = min(b - a, i + step)
+            g, tmp, out = grad[i:j], d._scratch[: j - i], start[i:j]
+            if d._mom is None:
+                np.copyto(tmp, g)
+            else:  # buf = mu * m + g; d = g + mu * buf (Nesterov) or buf
+                np.multiply(d._mom[a + i : a + j], mu32, out=tmp)
+                np.add(tmp, g, out=tmp)
+                if d.nesterov:
+                    np.multiply(tmp, mu32, out=tmp)
+                    np.add(tmp, g, out=tmp)
+            np.multiply(tmp, lr32, out=tmp)
+            np.subtract(d._theta[a + i : a + j], tmp, out=out)
+        with torch.no_grad():
+            for _, p, off, n, _ in d._params:
+                lo, hi = max(a, off), min(b, off + n)
+                if lo < hi:
+                    loc = _local(p).reshape(-1)[lo - off : hi - off]
+                    loc.copy_(self._start_t[lo - a : hi - a])
+
+    def _merge(self, a: int, b: int) -> None:
+        """Merge the outer parameters ``[a, b)`` into the local ones (module docstring)."""
+        d = self.d
+        carry = self.tau > 0 and self._start_t.numel() > 0
+        if carry:  # start -> outer - start: the correction the exchange brought
+            torch.sub(d._theta_t[a:b], self._start_t[: b - a], out=self._start_t[: b - a])
         with torch.no_grad():
             for _, p, off, n, _ in d._params:
                 lo, hi = max(a, off), min(b, off + n)
                 if lo >= hi:
                     continue
-                outer = d._theta_t[lo:hi]
                 loc = _local(p).reshape(-1)[lo - off : hi - off]
+                if carry:
+                    fix = self._start_t[lo - a : hi - a].to(loc.device, loc.dtype)
+                    loc.add_(fix, alpha=1 - self.mix)
+                    continue
+                outer = d._theta_t[lo:hi]
                 if self.mix == 0:
                     loc.copy_(outer)
                 else:

@@ -437,17 +437,21 @@ def test_sync_outer_step_is_the_reference_update(quant: str) -> None:
     assert [t for t, _ in comm.launches] == [d._tag, d._tag + 1]  # count + one bucket
     if quant != "NONE":  # error feedback: what the wire encoding loses of our contribution
         deq = np.empty_like(g)
-        if quant == "UINT8":
-            qb = np.empty(g.size, np.uint8)
-            meta = np.empty(2 * kernels.num_blocks(g.size, 4096), np.float32)
-            kernels.quantize_u8(g, qb, meta, 4096)
-            kernels.dequantize_u8(qb, meta, deq, 4096)
-        else:  # packed codes in blocks of PACKED_BLOCK, as the ring sends them
-            bits = 4 if quant == "INT4" else 2
-            qb = np.empty(kernels.packed_len(g.size, bits), np.uint8)
-            meta = np.empty(2 * kernels.num_blocks(g.size, kernels.PACKED_BLOCK), np.float32)
-            kernels.quantize_packed(g, qb, meta, bits)
-            kernels.dequantize_packed(qb, meta, deq, bits)
+        # the ring's chunks (one per peer: 66 elements, 3 peers -> 22 each), each quantized in
+        # blocks from its own start
+        for lo in range(0, g.size, 22):
+            gc, dc = g[lo : lo + 22], deq[lo : lo + 22]
+            if quant == "UINT8":
+                qb = np.empty(gc.size, np.uint8)
+                meta = np.empty(2 * kernels.num_blocks(gc.size, 4096), np.float32)
+                kernels.quantize_u8(gc, qb, meta, 4096)
+                kernels.dequantize_u8(qb, meta, dc, 4096)
+            else:  # packed codes in blocks of PACKED_BLOCK, as the ring sends them
+                bits = 4 if quant == "INT4" else 2
+                qb = np.empty(kernels.packed_len(gc.size, bits), np.uint8)
+                meta = np.empty(2 * kernels.num_blocks(gc.size, kernels.PACKED_BLOCK), np.float32)
+                kernels.quantize_packed(gc, qb, meta, bits)
+                kernels.dequantize_packed(qb, meta, dc, bits)
         residual = _bf16(g - deq)  # kept as bfloat16 bits, round to nearest even
         assert _residual(d).tobytes() == residual.tobytes()
         _, local2 = _train(model, d, 4)
@@ -1377,9 +1381,9 @@ def test_fragments_sync_on_a_staggered_schedule_each_its_own_reference_update() 
 
 
 def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
-    """P = 2, H = 4, tau = 1, mix = 0.5: fragment 0's exchange starts at step 2 from the local
-    parameters then, lands at step 3 (outer step + sync) and the local fragment becomes
-    0.5 * local + 0.5 * outer."""
+    """P = 2, H = 4, tau = 1, mix = 0.5, merge "replace": fragment 0's exchange starts at step 2
+    from the local parameters then, lands at step 3 (outer step + sync) and the local fragment
+    becomes 0.5 * local + 0.5 * outer."""
     model = _model()
     comm = _GroupComm(world=2)
     d = DiLoCo(
@@ -1389,6 +1393,7 @@ def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
         fragments=2,
         overlap=1,
         mix=0.5,
+        merge="replace",
         quantization=pccl.Quantization.NONE,
     )
     (a0, b0), _ = _fragment_ranges(d)
@@ -1418,6 +1423,55 @@ def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
     assert comm.syncs[-1] == (Phase.IDLE, 1)
 
 
+@pytest.mark.parametrize("merge", ["eager", "carry"])
+def test_overlapped_fragment_keeps_the_overlap_progress(merge: str) -> None:
+    """P = 2, H = 4, tau = 1, mix = 0: at launch "eager" moves the local fragment to this peer's
+    own estimate of the outer step, E = outer - lr * d(own pseudo-gradient) ("carry" leaves it
+    at L); when the exchange lands the local fragment is the new outer parameters plus the
+    inner-step progress made since (local - E, or local - L): nothing of the overlap is lost.
+    Fragment 1 and the outer state of fragment 0 are as without overlap."""
+    model = _model()
+    comm = _GroupComm(world=2)
+    d = DiLoCo(
+        comm, model, sync_every=4, fragments=2, overlap=1, merge=merge,
+        quantization=pccl.Quantization.NONE,
+    )  # fmt: skip
+    (a0, b0), (a1, b1) = _fragment_ranges(d)
+    theta0 = _flat(model)
+    assert _train(model, d, 1)[0] is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.05)
+    launched = _flat(model)
+    assert d.step() is None  # launched, in flight
+    g = theta0 - launched
+    f32 = np.float32
+    if merge == "eager":  # own Nesterov step from zero momentum, as _eager computes it
+        start = theta0[a0:b0] - (g[a0:b0] * f32(0.9) + g[a0:b0]) * f32(0.7)
+    else:
+        start = launched[a0:b0]
+    now = _flat(model)
+    assert now[a0:b0].tobytes() == start.tobytes()
+    assert now[a1:b1].tobytes() == launched[a1:b1].tobytes()  # fragment 1 untouched
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.03)
+    before = _flat(model)
+    info = d.step()
+    assert info is not None and info.fragment == 0 and info.applied
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(
+        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
+    )
+    assert _outer(d).tobytes() == expect.tobytes()  # the exchange is what it was
+    fix = torch.tensor(expect[a0:b0]) - torch.tensor(start)
+    want = torch.tensor(before[a0:b0]).add_(fix, alpha=1.0)
+    got = _flat(model)
+    assert got[a0:b0].tobytes() == want.numpy().tobytes()
+    np.testing.assert_allclose(got[a0:b0], expect[a0:b0] + (before[a0:b0] - start), atol=1e-6)
+    assert got[a1:b1].tobytes() == before[a1:b1].tobytes()
+
+
 def test_fragmented_newcomer_takes_the_schedule_phase() -> None:
     """A newcomer whose first sync shows 3 fragment boundaries done and the run at inner step 1
     of the period syncs fragment 1 (3 mod 2) after one more inner step."""
@@ -1445,6 +1499,7 @@ def test_streaming_arguments_are_checked_before_io() -> None:
         ({"fragments": 3}, "divide sync_every"),
         ({"fragments": 2, "overlap": 2}, "overlap must be"),
         ({"fragments": 2, "mix": 1.5}, "mix"),
+        ({"fragments": 2, "overlap": 1, "merge": "average"}, "merge must be"),
         ({"fragments": 2, "delayed": True}, "cannot be combined"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -1454,7 +1509,8 @@ def test_streaming_arguments_are_checked_before_io() -> None:
 def test_sync_mode_keeps_no_full_model_scratch() -> None:
     """Host memory of synchronous DiLoCo: outer parameters and momentum (fp32), the residual
     (bf16 bits) and two buckets of scratch; no full-model pseudo-gradient or result buffer.
-    Streaming with overlap keeps one fragment of each instead."""
+    Streaming with overlap keeps one fragment of each instead, and (merge "eager" or "carry")
+    one fragment for where it stood at launch."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])  # 16,640 params
     n = sum(p.numel() for p in model.parameters())
@@ -1464,7 +1520,10 @@ def test_sync_mode_keeps_no_full_model_scratch() -> None:
     assert d._sync_path is not None and d._sync_path.scratch_bytes == 2 * 4096
     s = DiLoCo(_GroupComm(), model, sync_every=8, fragments=4, overlap=1)
     assert s._fragments is not None
-    assert s._fragments.scratch_bytes <= 2 * 4 * (1.04 * n / 4 + 1)  # one fragment each
+    assert s._fragments.scratch_bytes <= 3 * 4 * (1.04 * n / 4 + 1)  # one fragment each
+    r = DiLoCo(_GroupComm(), model, sync_every=8, fragments=4, overlap=1, merge="replace")
+    assert r._fragments is not None
+    assert r._fragments.scratch_bytes <= 2 * 4 * (1.04 * n / 4 + 1)
     delayed = DiLoCo(_GroupComm(), model, sync_every=4, delayed=True)
     assert delayed._send.size == n and delayed._recv.size == n  # (delayed keeps full copies)
 

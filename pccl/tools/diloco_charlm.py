@@ -66,8 +66,8 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
     ``slow`` times as long: a straggler), ``min_quorum``/``grace_s`` (quorum mode),
     ``weighted`` (pass the tokens of each inner step to ``step()``), ``lr_schedule``
     (``"cosine"``: a cosine LR schedule over the run, shared through ``extra_state``),
-    ``fragments``/``overlap``/``mix`` (streaming DiLoCo; ``outer_steps`` then counts fragment
-    boundaries, one every ``sync_every / fragments`` inner steps).
+    ``fragments``/``overlap``/``mix``/``merge`` (streaming DiLoCo; ``outer_steps`` then counts
+    fragment boundaries, one every ``sync_every / fragments`` inner steps).
     Events: ``gated``, ``joined``, ``outer`` (every boundary, with the held-out loss of the outer
     parameters and their digest), ``round`` (quorum mode: every round of the group, with its
     contributors and digest), ``result``; ``too_late`` (then it exits) when a late joiner
@@ -131,6 +131,7 @@ def run_worker(addr: str, p: dict[str, Any], emit: Emit = _emit_json) -> None:
         fragments=int(p.get("fragments", 1)),
         overlap=int(p.get("overlap", 0)),
         mix=float(p.get("mix", 0.0)),
+        merge=str(p.get("merge", "eager")),
     )
     period = H // int(p.get("fragments", 1))  # inner steps between (fragment) boundaries
     emit(

@@ -11,10 +11,16 @@ number of inner steps (``--rounds * --sync-every``) on the same shards:
 * ``ddp-fp32``: fp32 data parallelism (the gradients of every shard averaged every step; computed
   in one process, bytes are what an fp32 ring all-reduce sends per peer);
 * ``sync-uint8``: DiLoCo, the whole model every H steps, uint8 + error feedback;
-* ``stream-{uint8,int4,int2}``: streaming DiLoCo, P = 4 fragments, overlap tau = 1, mix 0
-  (the fragment is replaced by the outer parameters when its exchange lands), error feedback;
+* ``stream-{uint8,int4,int2}``: streaming DiLoCo, P = 4 fragments, overlap tau = 1, mix 0,
+  the default merge ("eager": the local fragment takes its own estimate of the outer step at
+  launch, corrected when the exchange lands), error feedback;
+* ``stream-int4-replace``, ``stream-int4-carry``: the other merges (the Streaming DiLoCo
+  paper's "replace" discards the tau overlapped inner steps);
 * ``stream-uint8-mix0.5``, ``stream-{uint8,int4}-tau0``: the mixing factor and the overlap on
   their own.
+
+Every configuration uses DiLoCo's default outer optimiser (lr 0.7, Nesterov momentum 0.9).
+``--seed`` picks the task's seed (initialisation, shards, batches, held-out set).
 
 Reported per configuration: final held-out loss of the outer parameters, all-reduce bytes sent
 per peer (plus shared-state sync bytes), the peak all-reduce bytes of one boundary (what is in
@@ -42,6 +48,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "stream-uint8": {"quantization": "UINT8", "fragments": 4, "overlap": 1, "mix": 0.0},
     "stream-int4": {"quantization": "INT4", "fragments": 4, "overlap": 1, "mix": 0.0},
     "stream-int2": {"quantization": "INT2", "fragments": 4, "overlap": 1, "mix": 0.0},
+    # the merge on its own
+    "stream-int4-replace": {
+        "quantization": "INT4",
+        "fragments": 4,
+        "overlap": 1,
+        "mix": 0.0,
+        "merge": "replace",
+    },
+    "stream-int4-carry": {
+        "quantization": "INT4",
+        "fragments": 4,
+        "overlap": 1,
+        "mix": 0.0,
+        "merge": "carry",
+    },
     # the mixing factor and the overlap on their own
     "stream-uint8-mix0.5": {"quantization": "UINT8", "fragments": 4, "overlap": 1, "mix": 0.5},
     "stream-uint8-tau0": {"quantization": "UINT8", "fragments": 4, "overlap": 0, "mix": 0.0},
@@ -74,6 +95,7 @@ def run_config(name: str, extra: dict[str, Any], args: argparse.Namespace) -> di
                 "error_feedback": True,
                 "wait_world": args.peers,
                 "threads": 1,
+                **({"task": {"seed": args.seed}} if args.seed else {}),
                 **extra,
             }
             procs.append(
@@ -128,8 +150,8 @@ def run_config(name: str, extra: dict[str, Any], args: argparse.Namespace) -> di
 def run_ddp(args: argparse.Namespace) -> dict[str, Any]:
     from pccl.tools import charlm as T
 
-    cfg = T.TaskConfig()
     steps = args.rounds * args.sync_every
+    cfg = T.TaskConfig(seed=args.seed)
     t0 = time.process_time()
     w0 = time.perf_counter()
     curve = T.ddp_baseline(cfg, args.peers, steps)
@@ -200,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30, help="outer rounds of H steps (default 30)")
     p.add_argument("--sync-every", type=int, default=8, help="H (a multiple of 4; default 8)")
     p.add_argument("--configs", default=",".join(DEFAULT), help="comma-separated subset")
+    p.add_argument("--seed", type=int, default=0, help="the task's seed (default 0)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", help="directory for compare.json / .md / .png")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -225,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             "peers": args.peers,
             "rounds": args.rounds,
             "sync_every": args.sync_every,
+            "seed": args.seed,
             "rows": rows,
             "machine": _machine(),
         }
