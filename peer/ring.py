@@ -334,8 +334,22 @@ class RingOp:
             buf = self._slot(self.rs_recv if s < W - 1 else self.ag_wire, c, k)
         return buf.data.cast("B")
 
-    def on_frame(self, h: DataHeader) -> None:
-        """A frame's payload has fully arrived at the memory :meth:`recv_target` named."""
+    def reads_in_place(self, h: DataHeader) -> bool:
+        """Whether :meth:`on_frame` can take this (validated) frame's payload from where it
+        already is (``payload=``) instead of from :meth:`recv_target`'s memory: an unquantized
+        float32/float64 SUM reduce-scatter hop, whose reduction reads it once."""
+        return (
+            h.step < self.world - 1
+            and self.quant == Quantization.NONE
+            and self.kop == ReduceOp.SUM
+            and self.dtype in (DType.FLOAT32, DType.FLOAT64)
+        )
+
+    def on_frame(self, h: DataHeader, payload: np.ndarray | None = None) -> None:
+        """A frame's payload has fully arrived at the memory :meth:`recv_target` named, or
+        (only where :meth:`reads_in_place`) is readable as ``payload`` (bytes) elsewhere, e.g.
+        in a shared-memory ring: then the sum is formed from it directly, without a copy
+        (IEEE addition is commutative, so the bits equal the copy-then-reduce path's)."""
         W = self.world
         s, c = h.step, h.chunk
         k = h.offset // self.sub
@@ -356,7 +370,11 @@ class RingOp:
                 ):
                     self._hop_u8(s, c, k, e0, n, last)
                 else:
-                    if self.quant == Quantization.NONE:
+                    if payload is not None:
+                        acc = self.work[e0 : e0 + n]
+                        base = self.src[e0 : e0 + n] if self.separate else acc
+                        np.add(base, payload.view(self.dtype.storage), out=acc)
+                    elif self.quant == Quantization.NONE:
                         other = self.src if self.separate else self.scratch
                         K.reduce_inplace(
                             self.work[e0 : e0 + n], other[e0 : e0 + n], self.dtype, self.kop

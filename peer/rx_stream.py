@@ -319,14 +319,17 @@ class RxStream(asyncio.BufferedProtocol):
         if shm is not None and (op is not None or h.op_id <= node.max_op_id):
             # Shared-memory link: the payload is already in the ring; nothing to read.
             src = shm.take(h.payload)
-            if op is not None and not op.finished:
-                shm.copy_out(op.recv_target(h), src)
-            else:
-                node.stale_frames += 1
-            shm.release()
             self._to(RxState.FRAME_HDR, self._hdr)
-            if op is not None and not op.finished:
+            if op is None or op.finished:
+                node.stale_frames += 1
+            elif op.reads_in_place(h):  # the reduction reads the ring: no copy
+                op.recv_target(h)  # validates the header against the schedule
+                op.on_frame(h, src)
+            else:
+                shm.copy_out(op.recv_target(h), src)
+                shm.release()  # out of the ring: let the writer go on meanwhile
                 op.on_frame(h)
+            shm.release()
             return
         if op is not None and not op.finished:
             self._to(RxState.PAYLOAD, op.recv_target(h))

@@ -109,13 +109,19 @@ async def _wire(a: P2PNode, b: P2PNode) -> None:
 
 
 class _Reduce:
-    """One float32 SUM all-reduce, registered on both nodes of a 2-ring, out of place."""
+    """One float32 SUM all-reduce, registered on both nodes of a 2-ring, out of place unless
+    ``in_place``."""
 
-    def __init__(self, nodes: Sequence[P2PNode], op_id: int, n: int = N) -> None:
+    def __init__(
+        self, nodes: Sequence[P2PNode], op_id: int, n: int = N, in_place: bool = False
+    ) -> None:
         self.nodes = nodes
         self.inputs = [(np.arange(n, dtype=np.float32) % 1000) * (r + 1) for r in range(2)]
         self.want = self.inputs[0] + self.inputs[1]
-        self.outs = [np.empty(n, dtype=np.float32) for _ in range(2)]
+        if in_place:  # each peer's input is its result buffer
+            self.outs = [x.copy() for x in self.inputs]
+        else:
+            self.outs = [np.empty(n, dtype=np.float32) for _ in range(2)]
         self.rings: list[RingOp] = []
         for rank, node in enumerate(nodes):
             turn = itertools.count()
@@ -135,7 +141,7 @@ class _Reduce:
                     tag=0,
                     rank=rank,
                     world=2,
-                    src=self.inputs[rank],
+                    src=self.outs[rank] if in_place else self.inputs[rank],
                     work=self.outs[rank],
                     dtype=DType.FLOAT32,
                     op=ReduceOp.SUM,

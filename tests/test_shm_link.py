@@ -63,8 +63,8 @@ async def test_payloads_through_shared_memory_equal_tcp_across_wraps_and_sizes()
             assert all(x is not None for x in _links(a) + _links(b)) == bool(shm_bytes)
             assert a.stats["shm_links"] == b.stats["shm_links"] == (2 if shm_bytes else 0)
             assert not _ours(), "segments are unlinked once both ends hold them"
-            for i, n in enumerate(sizes):
-                red = _Reduce((a, b), OP_ID + i, n=n).register()
+            for i, n in enumerate(sizes * 2):  # out of place, then in place
+                red = _Reduce((a, b), OP_ID + i, n=n, in_place=i >= len(sizes)).register()
                 try:
                     await red.run()  # asserts the exact sum on both peers
                 finally:
