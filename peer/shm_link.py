@@ -16,6 +16,9 @@ position modulo the capacity. The writer waits (futex, :mod:`pccl._shm`) until t
 has consumed up to ``end - capacity``; the reader publishes its consumed position after each
 frame's bytes are out of the ring. Zero-length payloads take no ring space.
 
+The writer reserves the segment's pages when it creates it (``posix_fallocate``): on a full
+tmpfs the offer is simply not made, where a sparse file would fault (SIGBUS) mid-copy.
+
 Invariants: the reader never reads outside the ring (every length is checked against the
 capacity before it is used, a violation is a ``ProtocolError`` that breaks only this stream);
 a writer never waits longer than ``_WAIT_SLICE_MS`` without checking that it was stopped.
@@ -89,7 +92,9 @@ class ShmWriter:
         self.path = os.path.join(_DIR, self.name)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _CTRL + cap)
+            # Reserve every page now: a sparse file on a full tmpfs (a container's 64 MiB
+            # /dev/shm) would turn a later copy into SIGBUS; here it is ENOSPC, and TCP.
+            os.posix_fallocate(fd, 0, _CTRL + cap)
         except OSError:
             os.close(fd)
             self.unlink()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -187,3 +188,21 @@ async def test_without_shm_link_bytes_or_send_threads_payloads_stay_on_tcp(
             red.close()
     with pytest.raises(ValueError):
         _config(shm_link_bytes=4096)
+
+
+def test_a_full_tmpfs_refuses_the_segment_at_creation_not_with_sigbus_later(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mnt = os.path.join(str(tmp_path), "tiny")
+    os.mkdir(mnt)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=False)
+    if mount.returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        monkeypatch.setattr(shm_link, "_DIR", mnt)
+        for cap in (2 << 20, 1 << 20):  # neither fits: 1 MiB of tmpfs, plus the control block
+            with pytest.raises(OSError):
+                ShmWriter(cap)
+            assert os.listdir(mnt) == []  # nothing left behind
+    finally:
+        subprocess.run(["umount", mnt], check=False)
