@@ -55,7 +55,7 @@ class Config:
         progress_timeout_s: an in-flight all-reduce fails when no byte arrives for this long.
         chunk_bytes: ring sub-chunk size; operations are pipelined and striped at this grain.
         quant_block: elements per uint8 quantization block (one fp32 min and scale each);
-            INT4/INT2 always use ``kernels.PACKED_BLOCK`` (128).
+            INT4/INT2 always use ``kernels.PACKED_BLOCK`` (512).
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF requested for p2p sockets to another host
             (0 = kernel default and autotuning).
         local_socket_buffer_bytes: the same for p2p sockets whose two ends are on this host

@@ -62,11 +62,15 @@ log = logging.getLogger("pccl")
 #: Elements per quantisation block (one (min, scale) float32 pair each).
 DEFAULT_BLOCK = 4096
 
-#: Elements per block of the packed 4-bit and 2-bit codecs (INT4, INT2). Smaller than
-#: DEFAULT_BLOCK because with 16 (4) levels the step is range / 15 (3): a block of 128 costs
-#: 0.5 bit of meta per element and measured relative RMS error 0.100 (int4) on Gaussian
-#: pseudo-gradients, against 0.140 at 4096 (see the commit that introduced INT4).
-PACKED_BLOCK = 128
+#: Elements per block of the packed 4-bit and 2-bit codecs (INT4, INT2): one fp32 (min, scale)
+#: pair per block, 64 / 512 = 0.125 bit per element, so INT4 costs 4.125 bits per element on
+#: the wire (7.76x fewer bytes than fp32) and INT2 2.125. Smaller than DEFAULT_BLOCK because
+#: with 16 (4) levels the step is range / 15 (3). Measured on char-LM pseudo-gradients
+#: (docs/bench/2026-12-04/streaming/codec_blocks.json): int4 relative RMS error 0.090 at 128
+#: (4.5 bits), 0.103 at 512 (4.125 bits), 0.097 at 256 with bf16 meta (4.125 bits); held-out
+#: loss of streaming DiLoCo with error feedback equal at 256 and 512 within run-to-run noise
+#: (4 seeds), so the wire keeps fp32 meta. It was 128 until the 7.5 H bytes target of issue 16.
+PACKED_BLOCK = 512
 
 _MAX_DIVISOR = 2**63 - 1
 

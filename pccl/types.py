@@ -42,7 +42,7 @@ class Quantization(enum.IntEnum):
     BF16 = 2  #: bfloat16, round-to-nearest-even
     UINT8 = 3  #: block-wise min-max uint8, round-to-nearest, fp32 (min, scale) per block
     #: block-wise min-max 4-bit codes (16 levels), round-to-nearest, two per byte, fp32
-    #: (min, scale) per block of ``kernels.PACKED_BLOCK`` (128) elements
+    #: (min, scale) per block of ``kernels.PACKED_BLOCK`` (512) elements: 4.125 bits per element
     INT4 = 4
     #: as INT4 with 2-bit codes (4 levels), four per byte
     INT2 = 5

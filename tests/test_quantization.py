@@ -293,14 +293,15 @@ def test_packed_roundtrip_error_within_half_step(
 @pytest.mark.parametrize("nbits", [4, 2])
 def test_packed_roundtrip_error_gaussian(mod: ModuleType, nbits: int) -> None:
     """Gaussian pseudo-gradients at the default packed block: every element within half a step,
-    and the relative RMS error of the measurement that chose the block (int4 ~0.10, int2 ~0.50)."""
+    and the relative RMS error of the measurement that chose the block (512 elements: int4
+    ~0.117, int2 ~0.59 on Gaussian data, docs/bench/2026-12-04/int4/codec_error.json)."""
     rng = np.random.default_rng(nbits)
     x = rng.standard_normal(64 * kernels.PACKED_BLOCK + 3).astype(np.float32)
     q, meta = quantize_packed(mod, x, nbits, kernels.PACKED_BLOCK)
     y = dequantize_packed(mod, q, meta, x.size, nbits, kernels.PACKED_BLOCK)
     check_error_bound(x, meta, y, kernels.PACKED_BLOCK)
     rel = float(np.linalg.norm(y - x) / np.linalg.norm(x))
-    assert rel < {4: 0.11, 2: 0.55}[nbits], rel
+    assert rel < {4: 0.12, 2: 0.61}[nbits], rel
 
 
 @pytest.mark.parametrize("mod", BACKENDS)
@@ -377,7 +378,7 @@ def test_ring_accepts_exactly_the_packed_wire_size(quant: str) -> None:
 
     q = Quantization[quant]
     nbits = {"INT4": 4, "INT2": 2}[quant]
-    n, world, sub = 10_001, 2, 1000  # sub-chunks round to whole packed blocks (1000 -> 896)
+    n, world, sub = 10_001, 2, 1500  # sub-chunks round to whole packed blocks (1500 -> 1024)
 
     async def check() -> None:
         x = np.zeros(n, np.float32)
@@ -391,7 +392,7 @@ def test_ring_accepts_exactly_the_packed_wire_size(quant: str) -> None:
         last_k = ring.nsub[c] - 1
         for k in (0, last_k):
             count = ring._sublen(c, k)
-            size = kernels.packed_len(count, nbits) + 8 * kernels.num_blocks(count, 128)
+            size = kernels.packed_len(count, nbits) + 8 * kernels.num_blocks(count, 512)
             assert wire_len(count, 4, q, 4096) == size
             for bad in (size - 1, size + 1, count + 8 * kernels.num_blocks(count, 4096)):
                 with pytest.raises(ProtocolError, match="payload"):
