@@ -110,6 +110,7 @@ from pccl.bindings.diloco_common import (
     _named_params,
     _Refused,
     nesterov_step,
+    preview_step,
 )
 from pccl.bindings.diloco_fragments import MERGES, Fragments, split_fragments
 from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
@@ -798,21 +799,16 @@ class DiLoCo:
 
     def _preview(self, grad: np.ndarray) -> None:
         """``anchor = theta - lr * d`` for the outer step ``grad`` would give (state untouched)."""
-        lr32, mu32 = np.float32(self.outer_lr), np.float32(self.outer_momentum)
-        step = self._scratch.shape[0]
-        for a in range(0, self.numel, step):
-            b = min(self.numel, a + step)
-            tmp = self._scratch[: b - a]
-            if self._mom is not None:
-                np.multiply(self._mom[a:b], mu32, out=tmp)
-                np.add(tmp, grad[a:b], out=tmp)
-                if self.nesterov:
-                    np.multiply(tmp, mu32, out=tmp)
-                    np.add(tmp, grad[a:b], out=tmp)
-            else:
-                np.copyto(tmp, grad[a:b])
-            np.multiply(tmp, lr32, out=tmp)
-            np.subtract(self._theta[a:b], tmp, out=self._anchor[a:b])
+        preview_step(
+            self._theta,
+            grad,
+            self._mom,
+            self.outer_lr,
+            self.outer_momentum,
+            self.nesterov,
+            self._scratch,
+            self._anchor,
+        )
 
     def _admit_and_sync(self, phase: Phase) -> None:
         self._ctrl[_PHASE] = int(phase)

@@ -162,6 +162,38 @@ def nesterov_step(
         np.subtract(theta[a:b], tmp, out=theta[a:b])
 
 
+def preview_step(
+    theta: np.ndarray,
+    grad: np.ndarray,
+    momentum: np.ndarray | None,
+    lr: float,
+    mu: float,
+    nesterov: bool,
+    scratch: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """``out = theta - lr * d``: where :func:`nesterov_step` would move ``theta`` for ``grad``,
+    with ``theta``, ``grad`` and ``momentum`` untouched (the "eager" estimate of delayed and
+    streaming DiLoCo). The same float32 operations as :func:`nesterov_step`; ``out`` may not
+    alias the inputs; ``scratch`` is float32 of any length >= 1."""
+    lr32, mu32 = np.float32(lr), np.float32(mu)
+    n = theta.shape[0]
+    step = max(1, min(_CHUNK, scratch.shape[0]))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        tmp = scratch[: b - a]
+        if momentum is not None:
+            np.multiply(momentum[a:b], mu32, out=tmp)
+            np.add(tmp, grad[a:b], out=tmp)
+            if nesterov:
+                np.multiply(tmp, mu32, out=tmp)
+                np.add(tmp, grad[a:b], out=tmp)
+        else:
+            np.copyto(tmp, grad[a:b])
+        np.multiply(tmp, lr32, out=tmp)
+        np.subtract(theta[a:b], tmp, out=out[a:b])
+
+
 def _named_params(model: Any) -> list[tuple[str, torch.Tensor]]:
     named: list[tuple[str, torch.Tensor]]
     if isinstance(model, torch.nn.Module):

@@ -75,6 +75,7 @@ from pccl.bindings.diloco_common import (
     _local,
     _Refused,
     apply_outer,
+    preview_step,
 )
 
 from pccl.errors import CollectiveAborted, TooFewPeers
@@ -301,22 +302,11 @@ class Fragments:
         """``start = outer - lr * d(grad)`` (this peer's estimate of the outer step, the outer
         state untouched) over ``[a, b)``, and the local fragment moved there."""
         d = self.d
+        mom = None if d._mom is None else d._mom[a:b]
         start = self._start_t[: b - a].numpy()
-        lr32, mu32 = np.float32(d.outer_lr), np.float32(d.outer_momentum)
-        step = d._scratch.shape[0]
-        for i in range(0, b - a, step):
-            j = min(b - a, i + step)
-            g, tmp, out = grad[i:j], d._scratch[: j - i], start[i:j]
-            if d._mom is None:
-                np.copyto(tmp, g)
-            else:  # buf = mu * m + g; d = g + mu * buf (Nesterov) or buf
-                np.multiply(d._mom[a + i : a + j], mu32, out=tmp)
-                np.add(tmp, g, out=tmp)
-                if d.nesterov:
-                    np.multiply(tmp, mu32, out=tmp)
-                    np.add(tmp, g, out=tmp)
-            np.multiply(tmp, lr32, out=tmp)
-            np.subtract(d._theta[a + i : a + j], tmp, out=out)
+        preview_step(
+            d._theta[a:b], grad, mom, d.outer_lr, d.outer_momentum, d.nesterov, d._scratch, start
+        )
         with torch.no_grad():
             for _, p, off, n, _ in d._params:
                 lo, hi = max(a, off), min(b, off + n)
