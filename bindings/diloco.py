@@ -77,6 +77,14 @@ Closing with an exchange in flight (delayed mode, or a boundary interrupted by a
 closing the communicator first fails the exchange at once (``ConnectionLost`` from its handle)
 and logs nothing; :meth:`DiLoCo.close` then returns without waiting. Closing DiLoCo first waits
 for the exchange to finish (or fail, within its deadline) and drops its result.
+
+This module holds the public class and its state; the pieces live by role beside it:
+:mod:`~pccl.bindings.diloco_common` (constants, records, the outer step),
+:mod:`~pccl.bindings.diloco_exchange` (whole-model all-reduces, retries, averaging),
+:mod:`~pccl.bindings.diloco_feedback` (error-feedback residual),
+:mod:`~pccl.bindings.diloco_hparams` (what every peer must agree on), and the boundary paths
+:mod:`~pccl.bindings.diloco_sync`, :mod:`~pccl.bindings.diloco_fragments` and
+:mod:`~pccl.bindings.diloco_quorum`.
 """
 
 from __future__ import annotations
@@ -88,17 +96,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import xxhash
 from pccl.bindings.diloco_common import (
     _APPLIED,
     _BOUNDARY,
     _CHUNK,
-    _CONTRIBUTORS,
     _CTRL_LEN,
     _FINGERPRINT,
     _PHASE,
-    _TOKEN_WEIGHTED,
-    _WEIGHT,
     DEFAULT_BUCKET_BYTES,
     DEFAULT_TAG,
     NEXT_BUCKET,
@@ -108,11 +112,16 @@ from pccl.bindings.diloco_common import (
     _BoundaryIO,
     _local,
     _named_params,
-    _Refused,
     nesterov_step,
-    preview_step,
+)
+from pccl.bindings.diloco_exchange import (
+    fill_pseudo_grad,
+    fill_quorum,
+    launch_background,
+    reduce_with_retry,
 )
 from pccl.bindings.diloco_fragments import MERGES, Fragments, split_fragments
+from pccl.bindings.diloco_hparams import check_hyperparameters, fingerprint, hyperparameters
 from pccl.bindings.diloco_quorum import QuorumDriver, RoundRecord
 from pccl.bindings.diloco_sync import SyncBoundary
 from pccl.bindings.extra_state import (
@@ -125,9 +134,8 @@ from pccl.bindings.extra_state import (
 
 from pccl import kernels
 from pccl.config import Config
-from pccl.errors import CollectiveAborted, TooFewPeers, VerdictUnknown
 from pccl.shared_state import SharedState
-from pccl.types import Quantization, ReduceOp
+from pccl.types import Quantization
 
 if TYPE_CHECKING:  # pragma: no cover
     from pccl.peer.blocking import Communicator, ReduceFuture
@@ -135,10 +143,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["DiLoCo", "DiLoCoStats", "OuterStepInfo", "Phase", "RoundRecord", "nesterov_step"]
 
 log = logging.getLogger("pccl.diloco")
-
-#: Inner-optimizer param groups whose hyper-parameters are compared field by field.
-_INNER_GROUPS = 4
-_INNER_FIELDS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "dampening")
 
 
 class DiLoCo:
@@ -318,8 +322,9 @@ class DiLoCo:
 
         self._theta_t, self._theta = flat()
         # Where the current round started: the outer parameters, or in delayed mode the eager
-        # start (see _launch_background), or in quorum mode the outer parameters of the round
-        # that applied this peer's last contribution (the driver moves theta meanwhile).
+        # start (see diloco_exchange.launch_background), or in quorum mode the outer parameters
+        # of the round that applied this peer's last contribution (the driver moves theta
+        # meanwhile).
         # Synchronous mode builds, reduces and applies the pseudo-gradient one bucket at a
         # time (diloco_sync) and needs no full-model send/recv buffers.
         separate = self.delayed or self.quorum
@@ -370,11 +375,11 @@ class DiLoCo:
         self._sync_path = None if separate or overlap else SyncBoundary(self, pin)
         self._fragments = Fragments(self, frags, pin) if streaming else None
 
-        self._hparam_names, hp = self._hyperparameters()
+        self._hparam_names, hp = hyperparameters(self)
         self._hparams = np.array(hp, dtype=np.float64)
         self._own_hparams = self._hparams.copy()
         self._ctrl = np.zeros(_CTRL_LEN, dtype=np.int64)
-        self._ctrl[_FINGERPRINT] = self._fingerprint()
+        self._ctrl[_FINGERPRINT] = fingerprint(self._own_hparams)
         entries: dict[str, Any] = {}
         for name, _, off, n, shape in self._params:
             entries[f"outer/{name}"] = self._theta[off : off + n].reshape(shape)
@@ -453,8 +458,8 @@ class DiLoCo:
             applied = False
             if self._inflight is not None:
                 handles, self._inflight = self._inflight, None
-                applied = self._reduce(handles, Phase.RETRY)
-            self._fill_pseudo_grad()
+                applied = reduce_with_retry(self, handles, Phase.RETRY)
+            fill_pseudo_grad(self)
             self._finish_boundary(applied)
         else:
             assert self._sync_path is not None
@@ -494,7 +499,7 @@ class DiLoCo:
         assert self._driver is not None
         t0 = time.perf_counter()
         self._driver.raise_error()
-        weight, weighted = self._fill_quorum()
+        weight, weighted = fill_quorum(self)
         snaps = [slot.snapshot() for slot in self._extra]
         post = self._driver.post(weight, weighted, snaps)
         t_wait = time.perf_counter()
@@ -543,7 +548,7 @@ class DiLoCo:
         t0 = time.perf_counter()
         self._io = _BoundaryIO()
         handles, self._inflight = self._inflight, None
-        applied = self._reduce(handles, Phase.FLUSH_RETRY)
+        applied = reduce_with_retry(self, handles, Phase.FLUSH_RETRY)
         self._finish_flush(applied)
         return self._info(applied, time.perf_counter() - t0)
 
@@ -595,7 +600,7 @@ class DiLoCo:
     def _join(self) -> None:
         """First sync; a newcomer then enters the boundary the incumbents are in."""
         self._sync()
-        self._check_hyperparameters()
+        check_hyperparameters(self)
         if self._anchor is not self._theta:
             np.copyto(self._anchor, self._theta)
         phase = Phase(int(self._ctrl[_PHASE]))
@@ -621,109 +626,20 @@ class DiLoCo:
                 self._copy_anchor_to_local()
             self._contributing = True
             return
-        self._fill_pseudo_grad()  # zeros, weight 0: we have not trained the pending round
+        fill_pseudo_grad(self)  # zeros, weight 0: we have not trained the pending round
         if phase is Phase.RETRY:
-            applied = self._reduce(None, Phase.RETRY)
+            applied = reduce_with_retry(self, None, Phase.RETRY)
             if self.delayed:
-                self._fill_pseudo_grad()
+                fill_pseudo_grad(self)
             self._finish_boundary(applied)
         elif phase is Phase.FLUSH_RETRY:
-            self._finish_flush(self._reduce(None, Phase.FLUSH_RETRY))
+            self._finish_flush(reduce_with_retry(self, None, Phase.FLUSH_RETRY))
         elif phase is Phase.LAUNCH:
-            self._launch_background()
+            launch_background(self)
             self._copy_anchor_to_local()
         else:
             self._copy_anchor_to_local()
         self._contributing = True
-
-    def _hyperparameters(self) -> tuple[list[str], list[float]]:
-        """Names and values of what every peer of a run must agree on (``diloco/hparams``).
-
-        The inner optimizer's hyper-parameters are its param groups' ``initial_lr`` (set by LR
-        schedulers; else ``lr``), ``momentum``, ``weight_decay``, ``betas``, ``eps`` and
-        ``dampening`` of the first few groups; NaN where absent (not compared).
-        """
-        names = [
-            "sync_every",
-            "delayed",
-            "quantization",
-            "outer_lr",
-            "outer_momentum",
-            "nesterov",
-            "error_feedback",
-            "bucket_bytes",
-            "parameters",
-            "extra_state_bytes",
-            "min_quorum",
-            "grace_s",
-            "fragments",
-            "overlap",
-            "mix",
-            "merge",
-        ]
-        values = [
-            float(self.sync_every),
-            float(self.delayed),
-            float(int(self.quantization)),
-            self.outer_lr,
-            self.outer_momentum,
-            float(self.nesterov),
-            float(self.error_feedback),
-            float(self.bucket_bytes),
-            float(self.numel),
-            float(self.extra_state_bytes),
-            float(self.min_quorum or 0),
-            self.grace_s,
-            float(self.fragments),
-            float(self.overlap),
-            self.mix,
-            float(MERGES.index(self.merge)),
-        ]
-        groups = self.inner_optimizer.param_groups if self.inner_optimizer is not None else []
-        nan = float("nan")
-        for i in range(_INNER_GROUPS):
-            g = groups[i] if i < len(groups) else {}
-            betas = g.get("betas")
-            betas = betas if isinstance(betas, (tuple, list)) and len(betas) == 2 else (nan, nan)
-            found = {
-                "lr": g.get("initial_lr", g.get("lr", nan)),
-                "momentum": g.get("momentum", nan),
-                "weight_decay": g.get("weight_decay", nan),
-                "beta1": betas[0],
-                "beta2": betas[1],
-                "eps": g.get("eps", nan),
-                "dampening": g.get("dampening", nan),
-            }
-            for f in _INNER_FIELDS:
-                v = found[f]
-                names.append(f"inner_optimizer.param_groups[{i}].{f}")
-                values.append(float(v) if isinstance(v, (int, float)) else nan)
-        return names, values
-
-    def _fingerprint(self) -> int:
-        v = xxhash.xxh64_intdigest(self._own_hparams.tobytes())
-        return v - (1 << 64) if v >= 1 << 63 else v
-
-    def _check_hyperparameters(self) -> None:
-        """After the first sync: refuse to train with settings that differ from the run's,
-        naming every field that differs (NaN = not set on one side: not compared)."""
-        diffs = []
-        for name, mine, run in zip(
-            self._hparam_names, self._own_hparams.tolist(), self._hparams.tolist(), strict=True
-        ):
-            if np.isnan(mine) or np.isnan(run) or mine == run:
-                continue
-            diffs.append(f"{name}: this peer {mine:g}, the run {run:g}")
-        if diffs:
-            raise ValueError(
-                "this peer's DiLoCo settings differ from the run's: " + "; ".join(diffs)
-            )
-        if int(self._ctrl[_FINGERPRINT]) != self._fingerprint():
-            raise ValueError(
-                "this peer's DiLoCo settings differ from the run's (fingerprint of "
-                + ", ".join(self._hparam_names[:10])
-                + ")"
-            )
 
     # ------------------------------------------------------------------ boundary pieces
 
@@ -749,7 +665,7 @@ class DiLoCo:
         self._ctrl[_BOUNDARY] += 1
         self._admit_and_sync(Phase.LAUNCH if self.delayed else Phase.IDLE)
         if self.delayed:
-            self._launch_background()
+            launch_background(self)
         self._copy_anchor_to_local()
 
     def _finish_sync_boundary(self, applied: bool) -> None:
@@ -772,43 +688,6 @@ class DiLoCo:
         if self._anchor is not self._theta:
             np.copyto(self._anchor, self._theta)
         self._copy_anchor_to_local()
-
-    def _launch_background(self) -> None:
-        """Delayed mode: start the all-reduce of ``send`` and pick the next round's start.
-
-        The next round starts from the outer step this peer would take if its own pseudo-gradient
-        were the group's mean ("eager" start); the group's real mean replaces it at the next
-        boundary, one outer step late. Without it every round would start from outer parameters
-        that lack the previous round, and the late, momentum-amplified updates overshoot.
-        """
-        if self._weight:
-            self._preview(self._send)
-            if self._residual is not None:
-                self._residual_add(self._send, 0)
-            self._weigh(self._weight)
-        else:
-            np.copyto(self._anchor, self._theta)
-        try:
-            self._inflight = self._launch()
-        except CollectiveAborted as e:  # refused before any I/O (a re-formed ring): retried
-            self._inflight = [_Refused(e)]  # at the next boundary like any aborted round
-        except TooFewPeers:
-            self._inflight = None  # this round's pseudo-gradient is dropped
-            np.copyto(self._anchor, self._theta)
-            log.info("outer step %d: fewer than 2 peers, round dropped", self.outer_step)
-
-    def _preview(self, grad: np.ndarray) -> None:
-        """``anchor = theta - lr * d`` for the outer step ``grad`` would give (state untouched)."""
-        preview_step(
-            self._theta,
-            grad,
-            self._mom,
-            self.outer_lr,
-            self.outer_momentum,
-            self.nesterov,
-            self._scratch,
-            self._anchor,
-        )
 
     def _admit_and_sync(self, phase: Phase) -> None:
         self._ctrl[_PHASE] = int(phase)
@@ -882,233 +761,6 @@ class DiLoCo:
         with torch.no_grad():
             for _, p, off, n, shape in self._params:
                 _local(p).copy_(self._anchor_t[off : off + n].view(shape))
-
-    def _fill_pseudo_grad(self) -> None:
-        """``send = start - local`` with weight 1, or zeros with weight 0 (not trained).
-
-        ``start`` is where this round began (the outer parameters, or the eager start in delayed
-        mode). Synchronous mode adds the residual here; delayed mode after the eager preview.
-        """
-        weight = self._tokens if self._token_weighted else 1
-        self._round_token_weighted = self._token_weighted
-        self._tokens, self._token_weighted = 0, False
-        if not self._contributing or weight == 0:
-            self._send.fill(0)
-            self._weight = 0
-            return
-        self._local_to(self._send_t)
-        np.subtract(self._anchor, self._send, out=self._send)
-        self._weight = weight
-        if not self.delayed:
-            if self._residual is not None:
-                self._residual_add(self._send, 0)
-            self._weigh(weight)
-
-    def _fill_quorum(self) -> tuple[int, bool]:
-        """Quorum mode, training thread: ``send = w * (anchor - local + residual)``; returns
-        ``(w, token_weighted)``. Touches only send (the driver reads it after the post)."""
-        weight = self._tokens if self._token_weighted else 1
-        weighted = self._token_weighted
-        self._tokens, self._token_weighted = 0, False
-        if weight == 0:
-            self._send.fill(0)
-            return 0, weighted
-        self._local_to(self._send_t)
-        np.subtract(self._anchor, self._send, out=self._send)
-        if self._residual is not None:
-            self._residual_add(self._send, 0)
-        self._weigh(weight)
-        return weight, weighted
-
-    def _weigh(self, weight: int) -> None:
-        """``send *= weight`` (float32, exactly rounded): the all-reduce SUM then holds the
-        weighted sum, divided by the total weight once every contribution is in."""
-        if weight not in (0, 1):
-            w32 = np.float32(weight)
-            step = max(1, self._scratch.shape[0])
-            for a in range(0, self.numel, step):
-                b = min(self.numel, a + step)
-                np.multiply(self._send[a:b], w32, out=self._send[a:b])
-
-    def _launch(self, src: np.ndarray | None = None) -> list[ReduceFuture]:
-        """Start the count and bucket all-reduces (``src`` (default send) -> recv, SUM)."""
-        src = self._send if src is None else src
-        handles = [self._launch_count()]
-        try:
-            for i, (a, b) in enumerate(self._buckets):
-                handles.append(
-                    self.comm.all_reduce_async(
-                        src[a:b],
-                        self._recv[a:b],
-                        op=ReduceOp.SUM,
-                        quantization=self.quantization,
-                        tag=self._tag + 1 + i,
-                    )
-                )
-        except BaseException:
-            self._wait_all(handles)
-            raise
-        return handles
-
-    def _launch_count(self) -> ReduceFuture:
-        """Start the all-reduce (SUM) of the contributor count vector."""
-        self._count[_WEIGHT] = self._weight
-        self._count[_CONTRIBUTORS] = int(self._weight > 0)
-        self._count[_TOKEN_WEIGHTED] = int(self._weight > 0 and self._round_token_weighted)
-        return self.comm.all_reduce_async(
-            self._count, self._count_out, op=ReduceOp.SUM, tag=self._tag
-        )
-
-    def _wait_all(self, handles: list[ReduceFuture]) -> BaseException | None:
-        error: BaseException | None = None
-        for h in handles:
-            try:
-                info = h.wait()
-            except VerdictUnknown as e:
-                # The ring completed here and recv holds its result (identical on every peer
-                # whose ring completed); only the master's verdict was lost to a restart. Keep
-                # it: the outer-state sync that follows every boundary elects one content and
-                # repairs any peer that restored instead.
-                log.warning("outer step %d: %s; keeping the result", self.outer_step, e)
-                continue
-            except Exception as e:  # every handle is awaited before anything else runs
-                error = error or e
-                continue
-            self.stats.tx_bytes += info.tx_bytes
-            self.stats.rx_bytes += info.rx_bytes
-            self._io.tx += info.tx_bytes
-            self._io.rx += info.rx_bytes
-        return error
-
-    def _reduce(self, handles: list[ReduceFuture] | None, retry_phase: Phase) -> bool:
-        """Finish (or start) the all-reduce, retrying after departures; average into recv.
-
-        Returns:
-            True when ``recv`` holds the mean pseudo-gradient, False when the step is dropped.
-        """
-        while True:
-            if handles is None:
-                try:
-                    handles = self._launch()
-                except CollectiveAborted as e:  # refused before any I/O: retry as an abort
-                    handles = [_Refused(e)]
-                except TooFewPeers:
-                    log.info("outer step %d: fewer than 2 peers, step dropped", self.outer_step)
-                    return False
-            error = self._wait_all(handles)
-            handles = None
-            if error is None:
-                break
-            if not isinstance(error, CollectiveAborted):
-                raise error
-            self.stats.retries += 1
-            self._io.retries += 1
-            log.info(
-                "outer step %d: all-reduce aborted (%s); re-forming and retrying",
-                self.outer_step,
-                error,
-            )
-            self._admit_and_sync(retry_phase)
-        return self._average()
-
-    def _average(self) -> bool:
-        """After a successful all-reduce: ``recv /= total weight``; update the residual.
-        Returns False (nothing to apply) when nobody contributed."""
-        if not self._read_count():
-            return False
-        weight = int(self._count_out[_WEIGHT])
-        if weight > 1:
-            np.divide(self._recv, np.float32(weight), out=self._recv)
-        if self._weight and self._residual is not None:
-            self._update_residual()
-        return True
-
-    def _read_count(self) -> bool:
-        """Record the all-reduced count; False when nobody contributed (nothing to apply)."""
-        weight = int(self._count_out[_WEIGHT])
-        contributors = int(self._count_out[_CONTRIBUTORS])
-        weighted = int(self._count_out[_TOKEN_WEIGHTED])
-        self._io.contributors = contributors
-        self._io.weight = weight
-        if 0 < weighted < contributors and not self._mixed_warned:
-            self._mixed_warned = True
-            log.warning(
-                "outer step %d: %d of %d contributors passed tokens to step() and the others did "
-                "not (weight 1 each): pass tokens on every peer, or on none",
-                self.outer_step,
-                weighted,
-                contributors,
-            )
-        return weight > 0 and contributors > 0
-
-    def _residual_add(self, x: np.ndarray, a: int) -> None:
-        """``x += residual[a : a + len(x)]`` (bf16 bits decoded exactly to fp32)."""
-        assert self._residual is not None
-        step = self._rscratch.shape[0]
-        for i in range(0, x.shape[0], step):
-            j = min(x.shape[0], i + step)
-            tmp = self._rscratch[: j - i]
-            kernels.decode_bf16(self._residual[a + i : a + j], tmp)
-            np.add(x[i:j], tmp, out=x[i:j])
-
-    def _update_residual(self) -> None:
-        """``residual = send - D(Q(send))``: what the wire encoding lost of our contribution."""
-        self._store_residual(self._send, 0)
-
-    def _store_residual(self, x: np.ndarray, a: int) -> None:
-        """``residual[a : a + len(x)] = bf16((x - D(Q(x))) / weight)`` for one all-reduced
-        buffer ``x``, with the blocks the ring quantized it in: the ring cuts it into one chunk
-        per peer (``n // world`` elements, the first ``n % world`` one more; RingOp.start) and
-        a chunk's blocks start at the chunk's start. Blocks aligned to ``x``'s start instead
-        would give most elements the error of a block partition the wire never used."""
-        world = max(1, int(getattr(self.comm, "group_world_size", 1) or 1))
-        blockwise = self.quantization in (Quantization.UINT8, Quantization.INT4, Quantization.INT2)
-        n = x.shape[0]
-        if not blockwise or world < 2 or n < world:
-            self._store_residual_span(x, a)
-            return
-        base, rem = divmod(n, world)
-        for c in range(world):
-            lo, hi = c * base + min(c, rem), (c + 1) * base + min(c + 1, rem)
-            self._store_residual_span(x[lo:hi], a + lo)
-
-    def _store_residual_span(self, x: np.ndarray, a: int) -> None:
-        """:meth:`_store_residual` over one span, the quantization blocks aligned to its start."""
-        assert self._residual is not None
-        numel = x.shape[0]
-        step = self._scratch.shape[0]
-        bits = {Quantization.INT4: 4, Quantization.INT2: 2}.get(self.quantization, 0)
-        block = kernels.PACKED_BLOCK if bits else self._block  # INT4/INT2: the ring's block
-        if (self.quantization == Quantization.UINT8 or bits) and step > block:
-            step -= step % block  # whole blocks per chunk: the blocks of a single pass
-        if bits and getattr(self, "_packed_meta", None) is None:  # first INT4/INT2 pass
-            self._packed_meta = np.empty(2 * kernels.num_blocks(step, block), dtype=np.float32)
-        for i in range(0, numel, step):
-            j = min(numel, i + step)
-            n = j - i
-            xi, deq = x[i:j], self._scratch[:n]
-            if self.quantization == Quantization.UINT8:
-                meta = self._meta[: 2 * kernels.num_blocks(n, self._block)]
-                kernels.quantize_u8(xi, self._q[:n], meta, self._block)
-                kernels.dequantize_u8(self._q[:n], meta, deq, self._block)
-            elif bits:
-                q = self._q[: kernels.packed_len(n, bits)]
-                meta = self._packed_meta[: 2 * kernels.num_blocks(n, block)]
-                kernels.quantize_packed(xi, q, meta, bits, block)
-                kernels.dequantize_packed(q, meta, deq, bits, block)
-            elif self.quantization == Quantization.FP16:
-                kernels.encode_f16(xi, self._half[:n])
-                kernels.decode_f16(self._half[:n], deq)
-            else:
-                kernels.encode_bf16(xi, self._half[:n])
-                kernels.decode_bf16(self._half[:n], deq)
-            r = self._rscratch[:n]
-            with np.errstate(invalid="ignore", over="ignore"):
-                np.subtract(xi, deq, out=r)
-                if self._weight != 1:  # the residual is kept per unit of weight
-                    np.divide(r, np.float32(self._weight), out=r)
-            r[~np.isfinite(r)] = 0  # a NaN/inf block must not poison every later step
-            kernels.encode_bf16(r, self._residual[a + i : a + j])
 
     def _info(self, applied: bool, seconds: float, fragment: int = 0) -> OuterStepInfo:
         io = self._io

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pccl.bindings.diloco_feedback import store_residual
 
 from pccl.errors import CollectiveAborted
 
@@ -113,7 +114,7 @@ def apply_outer(d: Any, a: int, b: int, send: np.ndarray, recv: np.ndarray, weig
     if weight > 1:
         np.divide(recv, np.float32(weight), out=recv)
     if d._weight and d._residual is not None:
-        d._store_residual(send, a)
+        store_residual(d, send, a)
     nesterov_step(
         d._theta[a:b],
         recv,

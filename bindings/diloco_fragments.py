@@ -77,6 +77,8 @@ from pccl.bindings.diloco_common import (
     apply_outer,
     preview_step,
 )
+from pccl.bindings.diloco_exchange import launch_count, read_count, wait_all
+from pccl.bindings.diloco_feedback import residual_add
 
 from pccl.errors import CollectiveAborted, TooFewPeers
 from pccl.types import ReduceOp
@@ -202,7 +204,7 @@ class Fragments:
         if d.merge == "eager":
             self._eager(a, b, send)
         if d._residual is not None:
-            d._residual_add(send, a)
+            residual_add(d, send, a)
         if d._weight != 1:
             np.multiply(send, np.float32(d._weight), out=send)
 
@@ -211,7 +213,7 @@ class Fragments:
         d = self.d
         base = self.ranges[f][0]
         try:
-            handles: list[Any] = [d._launch_count()]
+            handles: list[Any] = [launch_count(d)]
         except CollectiveAborted as e:
             return [_Refused(e)]
         lo, hi = self.buckets[f]
@@ -228,10 +230,10 @@ class Fragments:
                     )
                 )
         except CollectiveAborted as e:  # refused before any I/O: retried when it lands
-            d._wait_all(handles)
+            wait_all(d, handles)
             return [_Refused(e)]
         except BaseException:
-            d._wait_all(handles)
+            wait_all(d, handles)
             raise
         return handles
 
@@ -255,10 +257,10 @@ class Fragments:
         d._io = _BoundaryIO()
         applied = False
         while handles:
-            error = d._wait_all(handles)
+            error = wait_all(d, handles)
             handles = []
             if error is None:
-                applied = d._read_count()
+                applied = read_count(d)
                 break
             if not isinstance(error, CollectiveAborted):
                 raise error

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
+from pccl.bindings.diloco_exchange import average, launch, wait_all
 
 from pccl.errors import CollectiveAborted, PCCLError, TooFewPeers
 from pccl.types import ReduceOp
@@ -326,7 +327,7 @@ class QuorumDriver:
             d._recv.fill(0)
             src = d._recv  # in place: the training thread may be filling send
         try:
-            handles = d._launch(src)
+            handles = launch(d, src)
         except TooFewPeers:
             log.info("outer step %d: fewer than 2 peers, round dropped", d.outer_step)
             self._xvalid = post is not None  # alone: its own snapshot is the run's
@@ -336,13 +337,13 @@ class QuorumDriver:
             try:
                 handles.append(d.comm.all_reduce_async(self._xbuf, op=ReduceOp.SUM, tag=tag))
             except BaseException:
-                d._wait_all(handles)
+                wait_all(d, handles)
                 raise
-        error = d._wait_all(handles)
+        error = wait_all(d, handles)
         if error is not None:
             raise error
         self._xvalid = True
-        applied = d._average()
+        applied = average(d)
         return applied, int(d._count_out[0])
 
     def _reform(self) -> None:

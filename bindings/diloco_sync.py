@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from pccl.bindings.diloco_common import NEXT_BUCKET, Phase, apply_outer
+from pccl.bindings.diloco_exchange import launch_count, read_count, wait_all
+from pccl.bindings.diloco_feedback import residual_add
 
 from pccl.errors import CollectiveAborted, TooFewPeers
 from pccl.types import ReduceOp
@@ -74,7 +76,7 @@ class SyncBoundary:
         d._local_range_to(self._send_t[: b - a], a, b)
         np.subtract(d._theta[a:b], send, out=send)
         if d._residual is not None:
-            d._residual_add(send, a)
+            residual_add(d, send, a)
         if d._weight != 1:
             np.multiply(send, np.float32(d._weight), out=send)
         return send
@@ -93,7 +95,7 @@ class SyncBoundary:
             error: BaseException | None = None
             dropped = False
             try:
-                handles: list[Any] = [d._launch_count()]
+                handles: list[Any] = [launch_count(d)]
             except CollectiveAborted as e:  # refused before any I/O: retried as an abort
                 error, handles = e, []
             except TooFewPeers:
@@ -117,11 +119,11 @@ class SyncBoundary:
                     error = e
                 except TooFewPeers:  # the group shrank without update_topology: drop the rest
                     dropped = True
-                error = d._wait_all(handles) or error
+                error = wait_all(d, handles) or error
                 handles = []
                 if error is not None or dropped:
                     break
-                if k == first and not d._read_count():
+                if k == first and not read_count(d):
                     dropped = True  # nobody contributed: nothing to apply
                     break
                 self._apply(a, b, send, recv)
