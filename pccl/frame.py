@@ -48,7 +48,9 @@ MAGIC = 0x5043  # "PC"
 #: The one definition of the protocol version: frame headers carry it, ``P2M_HELLO`` states it,
 #: and a frame of any other version closes its connection. 2: typed kick codes and abort kinds,
 #: attempt numbers on collectives, withdraw and verdict query, a separate state-transfer hello.
-VERSION = 2
+#: 3: INT4/INT2 payloads in 512-element blocks (were 128); P2P_HELLO offers a same-host
+#: shared-memory segment (shm, shm_bytes, covered by the proof), P2P_HELLO_ACK answers it.
+VERSION = 3
 PROTOCOL_VERSION = VERSION
 #: Largest body of the first frame of an unauthenticated connection (a hello): checked from
 #: the header, before anything is buffered or allocated for it.

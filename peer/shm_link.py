@@ -30,24 +30,31 @@ loop thread.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import mmap
 import os
 import re
 import secrets
 import stat
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from pccl.errors import ProtocolError
 
-try:
-    from pccl import _shm  # type: ignore[attr-defined]
 
-    AVAILABLE = bool(_shm.AVAILABLE) and os.path.isdir("/dev/shm")
-except ImportError:  # pragma: no cover - built without the extension
-    _shm = None
-    AVAILABLE = False
+def _load() -> Any:
+    """The ``pccl._shm`` extension, or None where it was not built (then TCP only)."""
+    try:
+        return importlib.import_module("pccl._shm")
+    except ImportError:  # pragma: no cover - built without the extension
+        return None
+
+
+_shm: Any = _load()
+#: Whether this process can offer and map shared-memory links.
+AVAILABLE: bool = _shm is not None and bool(_shm.AVAILABLE) and os.path.isdir("/dev/shm")
 
 __all__ = ["AVAILABLE", "MAX_BYTES", "MIN_BYTES", "ShmReader", "ShmWriter"]
 

@@ -31,6 +31,7 @@ INTS = [
     "probe_max_bytes",
     "tcp_notsent_lowat_bytes",
     "max_streams",
+    "shm_link_bytes",
 ]
 
 
@@ -241,6 +242,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
         "tcp_user_timeout_s": "12",
         "auto_streams": "yes",
         "max_streams": "8",
+        "shm_link_bytes": "33554432",
     }
     assert set(values) == set(FIELDS)
     for k, v in values.items():
@@ -260,6 +262,7 @@ def test_from_env_reads_every_field(clean_env: pytest.MonkeyPatch) -> None:
     assert (c.auto_optimize_topology, c.tcp_bbr, c.auto_streams) == (True, False, True)
     assert (c.probe_time_s, c.probe_max_bytes, c.probe_max_age_s) == (0.5, 1 << 20, 60.0)
     assert (c.tcp_notsent_lowat_bytes, c.tcp_user_timeout_s, c.max_streams) == (131072, 12.0, 8)
+    assert c.shm_link_bytes == 32 << 20
     assert all(type(getattr(c, n)) is int for n in INTS)
     assert all(type(getattr(c, n)) is float for n in TIMEOUTS)
 

@@ -403,8 +403,9 @@ def test_float_fields_accept_ints_and_float32_encodings() -> None:
 
 
 def test_wire_version_2_schemas() -> None:
-    """The v2 layouts: attempts on collectives, typed codes as ints, split state hello."""
-    assert VERSION == 2
+    """The v2 layouts (kept by v3): attempts on collectives, typed codes as ints, split state
+    hello."""
+    assert VERSION == 3
 
     def names(cls: type[m.Message]) -> list[str]:
         return [n for n, _ in fields_of(cls)]
@@ -413,6 +414,9 @@ def test_wire_version_2_schemas() -> None:
     assert names(m.CollectiveCommence) == ["tag", "attempt", "op_id", "epoch"]
     assert names(m.CollectiveDone) == ["tag", "attempt", "op_id", "ok", "reason", "kind"]
     assert names(m.CollectiveWithdraw) == ["tag", "attempt", "reason"]
+    # v3: the ring hello offers a same-host shared-memory segment, the ack answers it
+    assert names(m.P2PHello) == ["peer_id", "epoch", "stream", "auth", "shm", "shm_bytes"]
+    assert names(m.P2PHelloAck) == ["ok", "reason", "shm"]
     assert names(m.VerdictQuery) == ["op_id", "members"]
     assert names(m.Outcomes) == ["outcomes"]
     assert names(m.Verdict) == ["op_id", "state", "reason"]
