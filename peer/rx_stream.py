@@ -150,6 +150,7 @@ class RxStream(asyncio.BufferedProtocol):
         self.op: RingOp | None = None  # set only in PAYLOAD
         self.shm_offer: tuple[str, int] = ("", 0)  # segment named by a verified ring hello
         self.shm: ShmReader | None = None  # mapped: payloads come through it, not the socket
+        self._breathing = False  # reading paused until the loop has run once (see _breathe)
         self.header: DataHeader = _NO_HEADER
         self.opened = time.monotonic()
         self.parked_since = 0.0
@@ -330,6 +331,7 @@ class RxStream(asyncio.BufferedProtocol):
                 shm.release()  # out of the ring: let the writer go on meanwhile
                 op.on_frame(h)
             shm.release()
+            self._breathe()
             return
         if op is not None and not op.finished:
             self._to(RxState.PAYLOAD, op.recv_target(h))
@@ -347,6 +349,23 @@ class RxStream(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.pause_reading()
             node.parked.add(self)
+
+    def _breathe(self) -> None:
+        """After a frame taken from a shared-memory ring, let the loop run its timers
+        (heartbeats, deadlines) before the next header. Headers are tiny, so dozens may wait
+        in the socket, and each costs a whole frame's work once its bytes need no reading:
+        without this they would all be handled in one callback (seconds, on fresh memory)."""
+        t = self.transport
+        if t is None or self._breathing:
+            return
+        self._breathing = True
+        t.pause_reading()
+        asyncio.get_running_loop().call_soon(self._breathe_out)
+
+    def _breathe_out(self) -> None:
+        self._breathing = False
+        if self.state is RxState.FRAME_HDR and self.transport is not None:
+            self.transport.resume_reading()
 
     def unpark(self) -> None:
         """Re-route the parked frame after a new operation was registered."""
