@@ -67,6 +67,8 @@ __all__ = ["PRE_AUTH", "RING_DATA", "RxState", "RxStream"]
 _FULL_HEADER = HEADER.size + DATA_HEADER.size
 _DISCARD = memoryview(bytearray(1 << 20))  # shared sink for skipped payloads
 _NO_HEADER = DataHeader(0, 0, 0, 0, 0, 0, 0)
+#: Longest run of shared-memory frames handled before the loop gets a turn (see _breathe).
+_BREATHE_S = 0.02
 _HELLOS = frozenset({MsgType.P2P_HELLO, MsgType.P2P_STATE_HELLO, MsgType.P2P_PROBE_HELLO})
 
 
@@ -151,6 +153,7 @@ class RxStream(asyncio.BufferedProtocol):
         self.shm_offer: tuple[str, int] = ("", 0)  # segment named by a verified ring hello
         self.shm: ShmReader | None = None  # mapped: payloads come through it, not the socket
         self._breathing = False  # reading paused until the loop has run once (see _breathe)
+        self._breathed = 0.0
         self.header: DataHeader = _NO_HEADER
         self.opened = time.monotonic()
         self.parked_since = 0.0
@@ -351,13 +354,18 @@ class RxStream(asyncio.BufferedProtocol):
             node.parked.add(self)
 
     def _breathe(self) -> None:
-        """After a frame taken from a shared-memory ring, let the loop run its timers
-        (heartbeats, deadlines) before the next header. Headers are tiny, so dozens may wait
-        in the socket, and each costs a whole frame's work once its bytes need no reading:
-        without this they would all be handled in one callback (seconds, on fresh memory)."""
+        """After a frame taken from a shared-memory ring, at least every ``_BREATHE_S``, let
+        the loop run its timers (heartbeats, deadlines) before the next header. Headers are
+        tiny, so dozens may wait in the socket, and each costs a whole frame's work once its
+        bytes need no reading: without this they would all be handled in one callback
+        (seconds, on fresh memory)."""
         t = self.transport
         if t is None or self._breathing:
             return
+        now = time.monotonic()
+        if now - self._breathed < _BREATHE_S:
+            return
+        self._breathed = now
         self._breathing = True
         t.pause_reading()
         asyncio.get_running_loop().call_soon(self._breathe_out)
