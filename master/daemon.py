@@ -550,9 +550,14 @@ class Master:
     async def _tick(self) -> None:
         cfg = self.config
         seq = 0
+        woke = time.monotonic()
         while True:
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
+            late = now - woke - cfg.heartbeat_interval_s
+            woke = now
+            if late > cfg.heartbeat_interval_s:
+                self._forgive_stall(late, now)
             seq += 1
             frame = m.MasterHeartbeat(seq).encode()  # one frame for every peer
             try:
@@ -588,6 +593,18 @@ class Master:
                         conn.send_frame(frame)
             t = time.monotonic()
             self.steps.note(t - now, t)
+
+    def _forgive_stall(self, late: float, now: float) -> None:
+        """This process did not run for ``late`` seconds (stopped, starved, or the whole VM
+        frozen): peers' heartbeats of that time may still sit unread in their sockets, and the
+        loop runs this timer before it reads them. Silence during our own stall is not counted
+        against anyone: every peer's last-seen moves forward by it (never past now), so a peer
+        that was really silent before the stall is still evicted on time."""
+        log.warning(
+            "master loop stalled %.1fs: not counting it against the peers' heartbeats", late
+        )
+        for conn in self.by_id.values():
+            conn.last_seen = min(now, conn.last_seen + late)
 
     async def _probe_lag(self) -> None:
         """Wake every :data:`LAG_PROBE_S`; the delay beyond it is the longest step the loop

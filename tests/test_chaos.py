@@ -60,8 +60,13 @@ def _processes_of(driver_pid: int) -> list[str]:
 @pytest.mark.chaos
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
-def test_sixty_seconds_of_churn_keep_parity_and_progress(tmp_path):
-    argv = _chaos_argv(tmp_path, "--peers", "4", "--duration", "60", "--seed", "1")
+@pytest.mark.parametrize(
+    "duration", [pytest.param(60, marks=pytest.mark.slow), 25], ids=["60s", "25s"]
+)
+def test_churn_keeps_parity_and_progress(tmp_path, duration):
+    # The default run churns for 25 s (every fault kind still fires, counted); `make soak`
+    # runs the 60 s soak.
+    argv = _chaos_argv(tmp_path, "--peers", "4", "--duration", str(duration), "--seed", "1")
     argv += ["--interval", "2.5"]
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=200)
@@ -76,18 +81,18 @@ def test_sixty_seconds_of_churn_keep_parity_and_progress(tmp_path):
     # Counted fault injection: each kind really fired.
     for kind in ("kill", "hang", "leave", "join", "masterkill"):
         assert report["faults"][kind] >= 1, (kind, report["faults"])
-    assert sum(report["faults"].values()) >= 10, report["faults"]
-    # Progress: hundreds of steps, every one compared across peers.
-    assert report["steps"] >= 100, report
+    assert sum(report["faults"].values()) >= duration // 6, report["faults"]
+    # Progress: hundreds of steps (at 60 s), every one compared across peers.
+    assert report["steps"] >= 100 * duration // 60, report
     assert report["parity_checks"] >= 3 * report["steps"] // 2, report
     assert report["throughput_steps_per_s"] > 1.0, report
     # Recovery: faults were measured and the run resumed within a few heartbeat timeouts.
-    assert report["recoveries_measured"] >= 5, report
+    assert report["recoveries_measured"] >= max(2, 5 * duration // 60), report
     assert 0 < report["max_recovery_s"] < 15.0, report
     # A live summary at least every 10 s.
     summaries = [line for line in r.stdout.splitlines() if " steps/s)" in line]
-    assert len(summaries) >= 60 // 10, r.stdout[-2000:]
-    assert wall < 60 + 60, f"the run took {wall:.0f}s"
+    assert len(summaries) >= duration // 10, r.stdout[-2000:]
+    assert wall < duration + 60, f"the run took {wall:.0f}s"
     # The summary line on stdout is the JSON's required subset.
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert last["steps"] == report["steps"] and set(last) >= {"faults", "stalls"}
