@@ -1380,6 +1380,21 @@ def test_fragments_sync_on_a_staggered_schedule_each_its_own_reference_update() 
     assert _flat(model)[a1:b1].tobytes() == expect[a1:b1].tobytes()
 
 
+def _nudge(model: torch.nn.Module, by: float) -> None:
+    """Move every parameter by -``by`` (stands in for inner steps)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(by)
+
+
+def _outer_step_of(theta0: np.ndarray, g: np.ndarray, a: int, b: int) -> np.ndarray:
+    """``theta0`` after DiLoCo's default outer step (Nesterov, lr 0.7, mu 0.9, momentum from
+    zero) of the elements ``[a, b)`` for pseudo-gradient ``g``."""
+    expect, mom = theta0.copy(), np.zeros_like(theta0)
+    nesterov_step(expect[a:b], g[a:b].copy(), mom[a:b], 0.7, 0.9, True, np.empty(8, np.float32))
+    return expect
+
+
 def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
     """P = 2, H = 4, tau = 1, mix = 0.5, merge "replace": fragment 0's exchange starts at step 2
     from the local parameters then, lands at step 3 (outer step + sync) and the local fragment
@@ -1400,23 +1415,16 @@ def test_overlapped_fragment_lands_tau_steps_later_and_mixes() -> None:
     theta0 = _flat(model)
     assert _train(model, d, 1)[0] is None
     launched = None
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sub_(0.05)
+    _nudge(model, 0.05)
     launched = _flat(model)
     assert d.step() is None  # launched, in flight
     assert d._fragments is not None and d._fragments.inflight is not None
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sub_(0.03)
+    _nudge(model, 0.03)
     before = _flat(model)
     info = d.step()
     assert info is not None and info.fragment == 0 and info.applied
-    expect, mom = theta0.copy(), np.zeros_like(theta0)
     g = theta0 - launched
-    nesterov_step(
-        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
-    )
+    expect = _outer_step_of(theta0, g, a0, b0)
     assert _outer(d).tobytes() == expect.tobytes()
     mixed = torch.tensor(before[a0:b0]).mul_(0.5).add_(torch.tensor(expect[a0:b0]), alpha=0.5)
     assert _flat(model)[a0:b0].tobytes() == mixed.numpy().tobytes()
@@ -1439,9 +1447,7 @@ def test_overlapped_fragment_keeps_the_overlap_progress(merge: str) -> None:
     (a0, b0), (a1, b1) = _fragment_ranges(d)
     theta0 = _flat(model)
     assert _train(model, d, 1)[0] is None
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sub_(0.05)
+    _nudge(model, 0.05)
     launched = _flat(model)
     assert d.step() is None  # launched, in flight
     g = theta0 - launched
@@ -1453,16 +1459,11 @@ def test_overlapped_fragment_keeps_the_overlap_progress(merge: str) -> None:
     now = _flat(model)
     assert now[a0:b0].tobytes() == start.tobytes()
     assert now[a1:b1].tobytes() == launched[a1:b1].tobytes()  # fragment 1 untouched
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sub_(0.03)
+    _nudge(model, 0.03)
     before = _flat(model)
     info = d.step()
     assert info is not None and info.fragment == 0 and info.applied
-    expect, mom = theta0.copy(), np.zeros_like(theta0)
-    nesterov_step(
-        expect[a0:b0], g[a0:b0].copy(), mom[a0:b0], 0.7, 0.9, True, np.empty(8, np.float32)
-    )
+    expect = _outer_step_of(theta0, g, a0, b0)
     assert _outer(d).tobytes() == expect.tobytes()  # the exchange is what it was
     fix = torch.tensor(expect[a0:b0]) - torch.tensor(start)
     want = torch.tensor(before[a0:b0]).add_(fix, alpha=1.0)
