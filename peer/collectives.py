@@ -56,25 +56,6 @@ __all__ = ["AttemptState", "CollectiveRunner", "ReduceHandle"]
 OUTCOME_MEMORY = 64
 
 
-#: Copies at least this large run on a worker thread (GIL released), so the event loop keeps
-#: answering heartbeats and frames meanwhile: a first touch of fresh memory can take seconds.
-THREAD_COPY_BYTES = 16 << 20
-
-
-async def _copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """``np.copyto(dst, src)``, off the loop when large. Cancelling the caller waits for the
-    copy to end first, so ``dst`` is never written after this returns or raises."""
-    if src.nbytes < THREAD_COPY_BYTES:
-        np.copyto(dst, src)
-        return
-    fut = asyncio.get_running_loop().run_in_executor(None, np.copyto, dst, src)
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait([fut])
-        raise
-
-
 class AttemptState(enum.Enum):
     """Where one all-reduce attempt is."""
 
@@ -257,7 +238,7 @@ class CollectiveRunner:
             t0 = time.perf_counter()
             if in_place:
                 backup = self.pool.get(sv.nbytes).view(sv.dtype)
-                await _copy(backup, sv)
+                np.copyto(backup, sv)
             ring = self._ring(go.op_id, tag, sv, rv, dt, op, quant)
             st.ring = ring
             tx = self.node.tx
