@@ -305,8 +305,8 @@ class _Sender:
     room with ``poll``; frames leave in :meth:`put` order. On a shared-memory link (``shm``) it
     copies each payload into the segment (waiting for room there) before sending the header.
     The transport writes nothing after the hello, so the two never interleave. :meth:`stop`
-    makes the thread close its descriptor within ``_POLL_MS``; a write error is reported once
-    through ``on_error`` on the loop.
+    makes the thread close its descriptor within ``_POLL_MS``; a write error, or any other
+    failure of the thread, is reported once through ``on_error`` on the loop (as an OSError).
     """
 
     _POLL_MS = 100
@@ -351,11 +351,8 @@ class _Sender:
                         return
                     header, payload = self._q.popleft()
                 if self._shm is not None and len(payload):
-                    try:
-                        if not self._shm.write(payload, self._is_stopped):
-                            return
-                    except (ValueError, TypeError, OverflowError) as e:  # a broken invariant
-                        raise OSError(f"shared-memory link: {e}") from e
+                    if not self._shm.write(payload, self._is_stopped):
+                        return
                     bufs = [memoryview(header)]
                 else:
                     bufs = [memoryview(header), payload]
@@ -372,10 +369,11 @@ class _Sender:
                         bufs.pop(0)
                     if sent:
                         bufs[0] = bufs[0][sent:]
-        except OSError as e:
+        except Exception as e:  # any failure breaks the stream, loudly; none ends the thread mute
             if not self._stopped:
+                err = e if isinstance(e, OSError) else OSError(f"send thread: {e!r}")
                 with contextlib.suppress(RuntimeError):  # the loop is already closed
-                    self._loop.call_soon_threadsafe(self._on_error, e)
+                    self._loop.call_soon_threadsafe(self._on_error, err)
         finally:
             sock.close()
 

@@ -326,14 +326,15 @@ class RxStream(asyncio.BufferedProtocol):
             self._to(RxState.FRAME_HDR, self._hdr)
             if op is None or op.finished:
                 node.stale_frames += 1
+                shm.release()
             elif op.reads_in_place(h):  # the reduction reads the ring: no copy
                 op.recv_target(h)  # validates the header against the schedule
                 op.on_frame(h, src)
+                shm.release()
             else:
                 shm.copy_out(op.recv_target(h), src)
-                shm.release()  # out of the ring: let the writer go on meanwhile
+                shm.release()  # out of the ring before the work: the writer goes on meanwhile
                 op.on_frame(h)
-            shm.release()
             self._breathe()
             return
         if op is not None and not op.finished:

@@ -86,3 +86,35 @@ def test_a_dead_receiver_is_reported_once_on_the_loop() -> None:
         c.close()
 
     asyncio.run(main())
+
+
+def test_a_failure_other_than_oserror_is_reported_not_swallowed() -> None:
+    """A payload larger than the shared-memory ring is a broken invariant (ValueError in the
+    thread): the stream is reported broken on the loop, never left to hang."""
+    from pccl.peer import shm_link
+
+    if not shm_link.AVAILABLE:
+        pytest.skip("no shared-memory links here")
+
+    async def main() -> None:
+        c, s = _pair()
+        ring = shm_link.ShmWriter(1 << 20)
+        ring.unlink()
+        errors: list[OSError] = []
+        done = asyncio.Event()
+
+        def on_error(e: OSError) -> None:
+            errors.append(e)
+            done.set()
+
+        sender = _Sender(c.fileno(), on_error, ring)
+        sender.put(b"h", memoryview(bytes((1 << 20) + 1)))
+        await asyncio.wait_for(done.wait(), 10)
+        assert len(errors) == 1 and "exceeds" in str(errors[0]), errors
+        with pytest.raises(BlockingIOError):  # the header never went out without its payload
+            s.recv(16, socket.MSG_DONTWAIT)
+        sender.stop()
+        c.close()
+        s.close()
+
+    asyncio.run(main())
