@@ -550,12 +550,11 @@ class Master:
     async def _tick(self) -> None:
         cfg = self.config
         seq = 0
-        woke = time.monotonic()
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(cfg.heartbeat_interval_s)
             now = time.monotonic()
-            late = now - woke - cfg.heartbeat_interval_s
-            woke = now
+            late = now - slept - cfg.heartbeat_interval_s  # oversleep only, not our own work
             if late > cfg.heartbeat_interval_s:
                 self._forgive_stall(late, now)
             seq += 1
