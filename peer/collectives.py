@@ -55,6 +55,24 @@ __all__ = ["AttemptState", "CollectiveRunner", "ReduceHandle"]
 #: Outcomes of this many recent operations are reported to a restarted master.
 OUTCOME_MEMORY = 64
 
+#: Copies at least this large run on a worker thread (GIL released), so the event loop keeps
+#: answering heartbeats and frames meanwhile: a first touch of fresh memory can take seconds.
+THREAD_COPY_BYTES = 16 << 20
+
+
+async def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``np.copyto(dst, src)``, off the loop when large. Cancelling the caller waits for the
+    copy to end first, so ``dst`` is never written after this returns or raises."""
+    if src.nbytes < THREAD_COPY_BYTES:
+        np.copyto(dst, src)
+        return
+    fut = asyncio.get_running_loop().run_in_executor(None, np.copyto, dst, src)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
 
 class AttemptState(enum.Enum):
     """Where one all-reduce attempt is."""
@@ -144,6 +162,9 @@ class CollectiveRunner:
         if st is None or st.commence.done():
             return  # an attempt we gave up on (withdrawn): the master aborts it for all
         st.op_id = msg.op_id
+        # From here frames of this op id park until the attempt registers its ring (it may
+        # copy its input first, while a later operation registers) or gives it up.
+        self.node.expect(msg.op_id)
         st.commence.set_result(msg)
 
     def _on_done(self, msg: m.Message) -> None:
@@ -238,7 +259,8 @@ class CollectiveRunner:
             t0 = time.perf_counter()
             if in_place:
                 backup = self.pool.get(sv.nbytes).view(sv.dtype)
-                np.copyto(backup, sv)
+                # Frames of this op meanwhile park (node.expect), whatever registers first.
+                await _copy(backup, sv)
             ring = self._ring(go.op_id, tag, sv, rv, dt, op, quant)
             st.ring = ring
             tx = self.node.tx
@@ -276,6 +298,7 @@ class CollectiveRunner:
         finally:
             st.state = AttemptState.DONE
             if st.op_id:
+                self.node.give_up(st.op_id)  # never registered: its parked frames are stale
                 self._record(st.op_id, Outcome.KEPT if keep_result else Outcome.RESTORED)
             if backup is not None:
                 if not keep_result and ring is not None:

@@ -426,6 +426,10 @@ class P2PNode:
         self.parked: set[RxStream] = set()
         self.ops: dict[int, RingOp] = {}
         self.max_op_id = 0
+        #: operations the master commenced that this peer has not registered yet (it may be
+        #: copying its input first): their frames park instead of being judged stale by
+        #: ``max_op_id``, which a later-commenced, earlier-registered operation may have passed
+        self.expected: set[int] = set()
         self.stale_frames = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.closing = False
@@ -607,9 +611,34 @@ class P2PNode:
 
     # ------------------------------------------------------------ operations
 
+    def expect(self, op_id: int) -> None:
+        """The master commenced ``op_id`` for us: park its frames until it is registered (or
+        given up), whatever operations register meanwhile."""
+        if op_id > 0 and op_id not in self.ops:
+            self.expected.add(op_id)
+
+    def give_up(self, op_id: int) -> None:
+        """``op_id`` will not be registered (the attempt ended first): its frames are stale
+        from now on, parked ones included. (Commences arrive in op-id order, so every lower id
+        is expected, registered or over by now.)"""
+        if op_id in self.expected:
+            self.expected.discard(op_id)
+            self.max_op_id = max(self.max_op_id, op_id)
+            self._unpark_all()
+
+    def is_stale(self, op_id: int) -> bool:
+        """Whether a frame of an unregistered ``op_id`` belongs to an operation that has
+        finished, was aborted or will never run here (discard), rather than one still to come
+        (park)."""
+        return op_id <= self.max_op_id and op_id not in self.expected
+
     def register(self, op: RingOp) -> None:
         self.ops[op.op_id] = op
+        self.expected.discard(op.op_id)
         self.max_op_id = max(self.max_op_id, op.op_id)
+        self._unpark_all()
+
+    def _unpark_all(self) -> None:
         for s in list(self.parked):
             s.unpark()
 

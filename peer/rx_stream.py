@@ -320,7 +320,7 @@ class RxStream(asyncio.BufferedProtocol):
         node = self.node
         op = node.ops.get(h.op_id)
         shm = self.shm
-        if shm is not None and (op is not None or h.op_id <= node.max_op_id):
+        if shm is not None and (op is not None or node.is_stale(h.op_id)):
             # Shared-memory link: the payload is already in the ring; nothing to read.
             src = shm.take(h.payload)
             self._to(RxState.FRAME_HDR, self._hdr)
@@ -342,7 +342,7 @@ class RxStream(asyncio.BufferedProtocol):
             self.op = op
             if h.payload == 0:
                 self._on_payload()
-        elif op is not None or h.op_id <= node.max_op_id:
+        elif op is not None or node.is_stale(h.op_id):
             self.remaining = h.payload  # stale: an aborted or finished operation
             node.stale_frames += 1
             self._discard_next()
@@ -377,12 +377,12 @@ class RxStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def unpark(self) -> None:
-        """Re-route the parked frame after a new operation was registered."""
+        """Re-route the parked frame after an operation was registered or given up."""
         if self.state is not RxState.PARKED:
             return
         h = self.header
-        if h.op_id not in self.node.ops and h.op_id > self.node.max_op_id:
-            return  # still not ours
+        if h.op_id not in self.node.ops and not self.node.is_stale(h.op_id):
+            return  # still to come
         self.node.parked.discard(self)
         try:
             self._route()

@@ -698,6 +698,60 @@ async def test_frames_ahead_of_registration_park_then_land() -> None:
             red.close()
 
 
+async def test_a_commenced_operation_registered_after_a_later_one_still_lands() -> None:
+    """Commenced X then Y; this peer registers Y first (X is still copying its input): X's
+    frames must park, not be judged stale because a higher id registered."""
+    x, y = OP_ID, OP_ID + 1
+    async with _ring() as (a, b):
+        rx, ry = _Reduce((a, b), x), _Reduce((a, b), y)
+        try:
+            for node in (a, b):
+                node.expect(x)
+                node.expect(y)
+            for red in (rx, ry):
+                b.register(red.rings[1])
+                red.rings[1].begin()
+            a.register(ry.rings[0])
+            ry.rings[0].begin()
+            await _until(lambda: bool(a.parked), 10, "a stream to park on x")
+            await asyncio.sleep(0.2)
+            assert not rx.rings[0].finished and a.stale_frames == 0
+            a.register(rx.rings[0])
+            rx.rings[0].begin()
+            futs = [r.future for red in (rx, ry) for r in red.rings]
+            await asyncio.wait_for(asyncio.gather(*futs), 30)
+            for red in (rx, ry):
+                for out in red.outs:
+                    np.testing.assert_array_equal(out, red.want)
+            assert not a.parked and a.stale_frames == 0 and not a.expected
+        finally:
+            rx.close()
+            ry.close()
+
+
+async def test_a_given_up_operation_discards_its_parked_frames_and_the_stream_goes_on() -> None:
+    """An attempt that ends before registering (say, its input copy failed) gives its op id
+    up: the frames parked for it are dropped as stale and the next operation runs on the same
+    streams."""
+    x, y = OP_ID, OP_ID + 1
+    async with _ring() as (a, b):
+        rx = _Reduce((a, b), x)
+        ry = _Reduce((a, b), y)
+        try:
+            a.expect(x)
+            b.register(rx.rings[1])
+            rx.rings[1].begin()
+            await _until(lambda: bool(a.parked), 10, "a stream to park on x")
+            a.give_up(x)
+            await _until(lambda: not a.parked and a.stale_frames > 0, 10, "x's frames dropped")
+            rx.rings[1].fail("the peer gave up on x")
+            assert len(a.rx[B_ID]) == 2  # both streams from b still open
+            await ry.register().run()
+        finally:
+            rx.close()
+            ry.close()
+
+
 async def test_a_garbage_successor_fails_the_dial_not_the_operations() -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"\xde\xad\xbe\xef" * 4)
