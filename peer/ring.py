@@ -336,20 +336,23 @@ class RingOp:
 
     def reads_in_place(self, h: DataHeader) -> bool:
         """Whether :meth:`on_frame` can take this (validated) frame's payload from where it
-        already is (``payload=``) instead of from :meth:`recv_target`'s memory: an unquantized
-        float32/float64 SUM reduce-scatter hop, whose reduction reads it once."""
+        already is (``payload=``) instead of from :meth:`recv_target`'s memory: a frame whose
+        bytes are read once and not forwarded as they are — an unquantized float32/float64 SUM
+        reduce-scatter hop (summed straight from it), any quantized reduce-scatter hop (decoded
+        and re-encoded from it) and a quantized all-gather frame of the last step (decoded from
+        it; earlier steps forward the bytes, so they are kept)."""
+        s, W = h.step, self.world
+        if self.quant != Quantization.NONE:
+            return s < W - 1 or s == 2 * W - 3
         return (
-            h.step < self.world - 1
-            and self.quant == Quantization.NONE
-            and self.kop == ReduceOp.SUM
-            and self.dtype in (DType.FLOAT32, DType.FLOAT64)
+            s < W - 1 and self.kop == ReduceOp.SUM and self.dtype in (DType.FLOAT32, DType.FLOAT64)
         )
 
     def on_frame(self, h: DataHeader, payload: np.ndarray | None = None) -> None:
         """A frame's payload has fully arrived at the memory :meth:`recv_target` named, or
         (only where :meth:`reads_in_place`) is readable as ``payload`` (bytes) elsewhere, e.g.
-        in a shared-memory ring: then the sum is formed from it directly, without a copy
-        (IEEE addition is commutative, so the bits equal the copy-then-reduce path's)."""
+        in a shared-memory ring: then it is used from there, without a copy (the bits equal
+        the copy-then-use path's; IEEE addition is commutative)."""
         W = self.world
         s, c = h.step, h.chunk
         k = h.offset // self.sub
@@ -368,19 +371,20 @@ class RingOp:
                     and self.kop == ReduceOp.SUM
                     and not (last and self.op == ReduceOp.AVG)
                 ):
-                    self._hop_u8(s, c, k, e0, n, last)
+                    self._hop_u8(s, c, k, e0, n, last, payload)
                 else:
-                    if payload is not None:
+                    if self.quant != Quantization.NONE:
+                        slot = self._slot(self.rs_recv, c, k) if payload is None else payload
+                        self._accumulate(slot, e0, n)
+                    elif payload is not None:
                         acc = self.work[e0 : e0 + n]
                         base = self.src[e0 : e0 + n] if self.separate else acc
                         np.add(base, payload.view(self.dtype.storage), out=acc)
-                    elif self.quant == Quantization.NONE:
+                    else:
                         other = self.src if self.separate else self.scratch
                         K.reduce_inplace(
                             self.work[e0 : e0 + n], other[e0 : e0 + n], self.dtype, self.kop
                         )
-                    else:
-                        self._accumulate(self._slot(self.rs_recv, c, k), e0, n)
                     if s < W - 2:
                         self._send_partial(s + 1, c, k)
                     else:
@@ -391,7 +395,8 @@ class RingOp:
                 if self.quant == Quantization.NONE:
                     payload = self._work_bytes(e0, n)
                 else:
-                    payload = self._slot(self.ag_wire, c, k)
+                    if payload is None:
+                        payload = self._slot(self.ag_wire, c, k)
                     self._decode(payload, self.work[e0 : e0 + n])
                 if s < 2 * W - 3:
                     self._send(s + 1, c, k, payload)
@@ -400,13 +405,16 @@ class RingOp:
             return
         self._check_done()
 
-    def _hop_u8(self, s: int, c: int, k: int, e0: int, n: int, last: bool) -> None:
+    def _hop_u8(
+        self, s: int, c: int, k: int, e0: int, n: int, last: bool, slot: np.ndarray | None
+    ) -> None:
         """A uint8 (or packed INT4/INT2) SUM reduce-scatter hop in one fused pass: add the
         received partial (to our input, or in place), re-quantize it for the next hop, and on
-        the last hop (we own the chunk) adopt the decoded values. A forwarding hop's partial
+        the last hop (we own the chunk) adopt the decoded values. ``slot`` is the received
+        frame where it is read in place (else it is in ``rs_recv``). A forwarding hop's partial
         sum exists only in an L1 scratch block: ``work`` of that chunk is next written by the
         all-gather. The wire bytes equal the unfused path's."""
-        meta, q = self._split(self._slot(self.rs_recv, c, k), n)
+        meta, q = self._split(self._slot(self.rs_recv, c, k) if slot is None else slot, n)
         out = self._slot(self.ag_wire if last else self.rs_send, c, k)
         meta_out, q_out = self._split(out, n)
         base = self.src[e0 : e0 + n] if self.separate else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -20,6 +21,8 @@ import time
 import numpy as np
 import pytest
 from pccl.peer import shm_link
+from pccl.peer.p2p import P2PNode
+from pccl.peer.ring import BufferPool, RingOp
 from pccl.peer.shm_link import ShmReader, ShmWriter
 from test_p2p_hostile import (
     B_ID,
@@ -38,6 +41,7 @@ from pccl import messages as m
 from pccl.auth import prove
 from pccl.errors import ProtocolError
 from pccl.frame import HEADER, MsgType
+from pccl.types import DType, Quantization, ReduceOp
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -206,3 +210,97 @@ def test_a_full_tmpfs_refuses_the_segment_at_creation_not_with_sigbus_later(
             assert os.listdir(mnt) == []  # nothing left behind
     finally:
         subprocess.run(["umount", mnt], check=False)
+
+
+async def _ring_results(
+    world: int, shm_bytes: int, n: int, quant: Quantization, op: ReduceOp, in_place: bool
+) -> list[np.ndarray]:
+    """Every peer's result of one all-reduce over a ``world``-ring of real nodes."""
+    cfg = _config(chunk_bytes=1 << 16, shm_link_bytes=shm_bytes)
+    nodes = [P2PNode(cfg, 2, TOKEN) for _ in range(world)]
+    ids = [100 + r for r in range(world)]
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal(n).astype(np.float32) * (r + 1) for r in range(world)]
+    try:
+        for node in nodes:
+            await node.start("127.0.0.1", 0)
+        for r, node in enumerate(nodes):
+            node.announce(EPOCH, ids[r], ids[r - 1])
+        async with asyncio.timeout(20):
+            await asyncio.gather(
+                *(
+                    node.connect_next(
+                        ids[(r + 1) % world], "127.0.0.1", nodes[(r + 1) % world].port, EPOCH
+                    )
+                    for r, node in enumerate(nodes)
+                )
+            )
+        for node in nodes:
+            assert node.stats["shm_links"] == (2 if shm_bytes else 0)
+        outs = [x.copy() if in_place else np.full(n, np.nan, np.float32) for x in inputs]
+        rings = []
+        for r, node in enumerate(nodes):
+            turn = itertools.count()
+
+            def send(hdr: bytes, payload: memoryview, node: P2PNode = node, turn=turn) -> None:
+                node.tx[next(turn) % len(node.tx)].send(hdr, payload)
+
+            rings.append(
+                RingOp(
+                    op_id=OP_ID,
+                    tag=0,
+                    rank=r,
+                    world=world,
+                    src=outs[r] if in_place else inputs[r],
+                    work=outs[r],
+                    dtype=DType.FLOAT32,
+                    op=op,
+                    quant=quant,
+                    sub=(1 << 16) // 4,
+                    block=512,
+                    send_frame=send,
+                    pool=BufferPool(),
+                )
+            )
+        for node, ring in zip(nodes, rings):
+            node.register(ring)
+        for ring in rings:
+            ring.begin()
+        await asyncio.wait_for(asyncio.gather(*(x.future for x in rings)), 30)
+        for node, ring in zip(nodes, rings):
+            node.unregister(ring)
+            ring.release()
+        assert all(node.stale_frames == 0 for node in nodes)
+        return outs
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+@pytest.mark.parametrize(
+    "quant,op",
+    [
+        (Quantization.UINT8, ReduceOp.SUM),
+        (Quantization.UINT8, ReduceOp.AVG),
+        (Quantization.UINT8, ReduceOp.MAX),
+        (Quantization.INT4, ReduceOp.SUM),
+        (Quantization.BF16, ReduceOp.SUM),
+        (Quantization.FP16, ReduceOp.AVG),
+    ],
+)
+async def test_quantized_frames_read_from_the_ring_give_tcps_bits(
+    quant: Quantization, op: ReduceOp
+) -> None:
+    """Quantized reduce-scatter hops and last all-gather frames are decoded straight from the
+    shared ring (no copy out): every peer's result must equal, bit for bit, what the same ring
+    gives over TCP, with 3 peers (a forwarding hop and a forwarded all-gather frame) and an
+    odd length (a short last sub-chunk, so ring payloads start at unaligned offsets)."""
+    n = 5 * (1 << 14) + 333
+    for in_place in (False, True):
+        over_tcp = await _ring_results(3, 0, n, quant, op, in_place)
+        over_shm = await _ring_results(3, 1 << 20, n, quant, op, in_place)
+        for a, b in zip(over_tcp, over_shm):
+            assert a.view(np.uint32).tobytes() == b.view(np.uint32).tobytes()
+        for other in over_shm[1:]:  # and the peers agree
+            np.testing.assert_array_equal(other, over_shm[0])
+        assert not np.isnan(over_shm[0]).any()
