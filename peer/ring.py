@@ -371,11 +371,10 @@ class RingOp:
                     and self.kop == ReduceOp.SUM
                     and not (last and self.op == ReduceOp.AVG)
                 ):
-                    self._hop_u8(s, c, k, e0, n, last, payload)
+                    self._hop_u8(s, c, k, e0, n, last, self._rs_frame(c, k, payload))
                 else:
                     if self.quant != Quantization.NONE:
-                        slot = self._slot(self.rs_recv, c, k) if payload is None else payload
-                        self._accumulate(slot, e0, n)
+                        self._accumulate(self._rs_frame(c, k, payload), e0, n)
                     elif payload is not None:
                         acc = self.work[e0 : e0 + n]
                         base = self.src[e0 : e0 + n] if self.separate else acc
@@ -405,16 +404,21 @@ class RingOp:
             return
         self._check_done()
 
+    def _rs_frame(self, c: int, k: int, payload: np.ndarray | None) -> np.ndarray:
+        """A received quantized reduce-scatter frame: where it is read in place, else its
+        ``rs_recv`` slot."""
+        return self._slot(self.rs_recv, c, k) if payload is None else payload
+
     def _hop_u8(
-        self, s: int, c: int, k: int, e0: int, n: int, last: bool, slot: np.ndarray | None
+        self, s: int, c: int, k: int, e0: int, n: int, last: bool, slot: np.ndarray
     ) -> None:
         """A uint8 (or packed INT4/INT2) SUM reduce-scatter hop in one fused pass: add the
         received partial (to our input, or in place), re-quantize it for the next hop, and on
-        the last hop (we own the chunk) adopt the decoded values. ``slot`` is the received
-        frame where it is read in place (else it is in ``rs_recv``). A forwarding hop's partial
+        the last hop (we own the chunk) adopt the decoded values. ``slot`` holds the received
+        frame (in ``rs_recv``, or where it is read in place). A forwarding hop's partial
         sum exists only in an L1 scratch block: ``work`` of that chunk is next written by the
         all-gather. The wire bytes equal the unfused path's."""
-        meta, q = self._split(self._slot(self.rs_recv, c, k) if slot is None else slot, n)
+        meta, q = self._split(slot, n)
         out = self._slot(self.ag_wire if last else self.rs_send, c, k)
         meta_out, q_out = self._split(out, n)
         base = self.src[e0 : e0 + n] if self.separate else None

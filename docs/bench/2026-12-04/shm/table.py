@@ -1,4 +1,5 @@
-"""Print the README's benchmark table from the JSON documents next to this file.
+"""Print the README's benchmark table from the JSON documents next to this file, or in the
+directory given as the argument (``python table.py ../amd-epyc``).
 
 Each row: medians over the runs of pccl (shared-memory links), pccl over TCP only, the raw TCP
 ring floor and gloo, all from the same invocations; ratios as median (min-max) over runs; CPU
@@ -9,6 +10,7 @@ import glob
 import json
 import os
 import statistics
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = [
@@ -24,13 +26,14 @@ def spread(xs: list[float]) -> str:
 
 
 def main() -> None:
+    where = sys.argv[1] if len(sys.argv) > 1 else HERE
     print(
         "| benchmark | pccl | pccl TCP only | floor | gloo | pccl / floor | gloo / pccl "
         "| TCP only / floor | CPU per op per peer: pccl, TCP only, floor, gloo |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, pattern, scale, unit in ROWS:
-        docs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(HERE, pattern)))]
+        docs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(where, pattern)))]
         if not docs:
             continue
 
