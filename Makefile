@@ -23,15 +23,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pccl master peer bindings examples tests
 	$(BIN)/mypy pccl master peer bindings examples
 
-# The second pass runs the suite on the numpy kernels; the files it skips never reach a
-# kernel (wire format, master state machine and listeners, status endpoint, config, hammer,
-# gates, layout, deployment, signals) or only repeat the first pass's processes around one
-# (the installed wheel, plots, chaos of a user command).
-NUMPY_SKIP := $(foreach f,wire wire_fuzz master_state master_robust status election config hammer gates wheel deploy layout signals progress_plots chaos_cmd kv bench_master,--ignore=tests/test_$(f).py)
+# The second pass runs on the numpy kernels the files whose results go through a kernel: the
+# kernels themselves, quantization, the ring over shared memory and TCP (every dtype, op and
+# codec, bit parity across peers), DiLoCo's outer step, FSDP shards and the metrics of real
+# operations. The rest never reach a kernel (wire, master, deadlines, listeners, tools) or
+# repeat these files' all-reduces around a different subject; the first pass runs them.
+NUMPY_FILES := $(foreach f,kernels_parity quantization shm_link e2e_allreduce diloco fsdp metrics,tests/test_$(f).py)
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
-	PCCL_FORCE_NUMPY=1 $(BIN)/python -m pytest -q -m "not slow and not chaos" $(NUMPY_SKIP)
+	PCCL_FORCE_NUMPY=1 $(BIN)/python -m pytest -q -m "not slow and not chaos" $(NUMPY_FILES)
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
