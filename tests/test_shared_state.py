@@ -477,7 +477,9 @@ def test_sync_timed_out_waiting_for_a_late_peer_can_be_retried(cluster):
     # a's withdrawal is on the wire before its reply, but the master serves its connections
     # in readiness order: under load b's vote can be read first, join a's dying sync and fail
     # with a retryable error (its source left). A bounded retry completes; nothing hangs.
-    for _ in range(3):
+    tries = 0
+    while tries < 3:
+        tries += 1
         ra, rb = gather(peers, "sync", budget=10.0, timeout=30)
         if ra["synced"] and rb["synced"]:
             break
@@ -485,7 +487,9 @@ def test_sync_timed_out_waiting_for_a_late_peer_can_be_retried(cluster):
             if not r["synced"]:
                 rejected(r)
     assert synced(ra)["revision"] == synced(rb)["revision"] == 0
-    assert rb["rx"] == rb["nbytes"]["w"] or ra["rx"] == ra["nbytes"]["w"]
+    if tries == 1:  # after that race b may have verified a's w already in the failed sync
+        assert rb["rx"] == rb["nbytes"]["w"] or ra["rx"] == ra["nbytes"]["w"]
+    assert converged(peers)["w"]
     gather(peers, "bump")
     for r in map(synced, gather(peers, "sync")):
         assert (r["tx"], r["rx"]) == (0, 0)
